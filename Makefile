@@ -1,0 +1,25 @@
+# Two quickstart commands: `make demo` (compile the bundled tiny U-Net) and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint install clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[all]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/quadc compile -o out/demo
+
+test: $(STAMP)
+	$(BIN)/ruff check quadc tests benchmarks
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,406 @@
+"""Thin helpers over onnx-graphsurgeon: the one graph API that every stage of quadc uses.
+
+Loading keeps weights that live in external data files un-decoded: each becomes an
+:class:`ExternalValues` that memory-maps its bytes only when a pass asks for them. Saving copies those
+bytes from the source file into the new data file in large chunks, never through protobuf, so a 3.4 GB
+U-Net is neither decoded nor held in memory twice, and models over 2 GB load and save like small ones.
+
+Example::
+
+    graph = load_model("unet.onnx")          # gs.Graph; weights stay on disk
+    graph.cleanup().toposort()
+    save_model(graph, "out/unet.onnx")       # writes out/unet.onnx + out/unet.onnx.data
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from quadc.errors import QuadcError
+
+#: Initializers at least this large go to the external data file when a model is saved externally.
+EXTERNAL_MIN_BYTES = 1024
+#: Offsets in external data files are aligned so ORT can memory-map each tensor.
+EXTERNAL_ALIGN = 4096
+#: Above this many weight bytes a model is always saved with external data (protobuf's limit is 2 GiB).
+EMBED_MAX_BYTES = 1 << 30
+_COPY_CHUNK = 64 << 20
+
+
+@dataclass(frozen=True)
+class ExternalSource:
+    """Where an external tensor's bytes live: an absolute file path, a byte offset and a length."""
+
+    path: str
+    offset: int
+    length: int
+
+
+class ExternalValues(LazyValues):
+    """Lazy values of an initializer stored in an external data file.
+
+    ``load()`` returns a read-only ``np.memmap``: pages are read from disk only when touched, and
+    :func:`save_model` recognizes an untouched memmap and copies its bytes file-to-file.
+    """
+
+    def __init__(self, tensor: onnx.TensorProto, source: ExternalSource, registry: dict[int, Any]):
+        super().__init__(tensor)
+        self.source = source
+        self._registry = registry
+
+    def load(self) -> np.ndarray:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(self.tensor.data_type)
+        shape = tuple(self.shape)
+        if self.source.length == 0:
+            return np.zeros(shape, dtype=dtype)
+        arr = np.memmap(self.source.path, dtype=dtype, mode="r", offset=self.source.offset, shape=shape)
+        # Remember which array came from which source so save_model can copy it without decoding.
+        self._registry[id(arr)] = (weakref.ref(arr), self)
+        return arr
+
+
+def _external_fields(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def _resolve_external(tensor: onnx.TensorProto, base_dir: Path, model_path: Path) -> ExternalSource:
+    fields = _external_fields(tensor)
+    location = fields.get("location", "")
+    target = (base_dir / location).resolve()
+    if not location or os.path.isabs(location) or base_dir.resolve() not in target.parents:
+        raise QuadcError(
+            f"{model_path}: initializer '{tensor.name}' points at external data '{location}' outside the "
+            "model's folder; re-export the model with its data file beside it"
+        )
+    if not target.is_file():
+        raise QuadcError(
+            f"{model_path}: external data file '{location}' for initializer '{tensor.name}' is missing; "
+            "keep the .data file next to the .onnx file"
+        )
+    offset = int(fields.get("offset", "0"))
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    expected = int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+    length = int(fields.get("length", str(expected)))
+    if length != expected:
+        raise QuadcError(
+            f"{model_path}: initializer '{tensor.name}' declares {length} external bytes but its shape "
+            f"needs {expected}; the model file is inconsistent, export it again"
+        )
+    if offset + length > target.stat().st_size:
+        raise QuadcError(
+            f"{model_path}: external data file '{location}' is truncated (initializer '{tensor.name}' "
+            f"needs bytes up to {offset + length}, file has {target.stat().st_size}); copy it again"
+        )
+    return ExternalSource(str(target), offset, length)
+
+
+def read_model_proto(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Parse an ONNX file without loading external data, turning parse failures into QuadcErrors."""
+    path = Path(path)
+    if not path.exists():
+        raise QuadcError(f"{path}: no such file; pass the path of an exported .onnx model")
+    if path.is_dir():
+        raise QuadcError(f"{path}: is a directory; pass the path of an .onnx file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
+        raise QuadcError(f"{path}: not a readable ONNX model ({exc.__class__.__name__}); is the file truncated "
+                         "or of another format?") from None
+    if not model.graph.node:
+        raise QuadcError(f"{path}: not an ONNX model (no graph nodes); is the file truncated or of another format?")
+    return model
+
+
+def load_model(path: str | os.PathLike[str]) -> gs.Graph:
+    """Load an ONNX model as a gs.Graph with external weights left on disk (memory-mapped on demand)."""
+    path = Path(path)
+    model = read_model_proto(path)
+    base_dir = path.parent
+    registry: dict[int, Any] = {}
+    externals: dict[str, ExternalSource] = {}
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            externals[init.name] = _resolve_external(init, base_dir, path)
+    try:
+        graph = gs.import_onnx(model)
+    except Exception as exc:  # gs raises bare exceptions on malformed graphs
+        raise QuadcError(f"{path}: the ONNX graph is malformed ({exc}); export it again") from None
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant) and tensor.name in externals:
+            lazy = tensor._values
+            if isinstance(lazy, LazyValues):
+                tensor._values = ExternalValues(lazy.tensor, externals[tensor.name], registry)
+    graph._quadc_registry = registry  # type: ignore[attr-defined]
+    graph._quadc_source = str(path.resolve())  # type: ignore[attr-defined]
+    graph.opset_imports = {d.domain: d.version for d in model.opset_import}  # type: ignore[attr-defined]
+    graph.ir_version = model.ir_version  # type: ignore[attr-defined]
+    return graph
+
+
+def _external_value_of(const: gs.Constant, registry: Mapping[int, Any]) -> ExternalValues | None:
+    values = const._values
+    if isinstance(values, ExternalValues):
+        return values
+    entry = registry.get(id(values))
+    if entry is not None and entry[0]() is values and values.shape == tuple(entry[1].shape):
+        return entry[1]
+    return None
+
+
+def weight_bytes(graph: gs.Graph) -> int:
+    """Bytes held by the graph's constants (external or in memory)."""
+    total = 0
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant):
+            values = tensor._values
+            total += int(values.nbytes) if hasattr(values, "nbytes") else 0
+    return total
+
+
+def export_proto(graph: gs.Graph, *, keep_external: bool = True) -> tuple[onnx.ModelProto, dict[str, ExternalSource]]:
+    """Export a gs.Graph to a ModelProto without decoding external weights.
+
+    Returns the proto and, for each initializer still backed by a source file, where its bytes are. In
+    the proto those initializers are external references into the source file (fine for shape inference
+    and for :func:`save_model`, which rewrites them).
+    """
+    registry = getattr(graph, "_quadc_registry", {})
+    swapped: list[tuple[gs.Constant, Any]] = []
+    sources: dict[str, ExternalSource] = {}
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant):
+            ext = _external_value_of(tensor, registry)
+            if ext is not None:
+                if not keep_external:
+                    continue
+                # gs mutates the exported proto's name: give it a private copy.
+                proto = onnx.TensorProto()
+                proto.CopyFrom(ext.tensor)
+                ev = ExternalValues(proto, ext.source, registry)
+                swapped.append((tensor, tensor._values))
+                tensor._values = ev
+                sources[tensor.name] = ext.source
+    try:
+        opsets = getattr(graph, "opset_imports", None) or {"": graph.opset}
+        kwargs: dict[str, Any] = {"do_type_check": False}
+        model = gs.export_onnx(graph, **kwargs)
+        del model.opset_import[:]
+        opsets = dict(opsets)
+        opsets[""] = graph.opset
+        for node in graph.nodes:
+            if node.domain and node.domain not in opsets:
+                opsets[node.domain] = 1
+        for domain, version in sorted(opsets.items()):
+            model.opset_import.append(onnx.helper.make_opsetid(domain, version))
+        ir_version = getattr(graph, "ir_version", None)
+        if ir_version:
+            model.ir_version = ir_version
+        for init in model.graph.initializer:
+            if init.name in sources:
+                init.name = init.name  # proto already references the source file
+    finally:
+        for tensor, values in swapped:
+            tensor._values = values
+    return model, sources
+
+
+def _copy_range(src_path: str, offset: int, length: int, dst) -> None:
+    with open(src_path, "rb") as src:
+        src.seek(offset)
+        remaining = length
+        while remaining:
+            chunk = src.read(min(_COPY_CHUNK, remaining))
+            if not chunk:
+                raise QuadcError(f"{src_path}: external data ended early; the file was changed while compiling")
+            dst.write(chunk)
+            remaining -= len(chunk)
+
+
+def save_model(graph: gs.Graph, path: str | os.PathLike[str], *, external: bool | None = None) -> Path:
+    """Save a gs.Graph to ``path``; large weights go to ``<name>.data`` beside it.
+
+    ``external=None`` chooses: external data when the source had it or the weights exceed
+    :data:`EMBED_MAX_BYTES`. Output is deterministic: same graph, same bytes.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model, sources = export_proto(graph)
+    if external is None:
+        external = bool(sources) or weight_bytes(graph) > EMBED_MAX_BYTES
+    data_name = path.name + ".data"
+    data_path = path.parent / data_name
+    if not external:
+        if sources:
+            for init in model.graph.initializer:
+                if init.name in sources:
+                    src = sources[init.name]
+                    with open(src.path, "rb") as f:
+                        f.seek(src.offset)
+                        init.raw_data = f.read(src.length)
+                    del init.external_data[:]
+                    init.data_location = onnx.TensorProto.DEFAULT
+        _write_proto(model, path)
+        if data_path.exists():
+            data_path.unlink()
+        return path
+    with open(data_path, "wb") as data:
+        for init in model.graph.initializer:
+            src = sources.get(init.name)
+            if src is None and init.data_location == onnx.TensorProto.EXTERNAL:
+                raise QuadcError(f"initializer '{init.name}' references external data quadc did not load")
+            if src is None and len(init.raw_data) < EXTERNAL_MIN_BYTES:
+                continue
+            pad = (-data.tell()) % EXTERNAL_ALIGN
+            if pad:
+                data.write(b"\0" * pad)
+            offset = data.tell()
+            if src is not None:
+                _copy_range(src.path, src.offset, src.length, data)
+                length = src.length
+            else:
+                data.write(init.raw_data)
+                length = len(init.raw_data)
+                init.ClearField("raw_data")
+            del init.external_data[:]
+            init.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+                entry = init.external_data.add()
+                entry.key, entry.value = key, value
+    _write_proto(model, path)
+    return path
+
+
+def _write_proto(model: onnx.ModelProto, path: Path) -> None:
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString(deterministic=True))
+
+
+def to_model_bytes(graph: gs.Graph) -> bytes:
+    """Serialize a graph whose weights all fit in protobuf (tests, small models) to ONNX bytes."""
+    model, sources = export_proto(graph)
+    for init in model.graph.initializer:
+        if init.name in sources:
+            src = sources[init.name]
+            with open(src.path, "rb") as f:
+                f.seek(src.offset)
+                init.raw_data = f.read(src.length)
+            del init.external_data[:]
+            init.data_location = onnx.TensorProto.DEFAULT
+    return model.SerializeToString(deterministic=True)
+
+
+def infer_shapes(graph: gs.Graph) -> gs.Graph:
+    """Run onnx shape inference and copy the inferred dtypes/shapes onto the graph's variables.
+
+    Weights are never decoded: external initializers stay references, so this works above 2 GB.
+    """
+    model, _ = export_proto(graph)
+    for init in model.graph.initializer:
+        if len(init.raw_data) > (1 << 20):
+            # Shape inference needs only dims and type of big weights; keep protobuf small.
+            init.ClearField("raw_data")
+            init.data_location = onnx.TensorProto.EXTERNAL
+            entry = init.external_data.add()
+            entry.key, entry.value = "location", "__quadc_stripped__"
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    infos = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    for name, tensor in graph.tensors().items():
+        if isinstance(tensor, gs.Variable) and name in infos:
+            ttype = infos[name].type.tensor_type
+            if ttype.elem_type:
+                tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
+            if ttype.HasField("shape"):
+                tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                for d in ttype.shape.dim]
+    return graph
+
+
+# ---------------------------------------------------------------------------------------------------
+# Builders used by passes
+# ---------------------------------------------------------------------------------------------------
+
+def unique_name(graph: gs.Graph, base: str, taken: set[str] | None = None) -> str:
+    """A tensor/node name starting with ``base`` that the graph does not use yet."""
+    names = taken if taken is not None else set(graph.tensors().keys()) | {n.name for n in graph.nodes}
+    if base not in names:
+        names.add(base)
+        return base
+    i = 1
+    while f"{base}_{i}" in names:
+        i += 1
+    names.add(f"{base}_{i}")
+    return f"{base}_{i}"
+
+
+def constant(name: str, values: np.ndarray | Sequence[Any] | float | int, dtype: Any = None) -> gs.Constant:
+    """A gs.Constant from array-like values (dtype optional)."""
+    return gs.Constant(name, np.asarray(values, dtype=dtype))
+
+
+def variable(name: str, dtype: Any = None, shape: Sequence[int | str | None] | None = None) -> gs.Variable:
+    """A gs.Variable (graph input, output or intermediate)."""
+    return gs.Variable(name, dtype=np.dtype(dtype) if dtype is not None else None, shape=shape)
+
+
+def add_node(graph: gs.Graph, op: str, inputs: Iterable[gs.Tensor], outputs: Iterable[gs.Tensor], *,
+             name: str, attrs: Mapping[str, Any] | None = None, domain: str | None = None) -> gs.Node:
+    """Append a node to the graph (callers toposort once when done)."""
+    node = gs.Node(op=op, name=name, inputs=list(inputs), outputs=list(outputs), attrs=dict(attrs or {}))
+    if domain:
+        node.domain = domain
+    graph.nodes.append(node)
+    return node
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_COPY_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 over an ONNX file and, in order, the external data files it references."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    digest.update(bytes.fromhex(file_sha256(path)))
+    model = onnx.load(str(path), load_external_data=False)
+    seen: list[str] = []
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            loc = _external_fields(init).get("location", "")
+            if loc and loc not in seen:
+                seen.append(loc)
+    for loc in seen:
+        digest.update(bytes.fromhex(file_sha256(path.parent / loc)))
+    return digest.hexdigest()
+
+
+def ort_session(graph: gs.Graph, providers: Sequence[str] = ("CPUExecutionProvider",), **opts: Any):
+    """An onnxruntime InferenceSession over a gs.Graph (small graphs in memory, large via a temp dir)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    for key, value in opts.items():
+        setattr(so, key, value)
+    if weight_bytes(graph) <= EMBED_MAX_BYTES:
+        return ort.InferenceSession(to_model_bytes(graph), so, providers=list(providers))
+    with tempfile.TemporaryDirectory(prefix="quadc-ort-") as tmp:
+        model_path = save_model(graph, Path(tmp) / "model.onnx", external=True)
+        return ort.InferenceSession(str(model_path), so, providers=list(providers))
