@@ -183,6 +183,9 @@ def export_proto(graph: gs.Graph, *, keep_external: bool = True) -> tuple[onnx.M
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Constant):
             ext = _external_value_of(tensor, registry)
+            if ext is None and tensor.data_location == onnx.TensorProto.EXTERNAL:
+                # The values were replaced in memory: the imported location is stale.
+                tensor.data_location = None
             if ext is not None:
                 if not keep_external:
                     continue
@@ -208,9 +211,6 @@ def export_proto(graph: gs.Graph, *, keep_external: bool = True) -> tuple[onnx.M
         ir_version = getattr(graph, "ir_version", None)
         if ir_version:
             model.ir_version = ir_version
-        for init in model.graph.initializer:
-            if init.name in sources:
-                init.name = init.name  # proto already references the source file
     finally:
         for tensor, values in swapped:
             tensor._values = values

@@ -1,0 +1,155 @@
+"""Command-line interface: argument parsing only; every command calls the library.
+
+User mistakes (:class:`quadc.errors.QuadcError`) print one line and exit 2; ``--debug`` shows the
+traceback. Internal bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from quadc.context import silent_progress, stderr_progress
+from quadc.errors import QuadcError
+
+
+def _kv_pairs(values: Sequence[str] | None, flag: str) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for item in values or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise QuadcError(f"{flag} expects NAME=PATH, got '{item}'")
+        if name in pairs:
+            raise QuadcError(f"{flag} names task '{name}' twice; give each LoRA its own task name")
+        pairs[name] = path
+    return pairs
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from quadc.compiler import CompileOptions, compile_model
+
+    options = CompileOptions(
+        target=args.target,
+        loras=_kv_pairs(args.lora, "--lora"),
+        passes=args.passes,
+        verify=args.verify,
+        print_after=[p for item in args.print_after or [] for p in item.split(",") if p],
+        force=args.force,
+    )
+    progress = silent_progress if args.quiet else stderr_progress
+    manifest = compile_model(args.model, args.output, options, progress=progress)
+    tasks = ", ".join(manifest.get("tasks", {})) or "none"
+    print(f"wrote {args.output} (target {manifest['target']}, tasks: {tasks})")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from quadc import frontend
+
+    _, info = frontend.load(args.model)
+    print(frontend.format_inspect(info))
+    return 0
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from quadc.passes import registered_passes
+
+    for name, cls in registered_passes().items():
+        requires = f"  (after {', '.join(cls.requires)})" if cls.requires else ""
+        print(f"{name:<18} {cls.summary()}{requires}")
+    return 0
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    from quadc.targets import discover_targets
+
+    targets = discover_targets()
+    if not targets:
+        print("no targets installed")
+    for name, cls in targets.items():
+        print(f"{name:<12} {cls.description}")
+        print(f"{'':<12} passes: {','.join(cls.passes)}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from quadc.errors import require_extra
+
+    require_extra("torch", "export")
+    require_extra("diffusers", "export")
+    from quadc.export import export_unet
+
+    progress = silent_progress if args.quiet else stderr_progress
+    path = export_unet(config=args.config, weights=args.weights, exporter=args.exporter, out=Path(args.output),
+                       opset=args.opset, batch=args.batch, seed=args.seed, progress=progress)
+    print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quadc",
+        description="QUAD compiler: one quantized SD1.5 U-Net graph per NPU, every LoRA a runtime input.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compile", help="compile an ONNX U-Net and LoRA files into an artifact directory")
+    p.add_argument("model", nargs="?", help="ONNX U-Net (default: the bundled tiny U-Net and its demo LoRAs)")
+    p.add_argument("--lora", action="append", metavar="NAME=PATH",
+                   help="a LoRA file (or peft directory) for task NAME; repeat for more tasks")
+    p.add_argument("--target", default="onnx", help="target backend (see `quadc targets`; default: onnx)")
+    p.add_argument("-o", "--output", default="out/quadc", help="artifact directory (default: out/quadc)")
+    p.add_argument("--passes", help="override the target's pass pipeline, e.g. const-fold,dce")
+    p.add_argument("--print-after", action="append", metavar="PASS",
+                   help="print the graph in ONNX text after PASS (repeat or comma-separate)")
+    p.add_argument("--verify", choices=["none", "check", "numeric"], default="none",
+                   help="check each pass with onnx checker (check) and ORT outputs before/after (numeric)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("inspect", help="ops, parameters, LoRA attachment points and attention blocks of a model")
+    p.add_argument("model", help="ONNX U-Net")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("passes", help="list the registered passes")
+    p.set_defaults(func=cmd_passes)
+
+    p = sub.add_parser("targets", help="list the installed target backends")
+    p.set_defaults(func=cmd_targets)
+
+    p = sub.add_parser("export", help="build the SD1.5 U-Net with diffusers and export it to ONNX (extra: export)")
+    p.add_argument("--config", choices=["sd15", "tiny"], default="tiny", help="U-Net size (default: tiny)")
+    p.add_argument("--weights", default="random", help="'random' or a local diffusers U-Net folder")
+    p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
+                   help="torch.onnx exporter (default: torchscript)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--batch", type=int, default=1, help="static batch size (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights (default: 0)")
+    p.add_argument("-o", "--output", required=True, help="output .onnx path")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``quadc`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except QuadcError as exc:
+        if args.debug:
+            raise
+        print(f"quadc: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("quadc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Target plugins: the base class and discovery through the ``quadc.targets`` entry-point group.
+
+A target names the ordered passes it needs, writes its artifact files with ``emit`` and checks them
+with ``verify``. Built-in targets register through the same entry-point group outside packages use::
+
+    [project.entry-points."quadc.targets"]
+    mynpu = "mynpu_quadc:MyNpuTarget"
+
+so adding a vendor never means editing quadc.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import onnx_graphsurgeon as gs
+
+from quadc.errors import QuadcError
+
+if TYPE_CHECKING:
+    from quadc.context import CompileContext
+
+ENTRY_POINT_GROUP = "quadc.targets"
+
+
+class Target:
+    """Base class of every target backend."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    #: Ordered pass names this target runs after the frontend and LoRA stages.
+    passes: ClassVar[tuple[str, ...]] = ()
+
+    def pipeline(self, ctx: CompileContext) -> list[str]:
+        """The ordered pass names for this compile (targets may adapt to options)."""
+        return list(self.passes)
+
+    def emit(self, graph: gs.Graph, ctx: CompileContext, out_dir: Path) -> dict[str, Any]:
+        """Write the target's files into ``out_dir``; return manifest entries to merge."""
+        raise NotImplementedError
+
+    def verify(self, artifact_dir: Path, feeds: dict[str, Any], task: str | None = None) -> dict[str, Any]:
+        """Run the artifact and report its error against the float graph."""
+        raise NotImplementedError
+
+
+def discover_targets() -> dict[str, type[Target]]:
+    """All targets registered under the ``quadc.targets`` entry-point group, by name."""
+    found: dict[str, type[Target]] = {}
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            cls = ep.load()
+        except Exception as exc:  # a broken third-party plugin must not break quadc
+            raise QuadcError(f"target plugin '{ep.name}' ({ep.value}) failed to import: {exc}") from None
+        if not (isinstance(cls, type) and issubclass(cls, Target)):
+            raise QuadcError(f"target plugin '{ep.name}' ({ep.value}) is not a quadc.targets.Target subclass")
+        found[cls.name or ep.name] = cls
+    return dict(sorted(found.items()))
+
+
+def get_target(name: str) -> Target:
+    """An instance of the target called ``name``."""
+    targets = discover_targets()
+    if name not in targets:
+        known = ", ".join(targets) or "none installed"
+        raise QuadcError(f"unknown target '{name}'; known targets: {known}")
+    return targets[name]()

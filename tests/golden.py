@@ -1,0 +1,54 @@
+"""Golden-graph harness: run one pass on a small ONNX-text graph and print the result canonically.
+
+Cases live in ``golden_graphs/<pass>/<case>.in.onnxtxt`` with the expected result in
+``<case>.out.onnxtxt``. Regenerate expected files with ``QUADC_REGEN_GOLDEN=1 pytest tests/test_golden.py``
+and review the diff like code.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from quadc.context import CompileContext
+from quadc.graph import to_model_bytes
+from quadc.passes import get_pass
+
+GOLDEN_DIR = Path(__file__).resolve().parent.parent / "golden_graphs"
+REGEN = os.environ.get("QUADC_REGEN_GOLDEN") == "1"
+
+
+def golden_cases() -> list[tuple[str, Path]]:
+    """(pass name, input file) for every golden case."""
+    return [(p.parent.name, p) for p in sorted(GOLDEN_DIR.glob("*/*.in.onnxtxt"))]
+
+
+def parse_text(path: Path) -> gs.Graph:
+    """A gs.Graph from a file in ONNX text syntax."""
+    model = onnx.parser.parse_model(path.read_text())
+    onnx.checker.check_model(model)
+    graph = gs.import_onnx(model)
+    graph.opset_imports = {d.domain: d.version for d in model.opset_import}
+    graph.ir_version = model.ir_version
+    return graph
+
+
+def canonical_text(graph: gs.Graph) -> str:
+    """The graph in ONNX text syntax after a toposort: what golden files hold."""
+    graph.toposort()
+    model = onnx.load_from_string(to_model_bytes(graph))
+    return onnx.printer.to_text(model).strip() + "\n"
+
+
+def run_case(pass_name: str, in_path: Path,
+             make_ctx: Callable[[], CompileContext] = CompileContext) -> tuple[str, Path]:
+    """Run the pass on the case; return (actual canonical text, expected file path)."""
+    graph = parse_text(in_path)
+    ctx = make_ctx()
+    get_pass(pass_name).run(graph, ctx)
+    out_path = in_path.with_name(in_path.name.replace(".in.onnxtxt", ".out.onnxtxt"))
+    return canonical_text(graph), out_path

@@ -1,0 +1,61 @@
+"""Every pass on every golden case: the canonical printed result must equal the reviewed file."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from golden import GOLDEN_DIR, REGEN, golden_cases, parse_text, run_case
+from quadc.passes import get_pass, registered_passes
+
+CASES = golden_cases()
+
+
+@pytest.mark.parametrize(("pass_name", "in_path"), CASES, ids=[f"{p}/{f.name}" for p, f in CASES])
+def test_golden(pass_name, in_path):
+    actual, out_path = run_case(pass_name, in_path)
+    onnx.checker.check_model(onnx.parser.parse_model(actual))
+    if REGEN or not out_path.exists():
+        if not REGEN:
+            pytest.fail(f"{out_path} is missing; run QUADC_REGEN_GOLDEN=1 pytest tests/test_golden.py")
+        out_path.write_text(actual)
+    assert actual == out_path.read_text(), f"{pass_name} output differs from {out_path}"
+
+
+@pytest.mark.parametrize(("pass_name", "in_path"), CASES, ids=[f"{p}/{f.name}" for p, f in CASES])
+def test_golden_pass_is_idempotent(pass_name, in_path):
+    once, _ = run_case(pass_name, in_path)
+    graph = parse_text(in_path)
+    from quadc.context import CompileContext
+
+    ctx = CompileContext()
+    p = get_pass(pass_name)
+    p.run(graph, ctx)
+    second = p.run(graph, ctx)
+    assert not second.changed, f"{pass_name} changed the graph on a second run: {second.counts}"
+
+
+@pytest.mark.parametrize(("pass_name", "in_path"), CASES, ids=[f"{p}/{f.name}" for p, f in CASES])
+def test_golden_keeps_numbers(pass_name, in_path):
+    if not registered_passes()[pass_name].preserves_numerics:
+        pytest.skip(f"{pass_name} changes numbers by design; its own tests bound the error")
+    before = onnx.parser.parse_model(in_path.read_text())
+    actual, _ = run_case(pass_name, in_path)
+    after = onnx.parser.parse_model(actual)
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for inp in before.graph.input:
+        shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+        feeds[inp.name] = rng.standard_normal(shape).astype(np.float32)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(  # noqa: E731
+        None, {k: v for k, v in feeds.items() if k in {i.name for i in m.graph.input}})
+    for a, b in zip(run(before), run(after), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_every_pass_has_golden_cases():
+    covered = {p for p, _ in CASES}
+    missing = set(registered_passes()) - covered
+    assert not missing, f"passes without golden cases in {GOLDEN_DIR}: {sorted(missing)}"
