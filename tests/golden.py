@@ -7,6 +7,7 @@ and review the diff like code.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from quadc.context import CompileContext
+from quadc.frontend.model_info import AttachPoint, ModelInfo
 from quadc.graph import to_model_bytes
 from quadc.passes import get_pass
 
@@ -44,11 +46,26 @@ def canonical_text(graph: gs.Graph) -> str:
     return onnx.printer.to_text(model).strip() + "\n"
 
 
+def case_context(in_path: Path) -> CompileContext:
+    """The context for a case: ``<case>.ctx.json`` may give ``options`` and attach ``points``."""
+    ctx = CompileContext()
+    sidecar = in_path.with_name(in_path.name.replace(".in.onnxtxt", ".ctx.json"))
+    if sidecar.exists():
+        spec = json.loads(sidecar.read_text())
+        ctx.options.update(spec.get("options", {}))
+        points = {}
+        for module, fields in spec.get("points", {}).items():
+            fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+            points[module] = AttachPoint(module=module, **fields)
+        ctx.model_info = ModelInfo(points=points)
+    return ctx
+
+
 def run_case(pass_name: str, in_path: Path,
-             make_ctx: Callable[[], CompileContext] = CompileContext) -> tuple[str, Path]:
+             make_ctx: Callable[[Path], CompileContext] = case_context) -> tuple[str, Path]:
     """Run the pass on the case; return (actual canonical text, expected file path)."""
     graph = parse_text(in_path)
-    ctx = make_ctx()
+    ctx = make_ctx(in_path)
     get_pass(pass_name).run(graph, ctx)
     out_path = in_path.with_name(in_path.name.replace(".in.onnxtxt", ".out.onnxtxt"))
     return canonical_text(graph), out_path

@@ -6,8 +6,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-
 from golden import GOLDEN_DIR, parse_text
+
 from quadc.context import CompileContext
 from quadc.errors import QuadcError
 from quadc.passes import GraphPass, PassResult, parse_pipeline, registered_passes, run_pipeline

@@ -1,1 +1,1 @@
-"""quadc.runtime."""
+"""Runtime: one loaded graph, a LoRA store with caching and preloading, task switching."""

@@ -22,12 +22,17 @@ class OnnxTarget(Target):
 
     name = "onnx"
     description = "float LoRA-as-input ONNX graph for onnxruntime (the reference target)"
-    passes = ("const-fold", "dce")
+    passes = ("lora-inputs", "const-fold", "dce")
 
     def emit(self, graph: gs.Graph, ctx: CompileContext, out_dir: Path) -> dict[str, Any]:
         path = save_model(graph, out_dir / GRAPH_FILE)
         files = [path.name] + ([path.name + ".data"] if (out_dir / (path.name + ".data")).exists() else [])
-        return {"graph": GRAPH_FILE, "graph_files": files, "precision": "fp32"}
+        from quadc.lora.pack import write_task_files
+
+        entries: dict[str, Any] = {"graph": GRAPH_FILE, "graph_files": files, "precision": "fp32",
+                                   "shared_rom_bytes": sum((out_dir / f).stat().st_size for f in files)}
+        entries.update(write_task_files(ctx, out_dir))
+        return entries
 
     def verify(self, artifact_dir: Path, feeds: dict[str, Any], task: str | None = None) -> dict[str, Any]:
         from quadc.runtime.engine import Engine

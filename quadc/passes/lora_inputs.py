@@ -1,0 +1,169 @@
+"""Pass ``lora-inputs``: make every LoRA-augmented layer compute ``W x + alpha * A (B x)`` with A and B
+supplied as graph inputs, so switching tasks is binding other tensors, never recompiling.
+
+Slots are the union of the attach points of all LoRAs in ``ctx.loras`` (or the modules matching
+``ctx.options["lora_targets"]``, a comma-separated list of fnmatch patterns over module paths). Each
+slot gets two graph inputs named from the module path, in the layout the ops consume so the graph
+needs no Transpose:
+
+- linear layers: ``<module>.lora_down`` = Bᵀ ``[d_in, r]`` and ``<module>.lora_up`` = (alpha·A)ᵀ
+  ``[r, d_out]``, applied as ``MatMul(MatMul(x, down), up)``;
+- conv layers: ``<module>.lora_down`` ``[r, d_in, kh, kw]`` (same stride/padding as the base conv) and
+  ``<module>.lora_up`` ``[d_out, r, 1, 1]``, applied as ``Conv(Conv(x, down), up)``.
+
+The LoRA scale ``alpha`` is folded into ``up`` when a task is packed (:mod:`quadc.lora.pack`), and a
+slot's rank is the largest rank any task uses there; smaller ranks are zero-padded, which is exact.
+Binding all-zero tensors reproduces the base model exactly. The slots are recorded in
+``ctx.lora_slots`` for packing.
+
+Given::
+
+    h = MatMul(x, W)               # down_blocks.0....attn1.to_q, W: [8, 8]
+    y = Add(h, bias)
+
+Result::
+
+    graph inputs += to_q.lora_down: float[8, 4], to_q.lora_up: float[4, 8]
+    h  = MatMul(x, W)
+    d  = MatMul(x, to_q.lora_down)
+    u  = MatMul(d, to_q.lora_up)
+    h2 = Add(h, u)
+    y  = Add(h2, bias)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from quadc.context import CompileContext
+from quadc.errors import QuadcError
+from quadc.graph import variable
+from quadc.passes.base import GraphPass, PassResult, register_pass
+
+DOWN_SUFFIX = ".lora_down"
+UP_SUFFIX = ".lora_up"
+
+
+@dataclass(frozen=True)
+class LoRASlot:
+    """One LoRA-augmented layer of the compiled graph and the names/shapes of its two inputs."""
+
+    module: str
+    kind: str  # "linear" or "conv"
+    rank: int
+    down_input: str
+    up_input: str
+    down_shape: tuple[int, ...]
+    up_shape: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"module": self.module, "kind": self.kind, "rank": self.rank,
+                "down": {"name": self.down_input, "shape": list(self.down_shape)},
+                "up": {"name": self.up_input, "shape": list(self.up_shape)}}
+
+
+def plan_slots(ctx: CompileContext) -> dict[str, LoRASlot]:
+    """The slots this compile needs: module path -> LoRASlot (ordered by module path)."""
+    info = ctx.model_info
+    if info is None:
+        raise QuadcError("lora-inputs needs the frontend's ModelInfo; load the model with quadc.frontend.load")
+    loras = ctx.loras
+    ranks: dict[str, int] = {}
+    if loras is not None:
+        for lora in loras.values():
+            for module, layer in lora.layers.items():
+                ranks[module] = max(ranks.get(module, 0), int(layer.rank))
+    patterns = ctx.options.get("lora_targets")
+    if patterns:
+        pats = [p.strip() for p in str(patterns).split(",") if p.strip()]
+        matched = [m for m in info.points if any(fnmatch.fnmatchcase(m, p) for p in pats)]
+        if not matched:
+            raise QuadcError(f"--lora-targets '{patterns}' matches no attach point; see `quadc inspect MODEL`")
+        default_rank = int(ctx.options.get("lora_rank") or max(ranks.values(), default=0) or 16)
+        outside = sorted(set(ranks) - set(matched))
+        if outside:
+            raise QuadcError(f"LoRA layer '{outside[0]}' is outside --lora-targets '{patterns}'; widen the pattern")
+        ranks = {m: max(ranks.get(m, 0), default_rank) for m in matched}
+    slots: dict[str, LoRASlot] = {}
+    for module in sorted(ranks):
+        point = info.points.get(module)
+        if point is None:
+            near = ", ".join(info.nearest_modules(module))
+            raise QuadcError(f"LoRA layer '{module}' is not a layer of this model; nearest: {near}")
+        r = ranks[module]
+        if point.kind == "conv":
+            kh, kw = point.kernel
+            down_shape: tuple[int, ...] = (r, point.d_in, kh, kw)
+            up_shape: tuple[int, ...] = (point.d_out, r, 1, 1)
+        else:
+            down_shape, up_shape = (point.d_in, r), (r, point.d_out)
+        slots[module] = LoRASlot(module, point.kind, r, module + DOWN_SUFFIX, module + UP_SUFFIX,
+                                 down_shape, up_shape)
+    return slots
+
+
+@register_pass
+class LoRAInputs(GraphPass):
+    """Rewrite LoRA layers to W x + alpha*A(B x) with A and B as graph inputs (task switch = rebind)."""
+
+    name = "lora-inputs"
+
+    def run(self, graph: gs.Graph, ctx: CompileContext) -> PassResult:
+        slots = plan_slots(ctx)
+        ctx.lora_slots = slots  # type: ignore[attr-defined]
+        existing = {t.name for t in graph.inputs}
+        nodes = {n.name: n for n in graph.nodes}
+        rewritten = 0
+        for module, slot in slots.items():
+            if slot.down_input in existing:
+                continue  # already rewritten (idempotent)
+            point = ctx.model_info.points[module]
+            node = nodes.get(point.node)
+            if node is None:
+                raise QuadcError(f"layer '{module}' (node '{point.node}') is no longer in the graph; "
+                                 "run lora-inputs before passes that rename layers")
+            self._rewrite(graph, node, point, slot)
+            rewritten += 1
+        if rewritten:
+            graph.toposort()
+        return PassResult(changed=bool(rewritten), counts={"slots": len(slots), "rewritten": rewritten})
+
+    @staticmethod
+    def _rewrite(graph: gs.Graph, node: gs.Node, point, slot: LoRASlot) -> None:
+        x = next((t for t in node.inputs if not isinstance(t, gs.Constant)), None)
+        if x is None:
+            raise QuadcError(f"layer '{slot.module}' has no activation input; the graph is not a U-Net export")
+        out = node.outputs[0]
+        dtype = np.float32
+        down = variable(slot.down_input, dtype, list(slot.down_shape))
+        up = variable(slot.up_input, dtype, list(slot.up_shape))
+        graph.inputs.extend([down, up])
+        base = f"{point.node}/lora"
+        # Intermediates stay untyped (shape inference fills them); only the sum keeps the layer's type.
+        mid = variable(f"{base}/down_out")
+        delta = variable(f"{base}/up_out")
+        summed = variable(f"{base}/sum", out.dtype if out.shape else None, out.shape)
+        if slot.kind == "conv":
+            attrs = {"strides": list(point.stride), "pads": list(point.padding),
+                     "kernel_shape": list(point.kernel)}
+            graph.nodes.append(gs.Node("Conv", f"{base}/down", attrs=attrs, inputs=[x, down], outputs=[mid]))
+            graph.nodes.append(gs.Node("Conv", f"{base}/up", attrs={"kernel_shape": [1, 1]},
+                                       inputs=[mid, up], outputs=[delta]))
+        else:
+            graph.nodes.append(gs.Node("MatMul", f"{base}/down", inputs=[x, down], outputs=[mid]))
+            graph.nodes.append(gs.Node("MatMul", f"{base}/up", inputs=[mid, up], outputs=[delta]))
+        consumers = list(out.outputs)
+        is_graph_output = out in graph.outputs
+        add = gs.Node("Add", f"{base}/add", inputs=[out, delta], outputs=[summed])
+        graph.nodes.append(add)
+        for consumer in consumers:
+            for i, t in enumerate(consumer.inputs):
+                if t is out:
+                    consumer.inputs[i] = summed
+        if is_graph_output:
+            graph.outputs[graph.outputs.index(out)] = summed
+            summed.name, out.name = out.name, out.name + "/base"

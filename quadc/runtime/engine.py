@@ -1,0 +1,81 @@
+"""Engine: one loaded graph; a task switch binds that task's LoRA tensors, never reloads the model.
+
+Example::
+
+    engine = Engine("out/quadc")
+    y1 = engine.run(feeds, task="stickers")["out_sample"]
+    y0 = engine.run(feeds, task=None)["out_sample"]          # base model: zero LoRA
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quadc.artifact import read_manifest
+from quadc.errors import QuadcError
+from quadc.runtime.lora_store import LoRAStore
+
+BASE_TASKS = (None, "none")
+
+
+class Engine:
+    """One onnxruntime session over an artifact's graph plus a :class:`LoRAStore` for its tasks."""
+
+    def __init__(self, artifact_dir: str | os.PathLike[str], *,
+                 providers: Sequence[str] = ("CPUExecutionProvider",),
+                 provider_options: Sequence[dict[str, Any]] | None = None, cache_size: int = 4,
+                 session_options: Any = None):
+        import onnxruntime as ort
+
+        self.dir = Path(artifact_dir)
+        self.manifest = read_manifest(self.dir)
+        graph = self.dir / self.manifest["graph"]
+        so = session_options or ort.SessionOptions()
+        so.log_severity_level = 3
+        self.session = ort.InferenceSession(str(graph), so, providers=list(providers),
+                                            provider_options=provider_options)
+        self.slot_inputs = [name for slot in self.manifest.get("lora_slots", [])
+                            for name in (slot["down"]["name"], slot["up"]["name"])]
+        tasks = self.manifest.get("tasks", {})
+        self.store = LoRAStore({t: self.dir / e["files"]["onnx_adapter"]["path"] for t, e in tasks.items()},
+                               capacity=cache_size)
+        self._zeros = {i.name: np.zeros(i.shape, _np_type(i.type)) for i in self.session.get_inputs()
+                       if i.name in set(self.slot_inputs)}
+        self.model_inputs = [i.name for i in self.session.get_inputs() if i.name not in self._zeros]
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.store.tasks
+
+    def run(self, feeds: Mapping[str, np.ndarray], task: str | None = None) -> dict[str, np.ndarray]:
+        """Run one forward pass with ``task``'s LoRA bound (``None``/"none": the base model)."""
+        import onnxruntime as ort
+
+        missing = [n for n in self.model_inputs if n not in feeds]
+        if missing:
+            raise QuadcError(f"missing model input(s) {', '.join(missing)}; the graph needs {', '.join(self.model_inputs)}")
+        inputs = {k: v for k, v in feeds.items() if k in self.model_inputs}
+        options = ort.RunOptions()
+        if task in BASE_TASKS:
+            inputs.update(self._zeros)
+        else:
+            options.add_active_adapter(self.store.get(task))
+        outputs = self.session.run(None, inputs, options)
+        return {o.name: v for o, v in zip(self.session.get_outputs(), outputs, strict=True)}
+
+    def preload(self, tasks: Sequence[str]) -> None:
+        """Load these tasks' LoRAs in the background."""
+        self.store.preload(tasks)
+
+
+def _np_type(ort_type: str) -> Any:
+    table = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8,
+             "tensor(int8)": np.int8, "tensor(uint16)": np.uint16, "tensor(int16)": np.int16}
+    if ort_type not in table:
+        raise QuadcError(f"LoRA input type {ort_type} is not supported by the runtime")
+    return table[ort_type]
