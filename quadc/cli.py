@@ -37,6 +37,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         verify=args.verify,
         print_after=[p for item in args.print_after or [] for p in item.split(",") if p],
         force=args.force,
+        extra={k: v for k, v in (("lora_targets", args.lora_targets), ("lora_rank", args.lora_rank)) if v},
     )
     progress = silent_progress if args.quiet else stderr_progress
     manifest = compile_model(args.model, args.output, options, progress=progress)
@@ -88,6 +89,39 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from quadc.runtime.engine import Engine
+
+    feeds = _load_npz(args.inputs)
+    engine = Engine(args.artifact)
+    task = None if args.task == "none" else args.task
+    outputs = engine.run(feeds, task=task)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial.npz")
+    np.savez(tmp, **outputs)
+    tmp.replace(out)
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in outputs.items())
+    print(f"wrote {out} ({shapes}; task {args.task})")
+    return 0
+
+
+def _load_npz(path: str) -> dict:
+    import zipfile
+
+    import numpy as np
+
+    if not Path(path).is_file():
+        raise QuadcError(f"{path}: no such inputs file; save model inputs with numpy.savez")
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise QuadcError(f"{path}: not a readable .npz file ({exc.__class__.__name__})") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quadc",
@@ -107,9 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the graph in ONNX text after PASS (repeat or comma-separate)")
     p.add_argument("--verify", choices=["none", "check", "numeric"], default="none",
                    help="check each pass with onnx checker (check) and ORT outputs before/after (numeric)")
+    p.add_argument("--lora-targets", metavar="PATTERNS",
+                   help="comma-separated fnmatch patterns of module paths that get LoRA slots "
+                        "(default: the layers the given LoRAs use)")
+    p.add_argument("--lora-rank", type=int, help="slot rank for --lora-targets layers no LoRA uses")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("run", help="run one U-Net forward of a compiled artifact with a task's LoRA bound")
+    p.add_argument("artifact", help="artifact directory written by quadc compile")
+    p.add_argument("--task", default="none", help="task name from the manifest, or 'none' for the base model")
+    p.add_argument("--inputs", required=True, help=".npz with the model inputs (sample, timestep, ...)")
+    p.add_argument("-o", "--output", required=True, help=".npz to write the outputs to")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("inspect", help="ops, parameters, LoRA attachment points and attention blocks of a model")
     p.add_argument("model", help="ONNX U-Net")
