@@ -16,6 +16,7 @@ from typing import Any
 import quadc
 from quadc.artifact import FORMAT_VERSION, MANIFEST_NAME, staged_directory, write_json
 from quadc.context import CompileContext, silent_progress
+from quadc.errors import QuadcError
 from quadc.graph import model_sha256
 from quadc.passes import parse_pipeline, run_pipeline
 from quadc.targets import get_target
@@ -66,7 +67,21 @@ def compile_model(model: str | os.PathLike[str] | None, out_dir: str | os.PathLi
         ctx.loras = _read_loras(loras, info, progress)
     names = options.passes if options.passes is not None else target.pipeline(ctx)
     passes = parse_pipeline(names)
-    graph, records = run_pipeline(graph, passes, ctx, verify=options.verify, print_after=options.print_after)
+    unknown = set(options.print_after) - {p.name for p in passes}
+    if unknown:
+        raise QuadcError(f"--print-after names {', '.join(sorted(unknown))}, which is not in the pipeline")
+    split = next((i for i, p in enumerate(passes) if p.needs_encodings), len(passes))
+    graph, records = run_pipeline(graph, passes[:split], ctx, verify=options.verify,
+                                  print_after=[p for p in options.print_after if p in {q.name for q in passes[:split]}])
+    if split < len(passes):
+        from quadc.quant.planner import build_plan
+
+        progress("planning quantization (calibration, QSS, shared LoRA encodings)")
+        ctx.encodings = build_plan(graph, ctx)
+        graph, more = run_pipeline(graph, passes[split:], ctx, verify=options.verify,
+                                   print_after=[p for p in options.print_after
+                                                if p in {q.name for q in passes[split:]}])
+        records += more
     progress(f"writing {out_dir}")
     with staged_directory(out_dir, force=options.force) as tmp:
         entries = target.emit(graph, ctx, tmp)

@@ -1,8 +1,9 @@
 """Pass infrastructure: the ``GraphPass`` base class, ``PassResult`` and the registry.
 
 A pass is a class registered under a kebab-case name with :func:`register_pass`. It declares the
-passes that must have run before it (``requires``) and whether it keeps the graph's numbers
-(``preserves_numerics``, used by the pipeline's numeric verify mode). ``run(graph, ctx)`` mutates the
+passes that must have run before it (``requires``), whether it keeps the graph's numbers
+(``preserves_numerics``, used by the pipeline's numeric verify mode) and whether it consumes the
+quantization plan (``needs_encodings``). ``run(graph, ctx)`` mutates the
 graph in place and returns a :class:`PassResult`. Passes keep no state between runs and are idempotent:
 running one twice changes nothing the second time.
 """
@@ -35,6 +36,8 @@ class GraphPass:
     name: ClassVar[str] = ""
     requires: ClassVar[tuple[str, ...]] = ()
     preserves_numerics: ClassVar[bool] = True
+    #: The compile driver builds the quantization plan (ctx.encodings) before the first such pass.
+    needs_encodings: ClassVar[bool] = False
 
     def run(self, graph: gs.Graph, ctx: CompileContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError

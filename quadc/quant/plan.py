@@ -1,0 +1,54 @@
+"""The quantization plan: every encoding the quantized graph will use, decided before Q/DQ insertion.
+
+The plan is what ties one static graph to every task: each LoRA slot input has exactly ONE encoding
+(``lora``), shared by all tasks, chosen from the anchor LoRA (highest QSS) or, in the unified
+fallback, from the merged distribution of all LoRAs. Activation encodings come from calibration with
+every task bound, so they cover all tasks too.
+
+``activations`` maps a float tensor name of the graph (graph inputs and node outputs) to its encoding
+(uint16 for A16, uint8 for A8 layers); ``weights`` maps constant weight names to their encodings
+(uint8 per-tensor, or int8 symmetric per-channel with ``per_channel``); ``lora`` maps LoRA slot input
+names (``<module>.lora_down`` / ``.lora_up``) to their shared uint8 encodings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from quadc.quant.affine import Encoding
+
+PRECISIONS = ("w8a16", "w8a8")
+LORA_POLICIES = ("anchor", "unified", "file")
+
+
+@dataclass
+class QuantPlan:
+    """All encodings of one compile plus how they were chosen (for the manifest and `quadc analyze`)."""
+
+    precision: str = "w8a16"
+    activations: dict[str, Encoding] = field(default_factory=dict)
+    weights: dict[str, Encoding] = field(default_factory=dict)
+    lora: dict[str, Encoding] = field(default_factory=dict)
+    per_channel: bool = False
+    lora_float_inputs: bool = False
+    lora_policy: str = "anchor"
+    anchor: str | None = None
+    qss: dict[str, float] = field(default_factory=dict)
+    a8_tensors: list[str] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready description for the manifest (no encodings; those go to the encodings file)."""
+        return {
+            "precision": self.precision,
+            "per_channel_weights": self.per_channel,
+            "lora_inputs": "float" if self.lora_float_inputs else "uint8",
+            "lora_policy": self.lora_policy,
+            "anchor": self.anchor,
+            "qss": {k: round(float(v), 8) for k, v in sorted(self.qss.items())},
+            "a8_tensors": len(self.a8_tensors),
+            "activation_encodings": len(self.activations),
+            "weight_encodings": len(self.weights),
+            "lora_encodings": len(self.lora),
+        }
