@@ -102,12 +102,10 @@ def compile_model(model: str | os.PathLike[str] | None, out_dir: str | os.PathLi
 
 
 def _read_loras(paths: Mapping[str, str | os.PathLike[str]], info: Any, progress: Callable[[str], None]) -> Any:
-    from quadc.lora import LoRASet, check_fits, read_lora
+    from quadc.lora import LoRASet, fit_lora, read_lora
 
     loras = LoRASet()
     for name, path in paths.items():
         progress(f"reading LoRA '{name}' from {path}")
-        lora = read_lora(path, name=name, model_info=info)
-        check_fits(lora, info)
-        loras[name] = lora
+        loras.add(fit_lora(read_lora(path, name=name, info=info), info))
     return loras
