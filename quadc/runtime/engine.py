@@ -47,6 +47,7 @@ class Engine:
         self._zeros = {i.name: np.zeros(i.shape, _np_type(i.type)) for i in self.session.get_inputs()
                        if i.name in set(self.slot_inputs)}
         self.model_inputs = [i.name for i in self.session.get_inputs() if i.name not in self._zeros]
+        self.output_names = [o.name for o in self.session.get_outputs()]
 
     @property
     def tasks(self) -> list[str]:
@@ -65,8 +66,11 @@ class Engine:
             inputs.update(self._zeros)
         else:
             options.add_active_adapter(self.store.get(task))
-        outputs = self.session.run(None, inputs, options)
-        return {o.name: v for o, v in zip(self.session.get_outputs(), outputs, strict=True)}
+        # onnxruntime's Python wrapper checks that every graph input is in the feed dict before it looks at
+        # the active adapters, so adapter-bound LoRA inputs look missing to it. The C++ session applies the
+        # adapters first and then validates every input itself, so call it directly.
+        outputs = self.session._sess.run(self.output_names, inputs, options)
+        return dict(zip(self.output_names, outputs, strict=True))
 
     def preload(self, tasks: Sequence[str]) -> None:
         """Load these tasks' LoRAs in the background."""
