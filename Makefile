@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/quadc compile -o out/demo
+	$(BIN)/quadc compile -o out/demo --force
 
 test: $(STAMP)
 	$(BIN)/ruff check quadc tests benchmarks

@@ -22,14 +22,20 @@ MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 
 
-@contextmanager
-def staged_directory(out_dir: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that becomes ``out_dir`` when the block finishes without error."""
+def check_output_dir(out_dir: str | os.PathLike[str], *, force: bool = False) -> Path:
+    """Fail early (before any long work) if ``out_dir`` cannot be written."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise QuadcError(f"{out}: exists and is not a directory; choose another output path")
     if out.exists() and any(out.iterdir()) and not force:
         raise QuadcError(f"{out}: output directory exists and is not empty; pass --force to replace it")
+    return out
+
+
+@contextmanager
+def staged_directory(out_dir: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes ``out_dir`` when the block finishes without error."""
+    out = check_output_dir(out_dir, force=force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import quadc
-from quadc.artifact import FORMAT_VERSION, MANIFEST_NAME, staged_directory, write_json
+from quadc.artifact import FORMAT_VERSION, MANIFEST_NAME, check_output_dir, staged_directory, write_json
 from quadc.context import CompileContext, silent_progress
 from quadc.errors import QuadcError
 from quadc.graph import model_sha256
@@ -55,6 +55,7 @@ def compile_model(model: str | os.PathLike[str] | None, out_dir: str | os.PathLi
     from quadc import frontend
 
     options = options or CompileOptions()
+    check_output_dir(out_dir, force=options.force)
     model_path = Path(model) if model is not None else bundled_model()
     loras = dict(options.loras) if (model is not None or options.loras) else {
         k: str(v) for k, v in bundled_loras().items()}
