@@ -94,8 +94,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from quadc.runtime.engine import Engine
 
-    feeds = _load_npz(args.inputs)
     engine = Engine(args.artifact)
+    feeds = _load_npz(args.inputs)
     task = None if args.task == "none" else args.task
     outputs = engine.run(feeds, task=task)
     out = Path(args.output)

@@ -60,6 +60,8 @@ def compile_model(model: str | os.PathLike[str] | None, out_dir: str | os.PathLi
     loras = dict(options.loras) if (model is not None or options.loras) else {
         k: str(v) for k, v in bundled_loras().items()}
     target = get_target(options.target)
+    if options.passes is not None:
+        parse_pipeline(options.passes)  # unknown pass names fail before any long work
     progress(f"loading {model_path}")
     graph, info = frontend.load(model_path)
     ctx = CompileContext(model_info=info, options=dict(options.extra), progress=progress)

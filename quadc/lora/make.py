@@ -32,6 +32,8 @@ from quadc.lora.kohya_format import module_to_kohya
 from quadc.lora.model import LoRA, LoRALayer
 
 _ST_DTYPES = {"float32": "F32", "float16": "F16", "float64": "F64", "bfloat16": "BF16"}
+#: Integer dtypes are written as they are (quantized LoRA files); ``dtype=`` casts only to floats.
+_ST_INT_DTYPES = {"uint8": "U8", "int8": "I8", "uint16": "U16", "int16": "I16", "int32": "I32", "int64": "I64"}
 
 Shape = tuple[str, int, int] | tuple[str, int, int, tuple[int, int]]
 
@@ -54,7 +56,8 @@ def save_safetensors(
     """Write ``tensors`` as a safetensors file, deterministically; ``dtype`` casts every tensor.
 
     ``dtype`` is ``float32``, ``float16``, ``float64`` or ``bfloat16`` (None keeps each array's float
-    dtype). Tensors are laid out by (itemsize descending, name) so every tensor is aligned.
+    dtype; integer arrays are written as they are). Tensors are laid out by (itemsize descending, name)
+    so every tensor is aligned.
     """
     if dtype is not None and dtype not in _ST_DTYPES:
         raise QuadcError(f"unknown tensor dtype '{dtype}'; use one of {', '.join(_ST_DTYPES)}")
@@ -62,8 +65,12 @@ def save_safetensors(
     for name, value in tensors.items():
         arr = np.asarray(value)
         kind = dtype or arr.dtype.name
+        if kind in _ST_INT_DTYPES and dtype is None:
+            cast = np.ascontiguousarray(arr, dtype=np.dtype(kind).newbyteorder("<"))
+            prepared.append((name, _ST_INT_DTYPES[kind], [int(d) for d in arr.shape], cast.tobytes(), cast.itemsize))
+            continue
         if kind not in _ST_DTYPES:
-            raise QuadcError(f"tensor '{name}' has dtype {arr.dtype}; only float tensors can be written")
+            raise QuadcError(f"tensor '{name}' has dtype {arr.dtype}; only float and integer tensors can be written")
         if kind == "bfloat16":
             raw, itemsize = _to_bf16_bits(arr).tobytes(), 2
         else:

@@ -82,12 +82,11 @@ def write_onnx_adapter(params: Mapping[str, np.ndarray], path: str | os.PathLike
 
 def write_safetensors(params: Mapping[str, np.ndarray], path: str | os.PathLike[str],
                       metadata: Mapping[str, str] | None = None) -> Path:
-    """Write the packed tensors as safetensors (sorted keys, deterministic)."""
-    from safetensors.numpy import save_file
+    """Write the packed tensors as safetensors (deterministic: the safetensors library orders
+    multi-key metadata differently from run to run, so quadc's own writer is used)."""
+    from quadc.lora.make import save_safetensors
 
-    save_file({k: np.ascontiguousarray(params[k]) for k in sorted(params)}, str(path),
-              metadata=dict(metadata or {}))
-    return Path(path)
+    return save_safetensors(params, path, metadata)
 
 
 def read_packed(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:

@@ -1,0 +1,124 @@
+"""The CLI: the default compile, run, inspect, passes, targets, and one-line errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from quadc.cli import main
+from quadc.compiler import bundled_loras, bundled_model
+
+
+def test_default_compile_uses_bundled_model_and_loras(tmp_path, capsys):
+    assert main(["compile", "-q", "-o", str(tmp_path / "out")]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert set(manifest["tasks"]) == set(bundled_loras()) and len(manifest["tasks"]) >= 3
+    assert {t["format"] for t in manifest["tasks"].values()} == {"kohya", "diffusers", "peft"}
+    assert len({s["rank"] for s in manifest["lora_slots"]}) >= 2
+    assert manifest["source"]["model"] == bundled_model().name
+    assert [p["pass"] for p in manifest["passes"]] == ["lora-inputs", "const-fold", "dce"]
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_compile_is_deterministic(tmp_path):
+    for name in ("a", "b"):
+        assert main(["compile", "-q", "-o", str(tmp_path / name)]) == 0
+    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    assert files_a == files_b
+    for rel in files_a:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+
+
+def test_run_switches_tasks(tmp_path, capsys):
+    from quadc.export.configs import TEXT_TOKENS, TINY
+
+    assert main(["compile", "-q", "-o", str(tmp_path / "out")]) == 0
+    rng = np.random.default_rng(0)
+    feeds = {"sample": rng.standard_normal((1, 4, 8, 8)).astype(np.float32),
+             "timestep": np.array([250.0], np.float32),
+             "encoder_hidden_states": rng.standard_normal((1, TEXT_TOKENS["tiny"], TINY["cross_attention_dim"])
+                                                          ).astype(np.float32)}
+    np.savez(tmp_path / "feeds.npz", **feeds)
+    outs = {}
+    for task in ["none", *bundled_loras()]:
+        assert main(["run", str(tmp_path / "out"), "--task", task, "--inputs", str(tmp_path / "feeds.npz"),
+                     "-o", str(tmp_path / f"{task}.npz")]) == 0
+        outs[task] = np.load(tmp_path / f"{task}.npz")["out_sample"]
+    for task in bundled_loras():
+        assert not np.allclose(outs[task], outs["none"]), f"task {task} did not change the output"
+
+
+def test_passes_and_targets_list(capsys):
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    for name in ("lora-inputs", "const-fold", "dce"):
+        assert name in out
+    assert main(["targets"]) == 0
+    assert "onnx " in capsys.readouterr().out
+
+
+def test_inspect_lists_attach_points(bundled_unet, capsys):
+    assert main(["inspect", str(bundled_unet)]) == 0
+    out = capsys.readouterr().out
+    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q" in out
+    assert "attn2" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compile", "missing.onnx", "-o", "{tmp}/o"], "no such file"),
+    (["compile", "-o", "{tmp}/o", "--target", "nope"], "unknown target 'nope'"),
+    (["compile", "-o", "{tmp}/o", "--passes", "dce,nope"], "unknown pass 'nope'"),
+    (["compile", "-o", "{tmp}/o", "--lora", "broken"], "NAME=PATH"),
+    (["compile", "{model}", "-o", "{tmp}/o", "--lora", "x={tmp}/none.safetensors"], "none.safetensors"),
+    (["run", "{tmp}", "--inputs", "x.npz", "-o", "{tmp}/r.npz"], "not a quadc artifact"),
+    (["inspect", "{tmp}/notes.onnx"], "notes.onnx"),
+])
+def test_user_errors_are_one_line_and_leave_nothing(tmp_path, capsys, argv, message):
+    (tmp_path / "notes.onnx").write_text("not a model\n")
+    argv = [a.format(tmp=tmp_path, model=bundled_model()) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if not line.startswith("[quadc] ")]
+    assert len(errors) == 1 and errors[0].startswith("quadc: error: "), err
+    assert message in errors[0] and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.partial")]
+
+
+def test_debug_shows_traceback(tmp_path):
+    from quadc.errors import QuadcError
+
+    with pytest.raises(QuadcError):
+        main(["--debug", "inspect", str(tmp_path / "missing.onnx")])
+
+
+def test_failed_compile_leaves_no_partial_output(tmp_path, monkeypatch):
+    import quadc.targets.onnx_ref as onnx_ref
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(onnx_ref, "save_model", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        main(["compile", "-q", "-o", str(tmp_path / "o")])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_force_replaces_existing_output(tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "old.txt").write_text("old")
+    assert main(["compile", "-q", "-o", str(tmp_path / "o")]) == 2
+    assert main(["compile", "-q", "--force", "-o", str(tmp_path / "o")]) == 0
+    assert not (tmp_path / "o" / "old.txt").exists() and (tmp_path / "o" / "manifest.json").exists()
+
+
+def test_console_script_runs(tmp_path):
+    exe = shutil.which("quadc") or str(__import__("pathlib").Path(sys.executable).with_name("quadc"))
+    proc = subprocess.run([exe, "inspect", str(tmp_path / "missing.onnx")], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("quadc: error:") and "Traceback" not in proc.stderr
