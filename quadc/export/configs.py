@@ -2,7 +2,7 @@
 
 ``sd15`` is Stable Diffusion 1.5's ``unet/config.json`` (859.5M parameters, 64x64 latents). ``tiny`` keeps
 every block type of SD1.5 (CrossAttnDownBlock2D, DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D,
-CrossAttnUpBlock2D; self- and cross-attention, GEGLU feed-forward, proj_in/proj_out as Linear) at a few
+CrossAttnUpBlock2D; self- and cross-attention, GEGLU feed-forward, proj_in/proj_out as 1x1 Conv as in SD1.5) at a few
 MB, for tests and the bundled default model.
 """
 

@@ -19,7 +19,9 @@ class AttachPoint:
     MatMul/Gemm/Conv node, ``weight`` the name of its weight initializer, ``bias`` the name of the
     bias initializer or Add constant if there is one. ``d_in``/``d_out`` are the layer's feature sizes;
     ``kernel`` is ``(kh, kw)`` for convs and ``(1, 1)`` for linear layers. ``weight_layout`` says how the
-    weight is stored: ``"in_out"`` (MatMul ``x @ W``), ``"out_in"`` (Gemm transB=1) or ``"conv"``.
+    weight is stored: ``"in_out"`` (MatMul ``x @ W``), ``"out_in"`` (Gemm transB=1, or a MatMul whose
+    weight passes through a ``Transpose`` node, as in unoptimized dynamo exports) or ``"conv"``.
+    ``stride`` is ``(sh, sw)``; ``padding`` is ONNX's ``pads`` order ``(top, left, bottom, right)``.
     """
 
     module: str
@@ -41,7 +43,8 @@ class AttentionBlock:
 
     ``module`` is its path (``...transformer_blocks.0.attn1``), ``heads`` the head count when the frontend
     could read it from the graph's reshapes (else None), and ``projections`` the attach-point module
-    paths of its to_q/to_k/to_v/to_out.0 layers.
+    paths of its to_q/to_k/to_v/to_out.0 layers. ``nodes`` names the attention core between the
+    projections (head reshapes/transposes, scaling, ``Q @ K^T``, Softmax, ``@ V``), in graph order.
     """
 
     module: str
@@ -62,6 +65,11 @@ class ModelInfo:
     exporter: str = "unknown"  # "torchscript", "dynamo" or "unknown"
     parameters: int = 0
     op_histogram: dict[str, int] = field(default_factory=dict)
+    #: Graph input name for each role: ``sample``, ``timestep``, ``encoder_hidden_states``.
+    roles: dict[str, str] = field(default_factory=dict)
+    opset: int | None = None
+    #: Attach points whose module path could not be recovered (keyed by node name instead).
+    unnamed_points: int = 0
 
     def nearest_modules(self, module: str, n: int = 3) -> list[str]:
         """The ``n`` attach-point module paths most similar to ``module`` (for error messages)."""

@@ -1,0 +1,52 @@
+"""Shared fixtures: the tiny U-Net exported once per session with each exporter, and the bundled model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+BUNDLED_UNET = Path(__file__).resolve().parents[1] / "quadc" / "data" / "tiny_unet.onnx"
+
+
+def _export(tmp_path_factory: pytest.TempPathFactory, exporter: str) -> Path:
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from quadc.export import export_unet
+
+    out = tmp_path_factory.mktemp(f"tiny_{exporter}") / "unet.onnx"
+    return export_unet(config="tiny", weights="random", exporter=exporter, out=out, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_torchscript_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny U-Net (random weights, seed 0) exported with the TorchScript exporter, opset 17."""
+    return _export(tmp_path_factory, "torchscript")
+
+
+@pytest.fixture(scope="session")
+def tiny_dynamo_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny U-Net (random weights, seed 0) exported with the dynamo exporter, opset 18."""
+    return _export(tmp_path_factory, "dynamo")
+
+
+@pytest.fixture(scope="session")
+def bundled_unet() -> Path:
+    """Path of the bundled default model, quadc/data/tiny_unet.onnx."""
+    assert BUNDLED_UNET.is_file(), "quadc/data/tiny_unet.onnx is missing; run scripts/make_bundled_model.py"
+    return BUNDLED_UNET
+
+
+@pytest.fixture(scope="session")
+def tiny_torch_reference():
+    """(inputs, output) of the tiny torch U-Net (seed 0) on :func:`quadc.export.example_inputs`."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from quadc.export import build_unet, example_inputs
+
+    model = build_unet("tiny", "random", seed=0)
+    inputs = example_inputs("tiny")
+    with torch.no_grad():
+        out = model(*(torch.from_numpy(inputs[k]) for k in ("sample", "timestep", "encoder_hidden_states")),
+                    return_dict=False)[0]
+    return inputs, out.numpy()
