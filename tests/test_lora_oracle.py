@@ -51,8 +51,9 @@ def _diffusers_file(root: Path) -> Path:
 
 
 def _kohya_file(root: Path, info) -> Path:
-    """A kohya file with LoCon on resnet convs and attention LoRA (fp16, per-layer alpha)."""
-    lora = random_lora(info, modules=["resnets.0.conv1", "resnets.0.conv2", "attn2.to_k", "attn2.to_v"],
+    """A kohya file with LoCon on resnet convs, attention LoRA and Gemm layers (time_emb_proj), fp16."""
+    lora = random_lora(info, modules=["resnets.0.conv1", "resnets.0.conv2", "attn2.to_k", "attn2.to_v",
+                                      "resnets.0.time_emb_proj"],
                        rank=2, alpha=1.0, seed=13, scale_std=0.2, name="locon_kohya")
     return write_kohya(lora, root / "locon_kohya.safetensors", dtype="float16")
 
@@ -129,6 +130,24 @@ def test_manifest_lists_each_task_file(lora_files, tiny_torchscript_onnx, tmp_pa
             path = tmp_path / "out" / f["path"]
             assert path.stat().st_size == f["bytes"] and file_sha256(path) == f["sha256"], (task, kind)
     assert {e["format"] for e in manifest["tasks"].values()} == {"peft", "diffusers", "kohya"}
+    kinds = {s["kind"] for s in manifest["lora_slots"]}
+    assert kinds == {"linear", "conv"}
+
+
+def test_lora_reaches_every_layer_kind(lora_files, tiny_torchscript_onnx):
+    """MatMul, Gemm and Conv attach points all get slots (the oracle test then covers each kind)."""
+    from quadc.context import CompileContext
+    from quadc.lora import LoRASet, fit_lora, read_lora
+    from quadc.passes.lora_inputs import plan_slots
+
+    paths, _, _ = lora_files
+    graph, info = frontend.load(tiny_torchscript_onnx)
+    loras = LoRASet()
+    for task, path in paths.items():
+        loras.add(fit_lora(read_lora(path, name=task, info=info), info))
+    slots = plan_slots(CompileContext(loras=loras, model_info=info))
+    ops = {n.name: n.op for n in graph.nodes}
+    assert {ops[info.points[m].node] for m in slots} == {"MatMul", "Gemm", "Conv"}
 
 
 def test_zero_lora_is_the_base_model_exactly(tiny_torchscript_onnx, tmp_path):
