@@ -1,0 +1,445 @@
+"""Streaming activation calibration on onnxruntime's CPU provider, over every task the graph serves.
+
+:func:`calibrate` runs the float graph once per (feed, task) and returns the min/max of every float
+tensor that is a graph input or a node output. One graph serves every task, so each feed runs with each
+task's packed LoRA tensors bound to the slot inputs, and once with zeros (the base model); the ranges are
+the union over all those runs.
+
+**Streaming, memory bounded.** The graph is copied and, for every float node output ``t``, two nodes
+``ReduceMin(t)`` / ``ReduceMax(t)`` (``keepdims=0``, all axes) are appended; only those scalars are graph
+outputs. onnxruntime therefore frees each activation as soon as its last consumer (its reductions
+included) has run, so a run needs about the memory of plain inference, never all activations of the
+network at once, and after each run only a running ``(min, max)`` per tensor is kept. Feeds are consumed
+one at a time (a generator works), so memory does not grow with the number of feeds. Graph-input ranges
+come from the feeds in numpy. A graph over 2 GB is saved with external data to a temporary folder by
+:func:`quadc.graph.ort_session` (through :func:`quadc.graph.save_model`).
+
+Why not ``onnxruntime.quantization.MinMaxCalibrater``: it does use the same ReduceMin/ReduceMax
+augmentation, but (as of onnxruntime 1.32) it keeps every run's outputs in a list until the end
+(``max_intermediate_outputs`` *discards* the collected batches instead of folding them into the ranges),
+it needs the model as a file and loads it fully with ``onnx.load`` (3.4 GB twice for SD1.5), it cannot
+bind per-task LoRA inputs around one data reader pass, and it has no hook to sample the LoRA layer
+inputs that QSS needs. Its augmentation idea is reused here; the loop is quadc's own.
+
+**Captures for QSS.** ``capture`` maps labels (module paths) to a tensor (the input of a LoRA layer) and
+how its values are sampled: per run, up to ``rows_per_feed`` rows (a token's feature vector for linear layers, an im2col patch at a
+random output pixel for conv layers, see :class:`Capture`), kept per task in a reservoir of at most
+``max_rows`` rows per label, so memory stays bounded too.
+
+:func:`measure_sqnr` streams the same way to measure, per tensor, the SQNR of fake-quantizing it with a
+given encoding (``QuantizeLinear -> DequantizeLinear`` inside the graph, squared signal and noise summed
+by ``ReduceSumSquare``), which the planner uses to rank activations for 8-bit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from quadc.context import silent_progress
+from quadc.errors import QuadcError
+from quadc.graph import infer_shapes, ort_session, unique_name
+from quadc.quant.affine import Encoding, fake_quant
+
+__all__ = [
+    "Capture",
+    "Ranges",
+    "calibrate",
+    "clone_graph",
+    "float_tensors",
+    "measure_sqnr",
+    "static_tensors",
+]
+
+#: Name of the base-model run (all LoRA inputs zero) in progress messages and ``Ranges.samples``.
+BASE = None
+_LORA_SUFFIXES = (".lora_down", ".lora_up")
+_GRAPH_ATTRS = ("_quadc_registry", "_quadc_source", "opset_imports", "ir_version")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def clone_graph(graph: gs.Graph) -> gs.Graph:
+    """A structural copy of ``graph`` sharing its weights (external ones stay lazy), with quadc's
+    bookkeeping attributes (external-data registry, opsets, IR version) carried over."""
+    clone = graph.copy()
+    for attr in _GRAPH_ATTRS:
+        if attr in graph.__dict__:  # not getattr: gs.Graph.__getattr__ logs errors for unknown names
+            setattr(clone, attr, graph.__dict__[attr])
+    return clone
+
+
+def _is_float(dtype: Any) -> bool:
+    try:
+        return dtype is not None and np.dtype(dtype).kind == "f"
+    except TypeError:
+        return False
+
+
+def float_tensors(graph: gs.Graph) -> tuple[list[str], list[str]]:
+    """``(graph inputs, node outputs)``: names of the float tensors calibration covers, in graph order.
+
+    Node output dtypes come from onnx shape inference on a copy (``graph`` is not changed); outputs whose
+    dtype stays unknown are left out.
+    """
+    typed = infer_shapes(clone_graph(graph))
+    inputs = [t.name for t in typed.inputs if _is_float(t.dtype)]
+    seen = set(inputs)
+    outputs: list[str] = []
+    for node in typed.nodes:
+        for out in node.outputs:
+            if out.name and out.name not in seen and _is_float(out.dtype):
+                seen.add(out.name)
+                outputs.append(out.name)
+    return inputs, outputs
+
+
+def static_tensors(graph: gs.Graph) -> set[str]:
+    """Node outputs whose values do not depend on any graph input's values (only on constants and on
+    tensor shapes through Shape/Size), e.g. an attention's ``sqrt(head_dim)`` computed from a Shape.
+    These are runtime-computed constants, not activations."""
+    dependent = {t.name for t in graph.inputs}
+    static: set[str] = set()
+    for node in graph.nodes:  # graphs are kept topologically sorted
+        data_inputs = [t for t in node.inputs if not isinstance(t, gs.Constant) and t.name]
+        if node.op not in ("Shape", "Size") and any(t.name in dependent for t in data_inputs):
+            dependent.update(o.name for o in node.outputs if o.name)
+        else:
+            static.update(o.name for o in node.outputs if o.name)
+    return static - dependent
+
+
+@dataclass(frozen=True)
+class Capture:
+    """How rows are sampled from a captured tensor so that a LoRA branch can be evaluated on them.
+
+    ``kind="linear"``: the tensor is ``[..., d_in]``; a row is one feature vector (token).
+    ``kind="conv"``: the tensor is ``[B, C, H, W]`` feeding a conv with ``kernel``, ``strides``,
+    ``pads`` (ONNX order: top, left, bottom, right) and ``dilations``; a row is the receptive field of one
+    output pixel flattened in ``(C, kh, kw)`` order, i.e. ``row @ W.reshape(out, -1).T`` is that pixel's
+    conv output.
+    """
+
+    kind: str = "linear"
+    kernel: tuple[int, int] = (1, 1)
+    strides: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+    dilations: tuple[int, int] = (1, 1)
+
+    def rows(self, arr: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+        """Up to ``k`` rows of ``arr`` (float32 ``[n, features]``), drawn without replacement."""
+        a = np.asarray(arr)
+        if self.kind == "linear":
+            flat = a.reshape(-1, a.shape[-1]) if a.ndim > 1 else a.reshape(1, -1)
+            idx = rng.choice(flat.shape[0], size=min(k, flat.shape[0]), replace=False)
+            return np.asarray(flat[np.sort(idx)], dtype=np.float32)
+        if self.kind != "conv":
+            raise QuadcError(f"unknown capture kind '{self.kind}'; use linear or conv")
+        if a.ndim != 4:
+            raise QuadcError(f"a conv capture needs an NCHW tensor, got shape {list(a.shape)}")
+        b, c, h, w = a.shape
+        kh, kw = self.kernel
+        sh, sw = self.strides
+        dh, dw = self.dilations
+        pt, pl, pb, pr = self.pads
+        oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+        ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+        if oh < 1 or ow < 1:
+            raise QuadcError(f"conv capture: kernel {self.kernel} does not fit a {h}x{w} input")
+        padded = np.pad(a, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+        total = b * oh * ow
+        picks = np.sort(rng.choice(total, size=min(k, total), replace=False))
+        out = np.empty((len(picks), c * kh * kw), dtype=np.float32)
+        for i, flat in enumerate(picks):
+            bi, rem = divmod(int(flat), oh * ow)
+            oy, ox = divmod(rem, ow)
+            y0, x0 = oy * sh, ox * sw
+            patch = padded[bi, :, y0:y0 + dh * (kh - 1) + 1:dh, x0:x0 + dw * (kw - 1) + 1:dw]
+            out[i] = patch.reshape(-1)
+        return out
+
+
+class _Reservoir:
+    """At most ``size`` rows, a uniform sample of every row offered so far (Algorithm R)."""
+
+    def __init__(self, size: int, rng: np.random.Generator) -> None:
+        self.size = size
+        self.rng = rng
+        self.count = 0
+        self.rows: np.ndarray | None = None
+        self.filled = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        if self.rows is None:
+            self.rows = np.empty((self.size, rows.shape[1]), dtype=np.float32)
+        for row in rows:
+            if self.filled < self.size:
+                self.rows[self.filled] = row
+                self.filled += 1
+            else:
+                j = int(self.rng.integers(0, self.count + 1))
+                if j < self.size:
+                    self.rows[j] = row
+            self.count += 1
+
+    def result(self) -> np.ndarray:
+        if self.rows is None:
+            return np.empty((0, 0), dtype=np.float32)
+        return self.rows[: self.filled].copy()
+
+
+class Ranges(dict):
+    """``tensor name -> (min, max)`` (Python floats), the union over every calibration run.
+
+    Extra fields: ``samples`` (task name, or None for the base run when no tasks were given -> capture
+    label -> ``[rows, features]`` float32), ``runs`` (graph executions), ``feeds``, ``tasks`` (task
+    names in run order) and ``skipped`` (float tensors that never had a finite value).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.samples: dict[str | None, dict[str, np.ndarray]] = {}
+        self.runs = 0
+        self.feeds = 0
+        self.tasks: list[str] = []
+        self.skipped: list[str] = []
+
+
+# -------------------------------------------------------------------------------------------------- runs
+def _runs(graph: gs.Graph, feeds: Iterable[Mapping[str, np.ndarray]],
+          tasks: Mapping[str, Mapping[str, np.ndarray]] | None, include_base: bool,
+          progress: Callable[[str], None], label: str) -> Iterator[tuple[int, str | None, dict[str, np.ndarray]]]:
+    """Yield ``(feed index, task or None, complete input dict)`` for every (feed, task) run.
+
+    LoRA slot inputs a task does not bind are zero (and all of them are zero in the base run); any other
+    graph input missing from a feed is a QuadcError.
+    """
+    specs = {t.name: t for t in graph.inputs}
+    lora_inputs = [n for n in specs if n.endswith(_LORA_SUFFIXES)]
+    zeros: dict[str, np.ndarray] = {}
+    for name in lora_inputs:
+        t = specs[name]
+        if t.shape is None or any(not isinstance(d, int | np.integer) or d < 0 for d in t.shape):
+            raise QuadcError(f"LoRA input '{name}' has no static shape {t.shape}; run the lora-inputs pass first")
+        zeros[name] = np.zeros(tuple(int(d) for d in t.shape), dtype=np.dtype(t.dtype or np.float32))
+    plan: list[str | None] = []
+    if include_base or not tasks:
+        plan.append(BASE)
+    plan.extend(tasks or {})
+    for index, feed in enumerate(feeds):
+        missing = [n for n in specs if n not in feed and n not in zeros]
+        if missing:
+            raise QuadcError(f"calibration feed {index} lacks graph input(s) {', '.join(missing)}; "
+                             "give every U-Net input (see quadc.quant.feeds)")
+        for task in plan:
+            bound = dict(zeros)
+            if task is not BASE:
+                packed = tasks[task]  # type: ignore[index]
+                unknown = [k for k in packed if k not in zeros]
+                if unknown:
+                    raise QuadcError(f"task '{task}' binds '{unknown[0]}', which is not a LoRA input of the graph; "
+                                     "pack it for this graph's slots")
+                bound.update(packed)
+            bound.update({k: np.asarray(v) for k, v in feed.items() if k in specs and k not in zeros})
+            who = "base model" if task is BASE else f"task '{task}'"
+            progress(f"{label}: feed {index + 1}, {who}")
+            yield index, task, bound
+
+
+def _reduce(graph: gs.Graph, op: str, tensor: gs.Tensor, taken: set[str], suffix: str,
+            attrs: Mapping[str, Any] | None = None) -> gs.Variable:
+    out = gs.Variable(unique_name(graph, f"{tensor.name}__quadc_{suffix}", taken), dtype=None)
+    graph.nodes.append(gs.Node(op, f"{out.name}/node", attrs=dict(attrs or {"keepdims": 0}),
+                               inputs=[tensor], outputs=[out]))
+    return out
+
+
+def calibrate(
+    graph: gs.Graph,
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    tasks: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+    progress: Callable[[str], None] = silent_progress,
+    *,
+    include_base: bool = True,
+    capture: Mapping[str, tuple[str, Capture]] | None = None,
+    capture_tasks: Mapping[str, Collection[str]] | None = None,
+    rows_per_feed: int = 64,
+    max_rows: int = 256,
+    seed: int = 0,
+) -> Ranges:
+    """Min/max of every float graph input and node output over all feeds and all tasks (streaming).
+
+    ``tasks`` maps a task name to its packed LoRA tensors (:func:`quadc.lora.pack.pack_task`); each feed
+    runs once per task and, with ``include_base``, once with every LoRA input zero. ``capture`` maps
+    labels (module paths) to ``(tensor name, Capture)``: the LoRA layer's input and how rows are sampled
+    from it; rows are kept per task (for the labels in ``capture_tasks[task]`` only, when given),
+    ``rows_per_feed`` per run, at most ``max_rows`` per task and label. ``graph`` itself is not modified.
+    """
+    if rows_per_feed < 1 or max_rows < 1:
+        raise QuadcError("rows_per_feed and max_rows must be positive")
+    input_names, output_names = float_tensors(graph)
+    aug = clone_graph(graph)
+    tensors = aug.tensors()
+    capture = dict(capture or {})
+    unknown = [t for t, _ in capture.values() if t not in tensors]
+    if unknown:
+        raise QuadcError(f"capture tensor '{unknown[0]}' is not in the graph")
+    taken = set(tensors) | {n.name for n in aug.nodes}
+    mins, maxs = [], []
+    for name in output_names:
+        t = tensors[name]
+        mins.append(_reduce(aug, "ReduceMin", t, taken, "min"))
+        maxs.append(_reduce(aug, "ReduceMax", t, taken, "max"))
+    input_set = {t.name for t in aug.inputs}
+    captured_outputs = list(dict.fromkeys(t for t, _ in capture.values() if t not in input_set))
+    extra = [tensors[n] for n in captured_outputs if tensors[n] not in aug.outputs]
+    aug.outputs = [*mins, *maxs, *extra]
+    fetch = [v.name for v in mins] + [v.name for v in maxs] + captured_outputs
+    progress(f"calibration: {len(input_names)} inputs + {len(output_names)} activations, "
+             f"{len(capture)} captured LoRA inputs")
+    session = ort_session(aug)
+
+    n = len(output_names)
+    lo = np.full(n, np.inf)
+    hi = np.full(n, -np.inf)
+    in_lo = dict.fromkeys(input_names, math.inf)
+    in_hi = dict.fromkeys(input_names, -math.inf)
+    rng = np.random.default_rng(seed)
+    reservoirs: dict[str | None, dict[str, _Reservoir]] = {}
+    result = Ranges()
+    feeds_seen = -1
+    for index, task, bound in _runs(graph, feeds, tasks, include_base, progress, "calibrating"):
+        feeds_seen = max(feeds_seen, index)
+        values = session.run(fetch, bound)
+        result.runs += 1
+        with np.errstate(invalid="ignore"):
+            vmin = np.array([float(v) for v in values[:n]], dtype=np.float64)
+            vmax = np.array([float(v) for v in values[n:2 * n]], dtype=np.float64)
+        ok = np.isfinite(vmin) & np.isfinite(vmax)
+        lo = np.where(ok, np.minimum(lo, vmin), lo)
+        hi = np.where(ok, np.maximum(hi, vmax), hi)
+        for name in input_names:
+            arr = np.asarray(bound[name], dtype=np.float64)
+            finite = arr[np.isfinite(arr)]
+            if finite.size:
+                in_lo[name] = min(in_lo[name], float(finite.min()))
+                in_hi[name] = max(in_hi[name], float(finite.max()))
+        if capture and (task is not BASE or not tasks):
+            wanted = capture_tasks.get(task, ()) if (capture_tasks is not None and task is not BASE) else capture
+            got = dict(zip(captured_outputs, values[2 * n:], strict=True))
+            store = reservoirs.setdefault(task, {})
+            for label in wanted:
+                if label not in capture:
+                    continue
+                tensor, how = capture[label]
+                arr = got[tensor] if tensor in got else bound[tensor]
+                rows = how.rows(arr, rows_per_feed, rng)
+                store.setdefault(label, _Reservoir(max_rows, rng)).add(rows)
+        del values
+    del session
+    result.feeds = feeds_seen + 1
+    if result.feeds == 0:
+        raise QuadcError("calibration got no feeds; give at least one (--calib-random N or --calib-dir)")
+    result.tasks = list(tasks or {})
+    for name in input_names:
+        if math.isfinite(in_lo[name]):
+            result[name] = (in_lo[name], in_hi[name])
+        else:
+            result.skipped.append(name)
+    for i, name in enumerate(output_names):
+        if math.isfinite(lo[i]):
+            result[name] = (float(lo[i]), float(hi[i]))
+        else:
+            result.skipped.append(name)
+    result.samples = {task: {k: r.result() for k, r in store.items()} for task, store in reservoirs.items()}
+    progress(f"calibration: {result.runs} runs over {result.feeds} feeds, {len(result)} ranges")
+    return result
+
+
+def measure_sqnr(
+    graph: gs.Graph,
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    encodings: Mapping[str, Encoding],
+    tasks: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+    progress: Callable[[str], None] = silent_progress,
+    *,
+    include_base: bool = True,
+) -> dict[str, float]:
+    """SQNR (dB) of fake-quantizing each tensor of ``encodings`` with its encoding, over all runs.
+
+    ``10 log10(sum x^2 / sum (x - fq(x))^2)`` with both sums taken over every element of every run
+    (feeds x tasks, as :func:`calibrate`); ``inf`` when fake quantization is exact. Node outputs are
+    fake-quantized inside the graph (``QuantizeLinear -> DequantizeLinear``, which onnxruntime computes
+    exactly like :func:`quadc.quant.affine.fake_quant`), graph inputs in numpy. Encodings must be
+    per-tensor. Streaming like :func:`calibrate`.
+    """
+    input_set = {t.name for t in graph.inputs}
+    aug = clone_graph(graph)
+    tensors = aug.tensors()
+    taken = set(tensors) | {n.name for n in aug.nodes}
+    names = [n for n in encodings if n not in input_set]
+    unknown = [n for n in names if n not in tensors]
+    if unknown:
+        raise QuadcError(f"tensor '{unknown[0]}' has an encoding but is not in the graph")
+    typed = infer_shapes(clone_graph(graph)).tensors()
+    signals, noises = [], []
+    for name in names:
+        enc = encodings[name]
+        if enc.per_channel:
+            raise QuadcError(f"measure_sqnr takes per-tensor encodings; '{name}' is per-channel")
+        t = tensors[name]
+        x: gs.Tensor = t
+        if np.dtype(typed[name].dtype or np.float32) != np.float32:
+            x = gs.Variable(unique_name(aug, f"{name}__quadc_f32", taken), dtype=np.float32)
+            aug.nodes.append(gs.Node("Cast", f"{x.name}/node", attrs={"to": 1}, inputs=[t], outputs=[x]))
+        scale = gs.Constant(unique_name(aug, f"{name}__quadc_scale", taken), np.array(enc.scale, np.float32))
+        zp = gs.Constant(unique_name(aug, f"{name}__quadc_zp", taken), np.array(enc.zero_point))
+        q = gs.Variable(unique_name(aug, f"{name}__quadc_q", taken), dtype=enc.qtype.np_dtype)
+        dq = gs.Variable(unique_name(aug, f"{name}__quadc_dq", taken), dtype=np.float32)
+        diff = gs.Variable(unique_name(aug, f"{name}__quadc_err", taken), dtype=np.float32)
+        aug.nodes.append(gs.Node("QuantizeLinear", f"{q.name}/node", inputs=[x, scale, zp], outputs=[q]))
+        aug.nodes.append(gs.Node("DequantizeLinear", f"{dq.name}/node", inputs=[q, scale, zp], outputs=[dq]))
+        aug.nodes.append(gs.Node("Sub", f"{diff.name}/node", inputs=[x, dq], outputs=[diff]))
+        signals.append(_reduce(aug, "ReduceSumSquare", x, taken, "sig"))
+        noises.append(_reduce(aug, "ReduceSumSquare", diff, taken, "noise"))
+    aug.outputs = [*signals, *noises]
+    import onnxruntime as ort
+
+    # Basic optimizations only: extended ones may fuse or drop the Q -> DQ pairs being measured.
+    session = ort_session(aug, graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC) if names else None
+    fetch = [v.name for v in signals] + [v.name for v in noises]
+    k = len(names)
+    sig = np.zeros(k)
+    noise = np.zeros(k)
+    in_names = [n for n in encodings if n in input_set]
+    in_sig = dict.fromkeys(in_names, 0.0)
+    in_noise = dict.fromkeys(in_names, 0.0)
+    for _, _, bound in _runs(graph, feeds, tasks, include_base, progress, "measuring 8-bit SQNR"):
+        if session is not None:
+            values = session.run(fetch, bound)
+            sig += np.array([float(v) for v in values[:k]])
+            noise += np.array([float(v) for v in values[k:]])
+            del values
+        for name in in_names:
+            arr = np.asarray(bound[name], dtype=np.float32)
+            err = arr.astype(np.float64) - fake_quant(arr, encodings[name]).astype(np.float64)
+            in_sig[name] += float(np.sum(np.square(arr, dtype=np.float64)))
+            in_noise[name] += float(np.sum(np.square(err)))
+    out: dict[str, float] = {}
+    for i, name in enumerate(names):
+        out[name] = _sqnr(sig[i], noise[i])
+    for name in in_names:
+        out[name] = _sqnr(in_sig[name], in_noise[name])
+    return {name: out[name] for name in encodings}
+
+
+def _sqnr(signal: float, noise: float) -> float:
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
