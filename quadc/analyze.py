@@ -34,15 +34,12 @@ FLOAT_PIPELINE = "lora-inputs,const-fold,dce"
 def _prepare(model_path: Path, loras: Mapping[str, str | os.PathLike[str]], options: Mapping[str, Any],
              progress: Callable[[str], None]) -> tuple[Any, CompileContext]:
     """Load the model and LoRAs and run the float passes, as :func:`quadc.compiler.compile_model` does."""
-    from quadc import frontend
-    from quadc.compiler import _read_loras
+    from quadc.compiler import plan_point, prepare
     from quadc.passes import parse_pipeline, run_pipeline
 
-    progress(f"loading {model_path}")
-    graph, info = frontend.load(model_path)
-    ctx = CompileContext(model_info=info, options=dict(options), progress=progress)
-    ctx.loras = _read_loras(loras, info, progress)
-    graph, _ = run_pipeline(graph, parse_pipeline(FLOAT_PIPELINE), ctx)
+    graph, ctx, _ = prepare(model_path, loras, options, progress)
+    passes = parse_pipeline(FLOAT_PIPELINE)
+    graph, _ = run_pipeline(graph, passes[:plan_point(passes)], ctx)
     return graph, ctx
 
 

@@ -37,7 +37,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         verify=args.verify,
         print_after=[p for item in args.print_after or [] for p in item.split(",") if p],
         force=args.force,
-        extra={k: v for k, v in (("lora_targets", args.lora_targets), ("lora_rank", args.lora_rank)) if v},
+        extra=_quant_options(args),
     )
     progress = silent_progress if args.quiet else stderr_progress
     manifest = compile_model(args.model, args.output, options, progress=progress)
@@ -122,6 +122,52 @@ def _load_npz(path: str) -> dict:
         raise QuadcError(f"{path}: not a readable .npz file ({exc.__class__.__name__})") from None
 
 
+_QUANT_OPTIONS = ("precision", "a8_fraction", "calib_dir", "calib_random", "calib_seed", "lora_policy",
+                  "qss_tolerance", "per_channel", "lora_float_inputs", "encodings_file", "lora_targets", "lora_rank")
+
+
+def _quant_options(args: argparse.Namespace) -> dict:
+    """The compile/analyze flags that go to ctx.options (only those given)."""
+    values = {k: getattr(args, k, None) for k in _QUANT_OPTIONS}
+    return {k: v for k, v in values.items() if v not in (None, False)}
+
+
+def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration and shared LoRA encodings")
+    g.add_argument("--calib", dest="calib_dir", metavar="DIR",
+                   help="folder of .npz files with model inputs for calibration")
+    g.add_argument("--calib-random", type=int, metavar="N",
+                   help="N random calibration inputs over 4- and 8-step sampler schedules (default 4)")
+    g.add_argument("--calib-seed", type=int, metavar="SEED", help="seed of the random calibration inputs (default 0)")
+    g.add_argument("--lora-policy", choices=["auto", "anchor", "unified"],
+                   help="shared LoRA encodings from the QSS anchor, the merged distribution, or auto (default): "
+                        "anchor unless QSS values are within --qss-tolerance")
+    g.add_argument("--qss-tolerance", type=float, metavar="REL",
+                   help="relative QSS spread under which auto falls back to unified (default 0.05)")
+    g.add_argument("--lora-targets", metavar="PATTERNS",
+                   help="comma-separated fnmatch patterns of module paths that get LoRA slots "
+                        "(default: the layers the given LoRAs use)")
+    g.add_argument("--lora-rank", type=int, help="slot rank for --lora-targets layers no LoRA uses")
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    import json
+
+    from quadc.analyze import analyze, format_analysis
+
+    progress = silent_progress if args.quiet else stderr_progress
+    report = analyze(args.model, _kv_pairs(args.lora, "--lora"), _quant_options(args), progress=progress)
+    print(format_analysis(report))
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".partial")
+        tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        tmp.replace(out)
+        print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quadc",
@@ -141,13 +187,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the graph in ONNX text after PASS (repeat or comma-separate)")
     p.add_argument("--verify", choices=["none", "check", "numeric"], default="none",
                    help="check each pass with onnx checker (check) and ORT outputs before/after (numeric)")
-    p.add_argument("--lora-targets", metavar="PATTERNS",
-                   help="comma-separated fnmatch patterns of module paths that get LoRA slots "
-                        "(default: the layers the given LoRAs use)")
-    p.add_argument("--lora-rank", type=int, help="slot rank for --lora-targets layers no LoRA uses")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    q = p.add_argument_group("quantization (quantized targets such as onnx-qdq)")
+    q.add_argument("--precision", choices=["w8a16", "w8a8"], help="weights/activations bits (default w8a16)")
+    q.add_argument("--a8-fraction", type=float, metavar="F",
+                   help="fraction of activations made 8-bit, least sensitive (highest measured SQNR) first")
+    q.add_argument("--per-channel", action="store_true", help="int8 symmetric per-channel weights")
+    q.add_argument("--lora-float", dest="lora_float_inputs", action="store_true",
+                   help="keep LoRA inputs float (Q->DQ in the graph) instead of uint8 inputs")
+    q.add_argument("--encodings", dest="encodings_file", metavar="FILE",
+                   help="compile against fixed encodings from an AIMET-style encodings JSON")
+    _add_calibration_flags(p)
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("analyze", help="QSS per LoRA, the anchor and why (the shared-encoding decision)")
+    p.add_argument("model", nargs="?", help="ONNX U-Net (default: the bundled tiny U-Net and its demo LoRAs)")
+    p.add_argument("--lora", action="append", metavar="NAME=PATH", help="a LoRA for task NAME; repeat")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    _add_calibration_flags(p)
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("run", help="run one U-Net forward of a compiled artifact with a task's LoRA bound")
     p.add_argument("artifact", help="artifact directory written by quadc compile")

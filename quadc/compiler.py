@@ -52,28 +52,19 @@ def compile_model(model: str | os.PathLike[str] | None, out_dir: str | os.PathLi
                   options: CompileOptions | None = None,
                   progress: Callable[[str], None] = silent_progress) -> dict[str, Any]:
     """Compile ``model`` (default: the bundled tiny U-Net) into ``out_dir``; returns the manifest."""
-    from quadc import frontend
-
     options = options or CompileOptions()
     check_output_dir(out_dir, force=options.force)
-    model_path = Path(model) if model is not None else bundled_model()
-    loras = dict(options.loras) if (model is not None or options.loras) else {
-        k: str(v) for k, v in bundled_loras().items()}
     target = get_target(options.target)
     if options.passes is not None:
         parse_pipeline(options.passes)  # unknown pass names fail before any long work
-    progress(f"loading {model_path}")
-    graph, info = frontend.load(model_path)
-    ctx = CompileContext(model_info=info, options=dict(options.extra), progress=progress)
+    graph, ctx, model_path = prepare(model, options.loras, options.extra, progress)
     ctx.options.setdefault("target", target.name)
-    if loras:
-        ctx.loras = _read_loras(loras, info, progress)
     names = options.passes if options.passes is not None else target.pipeline(ctx)
     passes = parse_pipeline(names)
     unknown = set(options.print_after) - {p.name for p in passes}
     if unknown:
         raise QuadcError(f"--print-after names {', '.join(sorted(unknown))}, which is not in the pipeline")
-    split = next((i for i, p in enumerate(passes) if p.needs_encodings), len(passes))
+    split = plan_point(passes)
     graph, records = run_pipeline(graph, passes[:split], ctx, verify=options.verify,
                                   print_after=[p for p in options.print_after if p in {q.name for q in passes[:split]}])
     if split < len(passes):
@@ -102,6 +93,28 @@ def compile_model(model: str | os.PathLike[str] | None, out_dir: str | os.PathLi
     for r in records:
         progress(f"  {r.name:<16} {r.seconds * 1000:9.1f} ms  {r.counts}")
     return manifest
+
+
+def prepare(model: str | os.PathLike[str] | None, loras: Mapping[str, str | os.PathLike[str]],
+            options: Mapping[str, Any], progress: Callable[[str], None] = silent_progress,
+            ) -> tuple[Any, CompileContext, Path]:
+    """Load the model (default: bundled) and its LoRAs (default with the bundled model: the bundled
+    LoRAs) into a graph and a :class:`CompileContext`; returns (graph, ctx, model path)."""
+    from quadc import frontend
+
+    model_path = Path(model) if model is not None else bundled_model()
+    paths = dict(loras) if (model is not None or loras) else {k: str(v) for k, v in bundled_loras().items()}
+    progress(f"loading {model_path}")
+    graph, info = frontend.load(model_path)
+    ctx = CompileContext(model_info=info, options=dict(options), progress=progress)
+    if paths:
+        ctx.loras = _read_loras(paths, info, progress)
+    return graph, ctx, model_path
+
+
+def plan_point(passes: Sequence[Any]) -> int:
+    """Index of the first pass that needs the quantization plan (len(passes) if none does)."""
+    return next((i for i, p in enumerate(passes) if p.needs_encodings), len(passes))
 
 
 def _read_loras(paths: Mapping[str, str | os.PathLike[str]], info: Any, progress: Callable[[str], None]) -> Any:

@@ -122,3 +122,15 @@ def test_console_script_runs(tmp_path):
     exe = shutil.which("quadc") or str(__import__("pathlib").Path(sys.executable).with_name("quadc"))
     proc = subprocess.run([exe, "inspect", str(tmp_path / "missing.onnx")], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("quadc: error:") and "Traceback" not in proc.stderr
+
+
+def test_analyze_prints_table_and_writes_json(tmp_path, capsys):
+    assert main(["analyze", "-q", "--json", str(tmp_path / "qss.json")]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "qss.json").read_text())
+    for task in bundled_loras():
+        assert task in out
+    assert "policy:" in out and "why:" in out
+    assert json.dumps(report)  # JSON-safe
+    assert main(["analyze", "-q", "--lora-policy", "anchor"]) == 0
+    assert "anchor:" in capsys.readouterr().out
