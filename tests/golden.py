@@ -19,6 +19,8 @@ from quadc.context import CompileContext
 from quadc.frontend.model_info import AttachPoint, ModelInfo
 from quadc.graph import to_model_bytes
 from quadc.passes import get_pass
+from quadc.quant.affine import Encoding
+from quadc.quant.plan import QuantPlan
 
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "golden_graphs"
 REGEN = os.environ.get("QUADC_REGEN_GOLDEN") == "1"
@@ -46,8 +48,26 @@ def canonical_text(graph: gs.Graph) -> str:
     return onnx.printer.to_text(model).strip() + "\n"
 
 
+def plan_from_spec(spec: dict) -> QuantPlan:
+    """A QuantPlan from a ctx.json ``plan`` object.
+
+    ``activations``, ``weights`` and ``lora`` map tensor names to encodings in
+    :meth:`Encoding.to_dict` form (``{"qtype": "uint16", "scale": 0.01, "zero_point": 32768}``, plus
+    ``axis``/``symmetric`` for per-channel ones); other keys (``precision``, ``per_channel``,
+    ``lora_float_inputs``, ``a8_tensors``) are QuantPlan fields.
+    """
+    fields = {k: v for k, v in spec.items() if k not in ("activations", "weights", "lora")}
+    plan = QuantPlan(**fields)
+    for section in ("activations", "weights", "lora"):
+        target = getattr(plan, section)
+        for name, enc in spec.get(section, {}).items():
+            target[name] = Encoding.from_dict(enc)
+    return plan
+
+
 def case_context(in_path: Path) -> CompileContext:
-    """The context for a case: ``<case>.ctx.json`` may give ``options`` and attach ``points``."""
+    """The context for a case: ``<case>.ctx.json`` may give ``options``, attach ``points`` and a ``plan``
+    (a QuantPlan, see :func:`plan_from_spec`) that becomes ``ctx.encodings``."""
     ctx = CompileContext()
     sidecar = in_path.with_name(in_path.name.replace(".in.onnxtxt", ".ctx.json"))
     if sidecar.exists():
@@ -58,6 +78,8 @@ def case_context(in_path: Path) -> CompileContext:
             fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
             points[module] = AttachPoint(module=module, **fields)
         ctx.model_info = ModelInfo(points=points)
+        if "plan" in spec:
+            ctx.encodings = plan_from_spec(spec["plan"])
     return ctx
 
 

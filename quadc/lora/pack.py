@@ -9,6 +9,11 @@ and as safetensors.
 Example: a linear slot of rank 8 and a task of rank 4 with ``A [d_out, 4]``, ``B [4, d_in]``, scale s::
 
     lora_down = pad(Bᵀ, [d_in, 8])        lora_up = pad((s·A)ᵀ, [8, d_out])
+
+Quantized packing (:func:`quantize_task`) stores each tensor as the integers of the ONE encoding the plan
+gives its slot input (``plan.lora``): every task uses the very same encoding objects, so one compiled graph
+dequantizes every task's bytes identically. Values outside the shared range saturate; that is the method
+(QUAD aligns the LoRAs so little does). The manifest records each task's saturated fraction.
 """
 
 from __future__ import annotations
@@ -16,11 +21,14 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from quadc.errors import QuadcError
+
+if TYPE_CHECKING:
+    from quadc.quant.plan import QuantPlan
 
 ADAPTER_SUFFIX = ".onnx_adapter"
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -99,19 +107,99 @@ def read_packed(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     import onnxruntime as ort
 
     fmt = ort.AdapterFormat.read_adapter(str(path))
-    return {k: v.numpy() for k, v in fmt.get_parameters().items()}
+    # OrtValue.numpy() views memory the AdapterFormat owns: copy before it is freed.
+    return {k: np.array(v.numpy(), copy=True) for k, v in sorted(fmt.get_parameters().items())}
 
 
-def write_task_files(ctx: Any, out_dir: Path) -> dict[str, Any]:
+def _lora_encodings(plan: QuantPlan, names: list[str]) -> dict[str, Any]:
+    missing = [n for n in names if n not in plan.lora]
+    if missing:
+        raise QuadcError(f"the quantization plan has no shared encoding for LoRA input '{missing[0]}'; "
+                         "plan the LoRA encodings with every slot of this compile")
+    return {n: plan.lora[n] for n in names}
+
+
+def quantize_task(params: Mapping[str, np.ndarray], plan: QuantPlan) -> dict[str, np.ndarray]:
+    """Input name -> integer tensor (uint8 for the default plan) under the plan's shared slot encoding.
+
+    Uses :func:`quadc.quant.affine.quantize` (bit-exact with the graph's QuantizeLinear) with
+    ``plan.lora[name]`` for every tensor: the same encoding for every task. Out-of-range values saturate.
+    """
+    from quadc.quant.affine import quantize
+
+    encs = _lora_encodings(plan, sorted(params))
+    return {n: np.ascontiguousarray(quantize(params[n], encs[n])) for n in sorted(params)}
+
+
+def dequantize_task(qparams: Mapping[str, np.ndarray], plan: QuantPlan) -> dict[str, np.ndarray]:
+    """The float32 values the graph's DequantizeLinear makes of a task's stored integers."""
+    from quadc.quant.affine import dequantize
+
+    encs = _lora_encodings(plan, sorted(qparams))
+    return {n: dequantize(qparams[n], encs[n]) for n in sorted(qparams)}
+
+
+def saturated_fraction(params: Mapping[str, np.ndarray], plan: QuantPlan) -> float:
+    """Fraction of a task's float LoRA values that saturate under the shared encodings: farther than half a
+    step outside the representable range (closer ones round to the end of the grid like any value)."""
+    encs = _lora_encodings(plan, sorted(params))
+    total = clipped = 0
+    for name, enc in encs.items():
+        arr = np.asarray(params[name], np.float32)
+        half = enc.scale.astype(np.float64) / 2
+        lo, hi = enc.grid_min - half, enc.grid_max + half
+        if enc.per_channel:
+            shape = [1] * arr.ndim
+            shape[enc.axis % arr.ndim] = enc.num_channels
+            lo, hi = lo.reshape(shape), hi.reshape(shape)
+        clipped += int(np.count_nonzero((arr < lo) | (arr > hi)))
+        total += arr.size
+    return clipped / total if total else 0.0
+
+
+def slot_input_spec(enc: Any) -> dict[str, Any]:
+    """Manifest description of a quantized slot input: dtype, zero point (and axis) of its shared encoding.
+
+    The runtime binds ``zero_point`` everywhere for the base model, which dequantizes to exactly 0.
+    """
+    zp = enc.zero_point
+    spec: dict[str, Any] = {"dtype": enc.qtype.value,
+                            "zero_point": int(zp) if zp.ndim == 0 else [int(z) for z in zp.reshape(-1)]}
+    if enc.axis is not None:
+        spec["axis"] = int(enc.axis)
+    return spec
+
+
+def write_task_files(ctx: Any, out_dir: Path, *, quantized: bool = False,
+                     plan: QuantPlan | None = None) -> dict[str, Any]:
     """Pack every task of ``ctx.loras`` into ``out_dir/lora/<task>.*``; return manifest entries.
 
     Manifest entries: ``lora_slots`` (the graph's LoRA inputs) and ``tasks`` (per task: files with bytes
-    and sha256, source file and format), plus ``lora_rom_bytes`` per task.
+    and sha256, source file and format, ``lora_rom_bytes``: the bytes of the adapter file the runtime
+    loads). With ``quantized`` the tensors are stored as integers under the shared encodings of ``plan``
+    (default ``ctx.encodings``): each slot input entry gains its ``dtype`` and ``zero_point`` and each
+    task its ``saturated`` fraction; no encoding is stored per task.
     """
     from quadc.graph import file_sha256
 
     slots = getattr(ctx, "lora_slots", None) or {}
-    entries: dict[str, Any] = {"lora_slots": [slot.to_dict() for slot in slots.values()], "tasks": {}}
+    if quantized:
+        plan = plan if plan is not None else getattr(ctx, "encodings", None)
+        if plan is None:
+            raise QuadcError("quantized LoRA files need the quantization plan's shared encodings; "
+                             "compile with a quantizing target")
+        if plan.lora_float_inputs:
+            raise QuadcError("this plan keeps float LoRA inputs (lora_float_inputs); write float LoRA files")
+    slot_entries = []
+    for slot in slots.values():
+        entry = slot.to_dict()
+        if quantized:
+            assert plan is not None
+            encs = _lora_encodings(plan, [slot.down_input, slot.up_input])
+            entry["down"].update(slot_input_spec(encs[slot.down_input]))
+            entry["up"].update(slot_input_spec(encs[slot.up_input]))
+        slot_entries.append(entry)
+    entries: dict[str, Any] = {"lora_slots": slot_entries, "tasks": {}}
     if not slots or ctx.loras is None:
         return entries
     lora_dir = out_dir / "lora"
@@ -119,16 +207,26 @@ def write_task_files(ctx: Any, out_dir: Path) -> dict[str, Any]:
     for name, lora in ctx.loras.items():
         ctx.progress(f"packing task '{name}'")
         params = pack_task(lora, slots)
+        metadata = {"quadc.task": name, "quadc.layout": "slot"}
+        stored = params
+        extra: dict[str, Any] = {}
+        if quantized:
+            assert plan is not None
+            stored = quantize_task(params, plan)
+            metadata["quadc.encodings"] = "shared"
+            extra["saturated"] = round(saturated_fraction(params, plan), 8)
         files = {
-            "onnx_adapter": write_onnx_adapter(params, lora_dir / f"{name}{ADAPTER_SUFFIX}"),
-            "safetensors": write_safetensors(params, lora_dir / f"{name}{SAFETENSORS_SUFFIX}",
-                                             {"quadc.task": name, "quadc.layout": "slot"}),
+            "onnx_adapter": write_onnx_adapter(stored, lora_dir / f"{name}{ADAPTER_SUFFIX}"),
+            "safetensors": write_safetensors(stored, lora_dir / f"{name}{SAFETENSORS_SUFFIX}", metadata),
         }
         entries["tasks"][name] = {
             "source": Path(str(lora.source)).name,
             "format": lora.format,
             "layers": len(lora.layers),
+            "dtype": str(next(iter(stored.values())).dtype) if stored else "float32",
             "files": {kind: {"path": str(p.relative_to(out_dir)), "bytes": p.stat().st_size,
                              "sha256": file_sha256(p)} for kind, p in files.items()},
+            "lora_rom_bytes": files["onnx_adapter"].stat().st_size,
+            **extra,
         }
     return entries

@@ -4,7 +4,7 @@ Importing this package registers the built-in passes. Use :func:`registered_pass
 :func:`parse_pipeline` to build a pipeline from ``"a,b,c"`` and :func:`run_pipeline` to run it.
 """
 
-from quadc.passes import const_fold, dce, lora_inputs  # noqa: F401  (registration side effects)
+from quadc.passes import const_fold, dce, lora_inputs, qdq_insert  # noqa: F401  (registration side effects)
 from quadc.passes.base import GraphPass, PassResult, get_pass, register_pass, registered_passes
 from quadc.passes.pipeline import PassRecord, parse_pipeline, run_pipeline
 

@@ -44,8 +44,10 @@ class Engine:
         tasks = self.manifest.get("tasks", {})
         self.store = LoRAStore({t: self.dir / e["files"]["onnx_adapter"]["path"] for t, e in tasks.items()},
                                capacity=cache_size)
-        self._zeros = {i.name: np.zeros(i.shape, _np_type(i.type)) for i in self.session.get_inputs()
-                       if i.name in set(self.slot_inputs)}
+        specs = {side["name"]: side for slot in self.manifest.get("lora_slots", [])
+                 for side in (slot["down"], slot["up"])}
+        self._zeros = {i.name: _zero_lora(i.shape, _np_type(i.type), specs[i.name])
+                       for i in self.session.get_inputs() if i.name in specs}
         self.model_inputs = [i.name for i in self.session.get_inputs() if i.name not in self._zeros]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -75,6 +77,24 @@ class Engine:
     def preload(self, tasks: Sequence[str]) -> None:
         """Load these tasks' LoRAs in the background."""
         self.store.preload(tasks)
+
+
+def _zero_lora(shape: Sequence[Any], dtype: Any, spec: Mapping[str, Any]) -> np.ndarray:
+    """The base model's value of a LoRA input: float zeros, or for a quantized input (uint8 under a shared
+    encoding) its zero point, which dequantizes to exactly 0."""
+    zero = np.zeros(shape, dtype)
+    if np.dtype(dtype).kind not in "iu":
+        return zero
+    if "zero_point" not in spec:
+        raise QuadcError(f"LoRA input '{spec.get('name')}' is {np.dtype(dtype)} but the manifest gives no zero "
+                         "point for it; compile the artifact again")
+    zp = np.asarray(spec["zero_point"], dtype)
+    if zp.ndim and "axis" in spec:
+        target = [1] * zero.ndim
+        target[int(spec["axis"]) % zero.ndim] = zp.size
+        zp = zp.reshape(target)
+    zero[...] = zp
+    return zero
 
 
 def _np_type(ort_type: str) -> Any:

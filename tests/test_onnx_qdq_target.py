@@ -1,0 +1,256 @@
+"""Target onnx-qdq on the bundled tiny U-Net: one QDQ graph, every task's uint8 LoRA under one shared
+encoding per slot, the base model, determinism, verify, the float-input variant and QNN HTP (when the
+onnxruntime-qnn HTP backend runs here).
+
+The quantization plan comes from a stand-in for ``quadc.quant.planner`` (calibration on ORT with every
+task bound, unified LoRA encodings), so these tests depend only on the pass, the packing and the target.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import numpy as np
+import onnx
+import pytest
+from test_qdq_insert import make_plan
+
+from quadc import frontend
+from quadc.compiler import CompileOptions, compile_model
+from quadc.lora import random_lora, write_kohya
+from quadc.lora.pack import pack_task, quantize_task, read_packed
+from quadc.quant.affine import dequantize, sqnr_db
+from quadc.quant.encodings import read_encodings
+from quadc.runtime.engine import Engine
+from quadc.targets import get_target
+
+TASKS = ("alpha", "beta", "gamma")
+MODULES = ["attn1.to_q", "attn2.to_v", "ff.net.2", "resnets.0.conv1", "proj_in"]
+
+
+def unet_feeds(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"sample": rng.standard_normal((1, 4, 8, 8)).astype(np.float32),
+             "timestep": np.array([rng.integers(0, 1000)], np.float32),
+             "encoder_hidden_states": rng.standard_normal((1, 8, 32)).astype(np.float32)} for _ in range(n)]
+
+
+def stub_build_plan(graph, ctx):
+    """Stand-in planner: ranges over 4 feeds x (base + every task), one unified uint8 encoding per slot."""
+    slots = ctx.lora_slots
+    tasks = [pack_task(None, slots)] + [pack_task(lora, slots) for lora in ctx.loras.values()]
+    lora_inputs = [n for s in slots.values() for n in (s.down_input, s.up_input)]
+    return make_plan(graph, [{**f, **t} for f in unet_feeds(4) for t in tasks], lora_inputs=lora_inputs,
+                     lora_float_inputs=bool(ctx.options.get("test_lora_float")))
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory, bundled_unet):
+    """(root, lora paths): onnx-qdq artifacts (twice, and the float-input variant) and the float one."""
+    root = tmp_path_factory.mktemp("onnx_qdq")
+    _, info = frontend.load(bundled_unet)
+    paths = {}
+    for i, name in enumerate(TASKS):
+        lora = random_lora(info, modules=MODULES, rank=4, seed=i, scale_std=0.3, name=name)
+        paths[name] = str(write_kohya(lora, root / f"{name}.safetensors"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "quadc.quant.planner", types.SimpleNamespace(build_plan=stub_build_plan))
+        for out in ("q", "q2"):
+            compile_model(bundled_unet, root / out, CompileOptions(target="onnx-qdq", loras=paths))
+        compile_model(bundled_unet, root / "qf", CompileOptions(target="onnx-qdq", loras=paths,
+                                                                extra={"test_lora_float": True}))
+    compile_model(bundled_unet, root / "f", CompileOptions(target="onnx", loras=paths))
+    return root, paths
+
+
+@pytest.fixture(scope="module")
+def outputs(compiled):
+    """Per task (None = base): (float output, quantized output) on one calibrated input."""
+    root, _ = compiled
+    feed = unet_feeds(1)[0]
+    qe, fe = Engine(root / "q"), Engine(root / "f")
+    return {task: (fe.run(feed, task)["out_sample"], qe.run(feed, task)["out_sample"]) for task in (None, *TASKS)}
+
+
+def test_target_is_registered():
+    target = get_target("onnx-qdq")
+    assert list(target.passes) == ["lora-inputs", "const-fold", "dce", "qdq-insert"]
+
+
+def test_artifact_layout_and_manifest(compiled):
+    root, _ = compiled
+    art = root / "q"
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["target"] == "onnx-qdq" and manifest["precision"] == "w8a16" and manifest["opset"] == 21
+    assert manifest["encodings"] == "encodings.json" and manifest["quant"]["lora_inputs"] == "uint8"
+    assert manifest["shared_rom_bytes"] == sum((art / f).stat().st_size for f in manifest["graph_files"])
+    model = onnx.load(str(art / "model.onnx"), load_external_data=False)
+    types_ = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
+    slot_inputs = [s[side]["name"] for s in manifest["lora_slots"] for side in ("down", "up")]
+    assert len(slot_inputs) == 2 * len(manifest["lora_slots"]) > 0
+    assert all(types_[n] == onnx.TensorProto.UINT8 for n in slot_inputs)
+    assert all(s[side]["dtype"] == "uint8" for s in manifest["lora_slots"] for side in ("down", "up"))
+    for task in TASKS:
+        entry = manifest["tasks"][task]
+        assert entry["dtype"] == "uint8" and entry["saturated"] == 0.0
+        assert entry["lora_rom_bytes"] == entry["files"]["onnx_adapter"]["bytes"]
+        for f in entry["files"].values():
+            assert (art / f["path"]).stat().st_size == f["bytes"]
+        # uint8 LoRA: a quarter of the float file's tensor bytes (plus headers).
+        float_entry = json.loads((root / "f" / "manifest.json").read_text())["tasks"][task]
+        assert entry["files"]["safetensors"]["bytes"] < float_entry["files"]["safetensors"]["bytes"] / 3
+
+
+def test_one_encoding_per_slot_shared_by_every_task(compiled):
+    root, _ = compiled
+    art = root / "q"
+    encodings = read_encodings(art / "encodings.json")
+    manifest = json.loads((art / "manifest.json").read_text())
+    slot_inputs = sorted(s[side]["name"] for s in manifest["lora_slots"] for side in ("down", "up"))
+    # LoRA slot inputs are activation entries named by input name; nothing in the file names a task.
+    assert sorted(n for n in encodings.activations if n.endswith((".lora_down", ".lora_up"))) == slot_inputs
+    text = (art / "encodings.json").read_text()
+    assert not any(task in text for task in TASKS)
+    assert not any("encoding" in k for e in manifest["tasks"].values() for k in e)
+    # The graph dequantizes each slot input with exactly that encoding...
+    model = onnx.load(str(art / "model.onnx"))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in slot_inputs:
+            enc = encodings.activations[node.input[0]]
+            assert inits[node.input[1]].tobytes() == enc.scale.tobytes()
+            assert inits[node.input[2]] == enc.zero_point
+    # ... and every task's stored bytes dequantize with it to that task's packed LoRA (half a step).
+    slots = {s["module"]: s for s in manifest["lora_slots"]}
+    assert slots
+    for task in TASKS:
+        stored = read_packed(art / manifest["tasks"][task]["files"]["safetensors"]["path"])
+        adapter = read_packed(art / manifest["tasks"][task]["files"]["onnx_adapter"]["path"])
+        assert sorted(stored) == slot_inputs
+        for name in slot_inputs:
+            assert stored[name].dtype == np.uint8 and np.array_equal(stored[name], adapter[name])
+            float_stored = read_packed(root / "f" / "lora" / f"{task}.safetensors")[name]
+            enc = encodings.activations[name]
+            assert np.max(np.abs(dequantize(stored[name], enc) - float_stored)) <= enc.scale * 0.5 + 1e-7
+
+
+def test_each_task_gets_its_own_output(outputs):
+    for task, (want, got) in outputs.items():
+        assert sqnr_db(want, got) > 30.0, task
+    # Tasks differ from each other and from the base far more than quantization moves any of them.
+    for a, b in [("alpha", "beta"), ("beta", "gamma"), ("alpha", None)]:
+        assert sqnr_db(outputs[a][1], outputs[b][1]) < 15.0, (a, b)
+
+
+def test_base_model_binds_the_zero_point(compiled, outputs):
+    root, _ = compiled
+    art = root / "q"
+    engine = Engine(art)
+    manifest = engine.manifest
+    zero_task = {s[side]["name"]: np.full(s[side]["shape"], s[side]["zero_point"], np.uint8)
+                 for s in manifest["lora_slots"] for side in ("down", "up")}
+    assert all(np.array_equal(engine._zeros[k], v) for k, v in zero_task.items())
+    # quantize_task of an all-zero LoRA is exactly those zero points.
+    plan_like = types.SimpleNamespace(lora=read_encodings(art / "encodings.json").activations)
+    zeros = {k: np.zeros(v.shape, np.float32) for k, v in zero_task.items()}
+    assert all(np.array_equal(v, zero_task[k]) for k, v in quantize_task(zeros, plan_like).items())
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(art / "model.onnx"), providers=["CPUExecutionProvider"])
+    feed = unet_feeds(1)[0]
+    np.testing.assert_array_equal(sess.run(None, {**feed, **zero_task})[0], outputs[None][1])
+
+
+def test_compile_is_deterministic(compiled):
+    root, _ = compiled
+    files = sorted(p.relative_to(root / "q") for p in (root / "q").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(root / "q2") for p in (root / "q2").rglob("*") if p.is_file())
+    for rel in files:
+        assert (root / "q" / rel).read_bytes() == (root / "q2" / rel).read_bytes(), rel
+
+
+def test_verify_reports_activation_error(compiled):
+    root, _ = compiled
+    report = get_target("onnx-qdq").verify(root / "q", unet_feeds(1)[0], "beta")
+    out = report["outputs"]["out_sample"]
+    assert report["task"] == "beta" and out["sqnr_db"] > 35.0 and out["max_abs"] > 0
+
+
+def test_float_lora_inputs_variant(compiled, outputs):
+    root, _ = compiled
+    art = root / "qf"
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["quant"]["lora_inputs"] == "float"
+    assert all(e["dtype"] == "float32" for e in manifest["tasks"].values())
+    engine = Engine(art)
+    feed = unet_feeds(1)[0]
+    for task in ("alpha", None):
+        got = engine.run(feed, task)["out_sample"]
+        assert sqnr_db(outputs[task][0], got) > 30.0
+        # Same shared encodings, quantized in the graph instead of in the file: the same numbers.
+        np.testing.assert_allclose(got, outputs[task][1], rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ QNN HTP
+
+
+def _htp_session_options(strict: bool):
+    ort = pytest.importorskip("onnxruntime")
+    qnn = pytest.importorskip("onnxruntime_qnn")
+    if "QNNExecutionProvider" not in [d.ep_name for d in ort.get_ep_devices()]:
+        try:
+            ort.register_execution_provider_library("QNNExecutionProvider", qnn.get_library_path())
+        except Exception as exc:  # pragma: no cover - depends on the machine
+            pytest.skip(f"QNN execution provider does not load here: {exc}")
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == "QNNExecutionProvider"]
+    if not devices:  # pragma: no cover
+        pytest.skip("no QNN device")
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if strict:
+        so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    so.add_provider_for_devices(devices[:1], {"backend_type": "htp"})
+    return so
+
+
+def test_htp_runs_uint8_lora_graph_like_cpu():
+    """A QDQ linear layer with a uint8 LoRA slot and an attention-style u16 x u8 MatMul, all on HTP."""
+    import onnxruntime as ort
+    from test_qdq_insert import DOWN, UP, lora_linear_graph, lora_tasks, qdq, run
+
+    from quadc.graph import to_model_bytes
+
+    graph, _ = lora_linear_graph()
+    tasks = lora_tasks(2)
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal((1, 3, 8)).astype(np.float32) for _ in range(16)]
+    plan = make_plan(graph, [{"x": x, **t} for x in xs for t in tasks], lora_inputs=[DOWN, UP])
+    qdq(graph, plan, qdq_act_matmul_8bit=True)
+    so = _htp_session_options(strict=True)
+    try:
+        sess = ort.InferenceSession(to_model_bytes(graph), so)
+    except Exception as exc:  # pragma: no cover - HTP backend not usable on this machine
+        pytest.skip(f"QNN HTP backend cannot run here: {exc}")
+    for task in tasks:
+        feed = {"x": xs[0], **quantize_task(task, plan)}
+        cpu = run(graph, feed)[0]
+        htp = sess.run(None, feed)[0]
+        assert sqnr_db(cpu, htp) > 35.0
+
+
+def test_htp_runs_the_tiny_unet_artifact(compiled, outputs):
+    """The whole artifact through the Engine on HTP (4 Erf nodes of GELU fall back to CPU: QNN has no Erf)."""
+    root, _ = compiled
+    so = _htp_session_options(strict=False)
+    try:
+        engine = Engine(root / "q", providers=[], session_options=so)
+    except Exception as exc:  # pragma: no cover - HTP backend not usable on this machine
+        pytest.skip(f"QNN HTP backend cannot run here: {exc}")
+    assert engine.session.get_providers()[0] == "QNNExecutionProvider"
+    feed = unet_feeds(1)[0]
+    for task in ("beta", None):
+        got = engine.run(feed, task)["out_sample"]
+        assert sqnr_db(outputs[task][1], got) > 35.0, task
+        assert sqnr_db(outputs[task][0], got) > 30.0, task
