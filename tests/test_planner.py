@@ -85,10 +85,14 @@ def test_default_plan(setup, default_plan):
     assert set(plan.activations) == expected
     assert all(e.qtype is QType.UINT16 for e in plan.activations.values()) and plan.a8_tensors == []
     assert not any("Sqrt" in n for n in plan.activations)  # sqrt(head_dim) from Shape is not an activation
-    # Weights: the constant weights of MatMul/Gemm/Conv, uint8 asymmetric per-tensor.
+    # Weights: the constant weights of MatMul/Gemm/Conv and normalization scales, uint8 per-tensor.
     consumers = {n: {(node.op, i) for node in graph.nodes for i, t in enumerate(node.inputs) if t.name == n}
                  for n in plan.weights}
-    assert plan.weights and all(any(op in ("MatMul", "Gemm", "Conv") for op, _ in c) for c in consumers.values())
+    weight_uses = ("MatMul", "Gemm", "Conv")
+    norm_scale = {("InstanceNormalization", 1), ("LayerNormalization", 1)}
+    assert plan.weights and all(any(op in weight_uses for op, _ in c) or c & norm_scale for c in consumers.values())
+    norms = {node.inputs[1].name for node in graph.nodes if node.op == "InstanceNormalization"}
+    assert norms and norms <= set(plan.weights), "HTP needs quantized InstanceNorm scales"
     consts = {n for n, t in graph.tensors().items() if isinstance(t, gs.Constant)}
     assert set(plan.weights) <= consts
     conv_biases = {node.inputs[2].name for node in graph.nodes if node.op == "Conv" and len(node.inputs) > 2}

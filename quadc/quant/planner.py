@@ -95,6 +95,7 @@ QSS_DEFINITION = (
     "softmax(f(x;w~)/tau)), f = the LoRA branch x@down@up (packed, scale folded into up), w~ = its own "
     "uint8 per-tensor PTQ, softmax over output channels per token/pixel, tau = RMS of f(x;w) over channels"
 )
+_NORM_OPS = ("InstanceNormalization", "LayerNormalization")
 _WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
 _LORA_SUFFIXES = (".lora_down", ".lora_up")
 
@@ -202,9 +203,15 @@ def lora_captures(graph: gs.Graph, slots: Mapping[str, Any], tasks: Mapping[str,
 
 
 def weight_axes(graph: gs.Graph) -> dict[str, int]:
-    """Constant weight inputs of MatMul/Gemm/Conv -> their output-channel axis (no weight is decoded)."""
+    """Constant weight inputs of MatMul/Gemm/Conv, and the scales of InstanceNorm/LayerNorm, -> their
+    output-channel axis (no weight is decoded). Qualcomm's HTP backend only finalizes normalizations
+    whose scale is quantized (and bias int32), so their scales are planned like weights."""
     axes: dict[str, int] = {}
     for node in graph.nodes:
+        if node.op in _NORM_OPS:
+            if len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
+                axes.setdefault(node.inputs[1].name, 0)
+            continue
         if node.op not in _WEIGHT_OPS:
             continue
         positions = (1,) if node.op == "Conv" else (0, 1)
