@@ -122,7 +122,7 @@ def _load_npz(path: str) -> dict:
         raise QuadcError(f"{path}: not a readable .npz file ({exc.__class__.__name__})") from None
 
 
-_QUANT_OPTIONS = ("precision", "a8_fraction", "calib_dir", "calib_random", "calib_seed", "lora_policy",
+_QUANT_OPTIONS = ("qdq_opset", "qdq_bias", "qdq_act_matmul_8bit", "precision", "a8_fraction", "calib_dir", "calib_random", "calib_seed", "lora_policy",
                   "qss_tolerance", "per_channel", "lora_float_inputs", "encodings_file", "lora_targets", "lora_rank")
 
 
@@ -198,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep LoRA inputs float (Q->DQ in the graph) instead of uint8 inputs")
     q.add_argument("--encodings", dest="encodings_file", metavar="FILE",
                    help="compile against fixed encodings from an AIMET-style encodings JSON")
+    q.add_argument("--qdq-opset", choices=["21", "contrib"],
+                   help="16-bit Q/DQ as standard ops at opset 21 (default; upgrades the graph) or in the "
+                        "com.microsoft domain at the model's opset")
+    q.add_argument("--bias", dest="qdq_bias", choices=["int32", "float"],
+                   help="Conv/Gemm/norm biases as int32 (default, as QNN expects) or float")
+    q.add_argument("--act-matmul-8bit", dest="qdq_act_matmul_8bit", action="store_true",
+                   help="make the second input of activation x activation MatMuls 8-bit (what HTP does)")
     _add_calibration_flags(p)
     p.set_defaults(func=cmd_compile)
 

@@ -134,3 +134,33 @@ def test_analyze_prints_table_and_writes_json(tmp_path, capsys):
     assert json.dumps(report)  # JSON-safe
     assert main(["analyze", "-q", "--lora-policy", "anchor"]) == 0
     assert "anchor:" in capsys.readouterr().out
+
+
+def test_qdq_compile_and_recompile_against_its_encodings(tmp_path):
+    from quadc.quant.encodings import read_encodings
+
+    assert main(["compile", "-q", "--target", "onnx-qdq", "--calib-random", "2", "-o", str(tmp_path / "a")]) == 0
+    first = read_encodings(tmp_path / "a" / "encodings.json")
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["precision"] == "w8a16" and manifest["quant"]["lora_inputs"] == "uint8"
+    assert main(["compile", "-q", "--target", "onnx-qdq", "--encodings", str(tmp_path / "a" / "encodings.json"),
+                 "-o", str(tmp_path / "b")]) == 0
+    second = read_encodings(tmp_path / "b" / "encodings.json")
+    assert first.activations == second.activations and first.params == second.params
+    assert (tmp_path / "a" / "model.onnx").read_bytes() == (tmp_path / "b" / "model.onnx").read_bytes()
+    for task in bundled_loras():
+        a = (tmp_path / "a" / "lora" / f"{task}.onnx_adapter").read_bytes()
+        assert a == (tmp_path / "b" / "lora" / f"{task}.onnx_adapter").read_bytes()
+
+
+def test_qdq_flags_reach_the_pass(tmp_path):
+    assert main(["compile", "-q", "--target", "onnx-qdq", "--calib-random", "1", "--qdq-opset", "contrib",
+                 "--bias", "float", "--per-channel", "-o", str(tmp_path / "c")]) == 0
+    import onnx
+
+    model = onnx.load(str(tmp_path / "c" / "model.onnx"))
+    opsets = {o.domain: o.version for o in model.opset_import}
+    assert opsets[""] < 21 and any(n.domain == "com.microsoft" and n.op_type == "QuantizeLinear"
+                                   for n in model.graph.node)
+    assert any(n.op_type == "DequantizeLinear" and len(n.input) == 3 and
+               any(a.name == "axis" for a in n.attribute) for n in model.graph.node)
