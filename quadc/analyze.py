@@ -53,8 +53,7 @@ def analyze(model_path: str | os.PathLike[str] | None = None,
     LoRAs. Returns a JSON-ready dict (non-finite numbers are None); :func:`format_analysis` prints it.
     """
     from quadc.compiler import bundled_loras, bundled_model
-    from quadc.quant.calibrate import calibrate
-    from quadc.quant.planner import PlanOptions, calibration_feeds, decide_lora, lora_captures, pack_tasks
+    from quadc.quant.planner import PlanOptions, calibrate_and_decide
 
     options = dict(options or {})
     opts = PlanOptions.from_options(options)
@@ -66,13 +65,8 @@ def analyze(model_path: str | os.PathLike[str] | None = None,
         raise QuadcError("quadc analyze needs at least one LoRA; pass --lora NAME=PATH")
     graph, ctx = _prepare(path, lora_paths, options, progress)
     slots = getattr(ctx, "lora_slots", None) or {}
-    tasks = pack_tasks(ctx.loras, slots)
-    feeds, feed_desc = calibration_feeds(graph, opts)
-    capture, capture_tasks = lora_captures(graph, slots, tasks)
-    progress(f"calibrating on {feed_desc} with {len(tasks)} task(s) bound")
-    ranges = calibrate(graph, feeds, tasks, progress, include_base=False, capture=capture,
-                       capture_tasks=capture_tasks, max_rows=opts.qss_rows, seed=opts.calib_seed)
-    decision = decide_lora(slots, tasks, ranges.samples, opts.lora_policy, opts.qss_tolerance)
+    cal = calibrate_and_decide(graph, slots, ctx.loras, opts, progress, include_base=False)
+    ranges, decision, feed_desc = cal.ranges, cal.decision, cal.feed_desc
     lora_report = decision.report()
     table = lora_report.pop("tasks")
     for name, lora in ctx.loras.items():

@@ -402,6 +402,30 @@ def _plan_from_file(graph: gs.Graph, slots: Mapping[str, Any], opts: PlanOptions
     return plan
 
 
+@dataclass
+class Calibrated:
+    """What calibration with every task bound yields: ranges, packed tasks and the LoRA decision."""
+
+    ranges: Any
+    tasks: dict[str, dict[str, np.ndarray]]
+    decision: LoRADecision
+    feeds: list[dict[str, np.ndarray]]
+    feed_desc: str
+
+
+def calibrate_and_decide(graph: gs.Graph, slots: Mapping[str, Any], loras: Any, opts: PlanOptions,
+                         progress: Callable[[str], None], *, include_base: bool) -> Calibrated:
+    """Pack the tasks, calibrate with each bound (and the base model if asked), then QSS and the anchor."""
+    tasks = pack_tasks(loras, slots)
+    feeds, feed_desc = calibration_feeds(graph, opts)
+    capture, capture_tasks = lora_captures(graph, slots, tasks)
+    progress(f"calibrating on {feed_desc}, {len(tasks)} task(s)" + (" + base model" if include_base else ""))
+    ranges = calibrate(graph, feeds, tasks, progress, include_base=include_base, capture=capture,
+                       capture_tasks=capture_tasks, max_rows=opts.qss_rows, seed=opts.calib_seed)
+    decision = decide_lora(slots, tasks, ranges.samples, opts.lora_policy, opts.qss_tolerance)
+    return Calibrated(ranges, tasks, decision, feeds, feed_desc)
+
+
 def build_plan(graph: gs.Graph, ctx: Any) -> QuantPlan:
     """Every encoding of the compile (see the module docstring); ``graph`` is not modified."""
     opts = PlanOptions.from_options(ctx.options)
@@ -409,13 +433,8 @@ def build_plan(graph: gs.Graph, ctx: Any) -> QuantPlan:
     slots: Mapping[str, Any] = getattr(ctx, "lora_slots", None) or {}
     if opts.encodings_file:
         return _plan_from_file(graph, slots, opts, progress)
-    tasks = pack_tasks(ctx.loras, slots)
-    feeds, feed_desc = calibration_feeds(graph, opts)
-    capture, capture_tasks = lora_captures(graph, slots, tasks)
-    progress(f"calibrating on {feed_desc}, {len(tasks)} task(s) + base model")
-    ranges = calibrate(graph, feeds, tasks, progress, include_base=True, capture=capture,
-                       capture_tasks=capture_tasks, max_rows=opts.qss_rows, seed=opts.calib_seed)
-    decision = decide_lora(slots, tasks, ranges.samples, opts.lora_policy, opts.qss_tolerance)
+    cal = calibrate_and_decide(graph, slots, ctx.loras, opts, progress, include_base=True)
+    ranges, tasks, decision, feeds, feed_desc = cal.ranges, cal.tasks, cal.decision, cal.feeds, cal.feed_desc
     if tasks:
         progress(f"LoRA policy {decision.policy}" + (f", anchor '{decision.anchor}'" if decision.anchor else "")
                  + f": {decision.reason}")
