@@ -10,6 +10,7 @@ held-out inputs (seed 123; calibration uses seed 0):
   (c) unified  one graph, shared encodings from the merged distribution of all LoRAs
   (d) ort      onnxruntime's ``quantize`` with ``get_qnn_qdq_config`` (u16 activations, u8 weights) on the
                merged float graph of that task after ORT's ``quant_pre_process``, same calibration feeds
+Ablation: the paper's W8A8:W8A16 table, SQNR/PSNR as ``--a8-fraction`` goes 0 -> 1 (least sensitive first).
 Speed: quadc's W8A16 quantization (calibration + plan + qdq-insert + save) of the full U-Net vs
 onnxruntime's ``quantize`` with the same calibration feeds, on the opset-21 dynamo export (ORT's
 16-bit path needs opset 21 and its version converter fails above 2 GB), each in a fresh process with
@@ -129,6 +130,36 @@ def quality(args: argparse.Namespace) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def ablation(args: argparse.Namespace) -> None:
+    """The paper's W8A8:W8A16 ablation: SQNR/PSNR per task as the 8-bit fraction of activations grows."""
+    from quadc.compiler import CompileOptions, bundled_loras, bundled_model, compile_model
+    from quadc.graph import load_model
+    from quadc.quant.affine import sqnr_db
+    from quadc.quant.feeds import random_feeds
+    from quadc.runtime.engine import Engine
+
+    model = bundled_model()
+    loras = {k: str(v) for k, v in bundled_loras().items()}
+    evals = random_feeds(load_model(model), args.eval, seed=123)
+    work = Path(tempfile.mkdtemp(prefix="quadc-bench-a8-"))
+    try:
+        compile_model(model, work / "float", CompileOptions(target="onnx", loras=loras))
+        ref = Engine(work / "float")
+        print(f"W8A8:W8A16 ablation on the tiny U-Net (shared encodings, mean over tasks, {len(evals)} inputs)")
+        print(f"{'W8A8:W8A16':>11} {'SQNR dB':>9} {'PSNR dB':>9}")
+        for fraction in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
+            name = f"a8-{fraction}"
+            compile_model(model, work / name, CompileOptions(target="onnx-qdq", loras=loras,
+                                                             extra={"calib_random": CALIB, "a8_fraction": fraction}))
+            eng = Engine(work / name)
+            scores = [(sqnr_db(w, g), psnr_db(w, g)) for feed in evals for task in loras
+                      for w, g in [(ref.run(feed, task=task)["out_sample"], eng.run(feed, task=task)["out_sample"])]]
+            s, p = np.mean(scores, axis=0)
+            print(f"{round(fraction * 100):>5}:{round(100 - fraction * 100):<5} {s:>9.1f} {p:>9.1f}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def speed(args: argparse.Namespace) -> None:
     src = cached_export("sd15", "dynamo", opset=21)
     out = CACHE / "quant-speed"
@@ -159,12 +190,14 @@ def speed(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["quality", "speed", "all"], default="all")
+    parser.add_argument("--part", choices=["quality", "ablation", "speed", "all"], default="all")
     parser.add_argument("--eval", type=int, default=4, help="held-out inputs for the quality table")
     parser.add_argument("--speed-calib", type=int, default=2, help="calibration inputs for the speed part")
     args = parser.parse_args()
     if args.part in ("quality", "all"):
         quality(args)
+    if args.part in ("ablation", "all"):
+        ablation(args)
     if args.part in ("speed", "all"):
         speed(args)
 
