@@ -27,12 +27,14 @@ def cached_export(config: str = "sd15", exporter: str = "torchscript", opset: in
     return path
 
 
-def measure(code: str) -> dict:
+def measure(code: str, *, allow_failure: bool = False) -> dict:
     """Run ``code`` in a fresh Python process; it sets ``result`` (a dict). Adds seconds and peak RSS.
 
-    The child prints ``result`` plus its own ``ru_maxrss`` as JSON on its last line, so every
-    measurement's peak memory is its own.
+    Every measurement's peak memory is its own process's ``ru_maxrss``. The parent also polls the child's RSS (psutil), so a child the kernel kills for memory still reports how
+    far it got; ``allow_failure`` returns ``{"failed": reason, ...}`` instead of raising.
     """
+    import psutil
+
     wrapper = (
         "import json, resource, time\n"
         "result = {}\n"
@@ -42,10 +44,27 @@ def measure(code: str) -> dict:
         "result['peak_rss_gib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20\n"
         "print(json.dumps(result))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, cwd=ROOT)
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", wrapper], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    child = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, child.memory_info().rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.2)
+    out, err = proc.communicate()
+    wall = time.perf_counter() - start
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmark child failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        reason = f"exit {proc.returncode}" + (" (killed: out of memory?)" if proc.returncode < 0 else "")
+        if not allow_failure:
+            raise RuntimeError(f"benchmark child failed ({reason}):\n{err[-4000:]}")
+        return {"failed": reason, "seconds": wall, "peak_rss_gib": peak / 2**30, "stderr": err[-2000:]}
+    result = json.loads(out.strip().splitlines()[-1])
+    result["peak_rss_gib"] = max(result["peak_rss_gib"], peak / 2**30)  # the child's own ru_maxrss is exact
+    return result
 
 
 def dir_bytes(path: Path) -> int:
