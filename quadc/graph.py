@@ -243,15 +243,7 @@ def save_model(graph: gs.Graph, path: str | os.PathLike[str], *, external: bool 
     data_name = path.name + ".data"
     data_path = path.parent / data_name
     if not external:
-        if sources:
-            for init in model.graph.initializer:
-                if init.name in sources:
-                    src = sources[init.name]
-                    with open(src.path, "rb") as f:
-                        f.seek(src.offset)
-                        init.raw_data = f.read(src.length)
-                    del init.external_data[:]
-                    init.data_location = onnx.TensorProto.DEFAULT
+        _inline_external(model, sources)
         _write_proto(model, path)
         if data_path.exists():
             data_path.unlink()
@@ -283,6 +275,18 @@ def save_model(graph: gs.Graph, path: str | os.PathLike[str], *, external: bool 
     return path
 
 
+def _inline_external(model: onnx.ModelProto, sources: Mapping[str, ExternalSource]) -> None:
+    """Read each still-external initializer's bytes into the proto (small models only)."""
+    for init in model.graph.initializer:
+        src = sources.get(init.name)
+        if src is not None:
+            with open(src.path, "rb") as f:
+                f.seek(src.offset)
+                init.raw_data = f.read(src.length)
+            del init.external_data[:]
+            init.data_location = onnx.TensorProto.DEFAULT
+
+
 def _write_proto(model: onnx.ModelProto, path: Path) -> None:
     with open(path, "wb") as f:
         f.write(model.SerializeToString(deterministic=True))
@@ -291,14 +295,7 @@ def _write_proto(model: onnx.ModelProto, path: Path) -> None:
 def to_model_bytes(graph: gs.Graph) -> bytes:
     """Serialize a graph whose weights all fit in protobuf (tests, small models) to ONNX bytes."""
     model, sources = export_proto(graph)
-    for init in model.graph.initializer:
-        if init.name in sources:
-            src = sources[init.name]
-            with open(src.path, "rb") as f:
-                f.seek(src.offset)
-                init.raw_data = f.read(src.length)
-            del init.external_data[:]
-            init.data_location = onnx.TensorProto.DEFAULT
+    _inline_external(model, sources)
     return model.SerializeToString(deterministic=True)
 
 

@@ -10,7 +10,7 @@ from quadc.compiler import CompileOptions, bundled_loras, bundled_model, compile
 from quadc.graph import ort_session
 from quadc.lora import fit_lora, read_lora
 from quadc.lora.merge import merge_lora
-from quadc.passes.pipeline import random_feeds
+from quadc.passes.pipeline import verify_inputs
 from quadc.runtime.engine import Engine
 
 
@@ -24,7 +24,7 @@ def artifact(tmp_path_factory):
 @pytest.mark.parametrize("task", sorted(bundled_loras()))
 def test_merged_graph_equals_bound_task(artifact, task):
     graph, info = frontend.load(bundled_model())
-    feeds = random_feeds(graph, seed=7)
+    feeds = verify_inputs(graph, seed=7)
     feeds["timestep"] = np.array([500.0], np.float32)
     base = ort_session(graph).run(None, feeds)[0]
     lora = fit_lora(read_lora(bundled_loras()[task], name=task, info=info), info)

@@ -61,9 +61,10 @@ def check_prerequisites(passes: Sequence[GraphPass], already: Iterable[str] = ()
         seen.add(p.name)
 
 
-def random_feeds(graph: gs.Graph, seed: int = 0, dim_value: int = 1,
+def verify_inputs(graph: gs.Graph, seed: int = 0, dim_value: int = 1,
                  zero_inputs: Iterable[str] = ()) -> dict[str, np.ndarray]:
-    """Random inputs for every graph input (symbolic dims become ``dim_value``)."""
+    """Random inputs for any graph (symbolic dims become ``dim_value``), for verify mode; U-Net calibration
+    inputs come from :func:`quadc.quant.feeds.random_feeds`."""
     rng = np.random.default_rng(seed)
     zeros = set(zero_inputs)
     feeds: dict[str, np.ndarray] = {}
@@ -128,7 +129,7 @@ def run_pipeline(graph: gs.Graph, passes: Sequence[GraphPass], ctx: CompileConte
         reference = None
         feeds = None
         if verify == "numeric" and p.preserves_numerics:
-            feeds = random_feeds(graph, seed=verify_seed)
+            feeds = verify_inputs(graph, seed=verify_seed)
             reference = run_graph(graph, feeds)
         start = time.perf_counter()
         result: PassResult = p.run(graph, ctx)
@@ -139,7 +140,7 @@ def run_pipeline(graph: gs.Graph, passes: Sequence[GraphPass], ctx: CompileConte
             check_graph(graph, p.name)
         if reference is not None and feeds is not None:
             added = [i.name for i in graph.inputs if i.name not in before_inputs]
-            feeds.update({k: v for k, v in random_feeds(graph, seed=verify_seed, zero_inputs=added).items()
+            feeds.update({k: v for k, v in verify_inputs(graph, seed=verify_seed, zero_inputs=added).items()
                           if k in added})
             after = run_graph(graph, feeds)
             record.max_abs_diff = _compare(reference, after, p.name, rtol)
