@@ -25,10 +25,10 @@ Result::
 
     graph inputs += to_q.lora_down: float[8, 4], to_q.lora_up: float[4, 8]
     h  = MatMul(x, W)
+    y0 = Add(h, bias)              # MatMul+bias stay adjacent (one layer for later passes)
     d  = MatMul(x, to_q.lora_down)
     u  = MatMul(d, to_q.lora_up)
-    h2 = Add(h, u)
-    y  = Add(h2, bias)
+    y  = Add(y0, u)
 """
 
 from __future__ import annotations
@@ -106,6 +106,21 @@ def plan_slots(ctx: CompileContext) -> dict[str, LoRASlot]:
     return slots
 
 
+def _after_bias(graph: gs.Graph, node: gs.Node, out: gs.Variable) -> gs.Variable:
+    """The tensor to add the LoRA delta to: after the layer's bias ``Add`` when a MatMul has one.
+
+    ``(W x + b) + delta`` equals ``(W x + delta) + b``; adding after the bias keeps MatMul+bias adjacent,
+    the pattern that linear-to-conv and vendor converters fold into one layer with a bias. (On ORT CPU
+    the full U-Net's steady-state forward measured the same either way: 4.79 s vs 4.68 s.)
+    """
+    if node.op != "MatMul" or len(out.outputs) != 1 or out in graph.outputs:
+        return out
+    nxt = out.outputs[0]
+    if nxt.op == "Add" and len(nxt.inputs) == 2 and any(isinstance(t, gs.Constant) for t in nxt.inputs):
+        return nxt.outputs[0]
+    return out
+
+
 @register_pass
 class LoRAInputs(GraphPass):
     """Rewrite LoRA layers to W x + alpha*A(B x) with A and B as graph inputs (task switch = rebind)."""
@@ -146,7 +161,6 @@ class LoRAInputs(GraphPass):
         # Intermediates stay untyped (shape inference fills them); only the sum keeps the layer's type.
         mid = variable(f"{base}/down_out")
         delta = variable(f"{base}/up_out")
-        summed = variable(f"{base}/sum", out.dtype if out.shape else None, out.shape)
         if slot.kind == "conv":
             attrs = {"strides": list(point.stride), "pads": list(point.padding),
                      "kernel_shape": list(point.kernel)}
@@ -156,8 +170,10 @@ class LoRAInputs(GraphPass):
         else:
             graph.nodes.append(gs.Node("MatMul", f"{base}/down", inputs=[x, down], outputs=[mid]))
             graph.nodes.append(gs.Node("MatMul", f"{base}/up", inputs=[mid, up], outputs=[delta]))
+        out = _after_bias(graph, node, out)
         consumers = list(out.outputs)
         is_graph_output = out in graph.outputs
+        summed = variable(f"{base}/sum", out.dtype if out.shape else None, out.shape)
         add = gs.Node("Add", f"{base}/add", inputs=[out, delta], outputs=[summed])
         graph.nodes.append(add)
         for consumer in consumers:
