@@ -6,7 +6,8 @@ Run: ``.venv/bin/python benchmarks/bench_lora_storage_switch.py`` (full SD1.5 U-
 (a) storage for N = 1, 4, 10 tasks, measured on real files: quadc's artifact (graph + N adapter files)
     vs N merged graphs, each written to disk, measured, then deleted;
 (b) task-switch time: on one loaded ORT session, loading and binding a task's adapter, vs creating an ORT
-    session for that task's merged graph; both followed by one forward pass, also reported.
+    session for that task's merged graph; both followed by one forward pass, also reported, and a
+    steady-state forward of each (the first forward after a switch pays one-time allocations).
 """
 
 from __future__ import annotations
@@ -116,6 +117,10 @@ def main() -> None:
         t = time.perf_counter()
         engine.run(feeds, task=task)
         switch_run.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    engine.run(feeds, task=list(loras)[2])
+    steady = time.perf_counter() - t
+    del engine
     so = ort.SessionOptions()
     so.log_severity_level = 3
     t = time.perf_counter()
@@ -124,11 +129,16 @@ def main() -> None:
     t = time.perf_counter()
     sess.run(None, feeds)
     merged_run = time.perf_counter() - t
+    t = time.perf_counter()
+    sess.run(None, feeds)
+    merged_steady = time.perf_counter() - t
     print(f"switch on one session (load+bind adapter): {np.median(switch) * 1000:9.1f} ms "
           f"(+ first forward {np.median(switch_run):.2f} s)")
     print(f"new session for a merged graph            : {create * 1000:9.1f} ms (+ first forward {merged_run:.2f} s)")
     print(f"switch speed-up (session create / adapter switch): {create / np.median(switch):.1f}x; "
           f"including the first forward: {(create + merged_run) / (np.median(switch) + np.median(switch_run)):.2f}x")
+    print(f"steady-state forward (same task again): LoRA-as-input {steady:.2f} s, merged graph {merged_steady:.2f} s "
+          f"(ratio {steady / merged_steady:.2f})")
 
 
 if __name__ == "__main__":
