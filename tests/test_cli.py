@@ -164,3 +164,18 @@ def test_qdq_flags_reach_the_pass(tmp_path):
                                    for n in model.graph.node)
     assert any(n.op_type == "DequantizeLinear" and len(n.input) == 3 and
                any(a.name == "axis" for a in n.attribute) for n in model.graph.node)
+
+
+@pytest.mark.parametrize("target", ["onnx", "onnx-qdq"])
+def test_task_files_hold_only_their_own_slots(tmp_path, target):
+    from quadc.lora.pack import read_packed
+
+    assert main(["compile", "-q", "--target", target, "--calib-random", "1", "-o", str(tmp_path / "o")]) == 0
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    slots = {s["module"]: (s["down"]["name"], s["up"]["name"]) for s in manifest["lora_slots"]}
+    sizes = []
+    for task, entry in manifest["tasks"].items():
+        stored = read_packed(tmp_path / "o" / entry["files"]["safetensors"]["path"])
+        assert sorted(stored) == sorted(n for m in entry["modules"] for n in slots[m]), task
+        sizes.append(len(entry["modules"]))
+    assert min(sizes) < len(slots), "some bundled task adapts fewer layers than the graph has slots"

@@ -175,8 +175,8 @@ def write_task_files(ctx: Any, out_dir: Path, *, quantized: bool = False,
     """Pack every task of ``ctx.loras`` into ``out_dir/lora/<task>.*``; return manifest entries.
 
     Manifest entries: ``lora_slots`` (the graph's LoRA inputs) and ``tasks`` (per task: files with bytes
-    and sha256, source file and format, ``lora_rom_bytes``: the bytes of the adapter file the runtime
-    loads). With ``quantized`` the tensors are stored as integers under the shared encodings of ``plan``
+    and sha256, source file and format, ``modules``: the slots the task stores (the runtime binds zeros
+    to the others), ``lora_rom_bytes``: the bytes of the adapter file the runtime loads). With ``quantized`` the tensors are stored as integers under the shared encodings of ``plan``
     (default ``ctx.encodings``): each slot input entry gains its ``dtype`` and ``zero_point`` and each
     task its ``saturated`` fraction; no encoding is stored per task.
     """
@@ -206,7 +206,11 @@ def write_task_files(ctx: Any, out_dir: Path, *, quantized: bool = False,
     lora_dir.mkdir(exist_ok=True)
     for name, lora in ctx.loras.items():
         ctx.progress(f"packing task '{name}'")
-        params = pack_task(lora, slots)
+        # Only the task's own slots are stored; the runtime binds the shared zero (zero-point) tensors
+        # for the others, so a task that adapts few layers costs few bytes.
+        modules = [m for m in slots if m in lora.layers]
+        own = {n for m in modules for n in (slots[m].down_input, slots[m].up_input)}
+        params = {k: v for k, v in pack_task(lora, slots).items() if k in own}
         metadata = {"quadc.task": name, "quadc.layout": "slot"}
         stored = params
         extra: dict[str, Any] = {}
@@ -223,6 +227,7 @@ def write_task_files(ctx: Any, out_dir: Path, *, quantized: bool = False,
             "source": Path(str(lora.source)).name,
             "format": lora.format,
             "layers": len(lora.layers),
+            "modules": modules,
             "dtype": str(next(iter(stored.values())).dtype) if stored else "float32",
             "files": {kind: {"path": str(p.relative_to(out_dir)), "bytes": p.stat().st_size,
                              "sha256": file_sha256(p)} for kind, p in files.items()},

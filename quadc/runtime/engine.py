@@ -49,6 +49,9 @@ class Engine:
         self._zeros = {i.name: _zero_lora(i.shape, _np_type(i.type), specs[i.name])
                        for i in self.session.get_inputs() if i.name in specs}
         self.model_inputs = [i.name for i in self.session.get_inputs() if i.name not in self._zeros]
+        slot_names = {s["module"]: (s["down"]["name"], s["up"]["name"]) for s in self.manifest.get("lora_slots", [])}
+        self._task_inputs = {t: {n for m in e.get("modules", slot_names) for n in slot_names[m]}
+                             for t, e in tasks.items()}
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     @property
@@ -67,6 +70,9 @@ class Engine:
         if task in BASE_TASKS:
             inputs.update(self._zeros)
         else:
+            # A task file holds only the slots it adapts; the rest get the shared zero tensors.
+            own = self._task_inputs.get(task, set())
+            inputs.update({k: v for k, v in self._zeros.items() if k not in own})
             options.add_active_adapter(self.store.get(task))
         # onnxruntime's Python wrapper checks that every graph input is in the feed dict before it looks at
         # the active adapters, so adapter-bound LoRA inputs look missing to it. The C++ session applies the
