@@ -39,17 +39,15 @@ class Engine:
         so.log_severity_level = 3
         self.session = ort.InferenceSession(str(graph), so, providers=list(providers),
                                             provider_options=provider_options)
-        self.slot_inputs = [name for slot in self.manifest.get("lora_slots", [])
-                            for name in (slot["down"]["name"], slot["up"]["name"])]
+        slots = self.manifest.get("lora_slots", [])
         tasks = self.manifest.get("tasks", {})
         self.store = LoRAStore({t: self.dir / e["files"]["onnx_adapter"]["path"] for t, e in tasks.items()},
                                capacity=cache_size)
-        specs = {side["name"]: side for slot in self.manifest.get("lora_slots", [])
-                 for side in (slot["down"], slot["up"])}
+        specs = {side["name"]: side for slot in slots for side in (slot["down"], slot["up"])}
         self._zeros = {i.name: _zero_lora(i.shape, _np_type(i.type), specs[i.name])
                        for i in self.session.get_inputs() if i.name in specs}
         self.model_inputs = [i.name for i in self.session.get_inputs() if i.name not in self._zeros]
-        slot_names = {s["module"]: (s["down"]["name"], s["up"]["name"]) for s in self.manifest.get("lora_slots", [])}
+        slot_names = {s["module"]: (s["down"]["name"], s["up"]["name"]) for s in slots}
         self._task_inputs = {t: {n for m in e.get("modules", slot_names) for n in slot_names[m]}
                              for t, e in tasks.items()}
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -67,18 +65,32 @@ class Engine:
             raise QuadcError(f"missing model input(s) {', '.join(missing)}; the graph needs {', '.join(self.model_inputs)}")
         inputs = {k: v for k, v in feeds.items() if k in self.model_inputs}
         options = ort.RunOptions()
-        if task in BASE_TASKS:
-            inputs.update(self._zeros)
-        else:
-            # A task file holds only the slots it adapts; the rest get the shared zero tensors.
-            own = self._task_inputs.get(task, set())
-            inputs.update({k: v for k, v in self._zeros.items() if k not in own})
+        inputs.update(self._unbound_zeros(task))
+        if task not in BASE_TASKS:
             options.add_active_adapter(self.store.get(task))
         # onnxruntime's Python wrapper checks that every graph input is in the feed dict before it looks at
         # the active adapters, so adapter-bound LoRA inputs look missing to it. The C++ session applies the
         # adapters first and then validates every input itself, so call it directly.
         outputs = self.session._sess.run(self.output_names, inputs, options)
         return dict(zip(self.output_names, outputs, strict=True))
+
+    def _unbound_zeros(self, task: str | None) -> dict[str, np.ndarray]:
+        """The shared zero tensors of the slots ``task`` does not store (every slot for the base model)."""
+        if task in BASE_TASKS:
+            return dict(self._zeros)
+        self.store.check(task)
+        own = self._task_inputs[task]
+        return {k: v for k, v in self._zeros.items() if k not in own}
+
+    def lora_inputs(self, task: str | None) -> dict[str, np.ndarray]:
+        """Every LoRA input's tensor for ``task`` as arrays (its file plus the zeros of the other slots),
+        e.g. to feed the same values to another session."""
+        from quadc.lora.pack import read_packed
+
+        feeds = self._unbound_zeros(task)
+        if task not in BASE_TASKS:
+            feeds.update(read_packed(self.dir / self.manifest["tasks"][task]["files"]["onnx_adapter"]["path"]))
+        return feeds
 
     def preload(self, tasks: Sequence[str]) -> None:
         """Load these tasks' LoRAs in the background."""

@@ -45,13 +45,14 @@ class LoRAStore:
             self.loads += 1
         return adapter
 
-    def _check(self, task: str) -> None:
+    def check(self, task: str) -> None:
+        """A QuadcError naming the known tasks if ``task`` is not one of them."""
         if task not in self._files:
             raise QuadcError(f"unknown task '{task}'; this artifact has: {', '.join(self._files) or 'no tasks'}")
 
     def get(self, task: str) -> Any:
         """The loaded adapter of ``task`` (from cache, a finished preload, or loaded now)."""
-        self._check(task)
+        self.check(task)
         with self._lock:
             if task in self._cache:
                 self._cache.move_to_end(task)
@@ -68,7 +69,7 @@ class LoRAStore:
     def preload(self, tasks: Iterable[str]) -> None:
         """Start loading ``tasks`` in the background (no-op for cached or already pending ones)."""
         for task in tasks:
-            self._check(task)
+            self.check(task)
             with self._lock:
                 if task in self._cache or task in self._pending:
                     continue

@@ -122,20 +122,13 @@ class OnnxQdqTarget(Target):
         same graph with float activations (quantized weights and LoRA kept), i.e. the activation error."""
         import onnxruntime as ort
 
-        from quadc.lora.pack import read_packed
         from quadc.quant.affine import sqnr_db
-        from quadc.runtime.engine import BASE_TASKS, Engine
+        from quadc.runtime.engine import Engine
 
         artifact_dir = Path(artifact_dir)
         engine = Engine(artifact_dir)
         out = engine.run(feeds, task=task)
-        if task in BASE_TASKS:
-            lora = dict(engine._zeros)
-        else:
-            entry = engine.manifest["tasks"].get(task)
-            if entry is None:
-                raise QuadcError(f"unknown task '{task}'; this artifact has: {', '.join(engine.tasks) or 'no tasks'}")
-            lora = read_packed(artifact_dir / entry["files"]["onnx_adapter"]["path"])
+        lora = engine.lora_inputs(task)
         graph = load_model(artifact_dir / engine.manifest["graph"])
         strip_activation_qdq(graph)
         so = ort.SessionOptions()
