@@ -99,12 +99,12 @@ def test_debug_shows_traceback(tmp_path):
 
 
 def test_failed_compile_leaves_no_partial_output(tmp_path, monkeypatch):
-    import quadc.targets.onnx_ref as onnx_ref
+    import quadc.graph
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(onnx_ref, "save_model", boom)
+    monkeypatch.setattr(quadc.graph, "save_model", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         main(["compile", "-q", "-o", str(tmp_path / "o")])
     assert list(tmp_path.iterdir()) == []

@@ -37,6 +37,16 @@ class Target:
         """The ordered pass names for this compile (targets may adapt to options)."""
         return list(self.passes)
 
+    @staticmethod
+    def write_graph(graph: gs.Graph, out_dir: Path, name: str = "model.onnx") -> dict[str, Any]:
+        """Save ``graph`` as ``out_dir/name`` (+ ``.data``); manifest entries for it and its shared ROM."""
+        from quadc.graph import save_model
+
+        path = save_model(graph, out_dir / name)
+        files = [path.name] + ([path.name + ".data"] if (out_dir / (path.name + ".data")).exists() else [])
+        return {"graph": name, "graph_files": files,
+                "shared_rom_bytes": sum((out_dir / f).stat().st_size for f in files)}
+
     def emit(self, graph: gs.Graph, ctx: CompileContext, out_dir: Path) -> dict[str, Any]:
         """Write the target's files into ``out_dir``; return manifest entries to merge."""
         raise NotImplementedError

@@ -101,19 +101,15 @@ class OnnxQdqTarget(Target):
         plan = ctx.encodings
         if not isinstance(plan, QuantPlan):
             raise QuadcError("target onnx-qdq needs a quantization plan; its pipeline must include qdq-insert")
-        path = save_model(graph, out_dir / GRAPH_FILE)
-        files = [path.name] + ([path.name + ".data"] if (out_dir / (path.name + ".data")).exists() else [])
+        entries: dict[str, Any] = self.write_graph(graph, out_dir, GRAPH_FILE)
         write_encodings(out_dir / ENCODINGS_FILE, plan_encodings_file(plan))
-        entries: dict[str, Any] = {
-            "graph": GRAPH_FILE,
-            "graph_files": files,
+        entries.update({
             "opset": int(graph.opset),
             "precision": plan.precision,
             "quant": plan.summary(),
             "qdq_options": {k: ctx.options[k] for k in sorted(ctx.options) if str(k).startswith("qdq_")},
             "encodings": ENCODINGS_FILE,
-            "shared_rom_bytes": sum((out_dir / f).stat().st_size for f in files),
-        }
+        })
         entries.update(write_task_files(ctx, out_dir, quantized=not plan.lora_float_inputs, plan=plan))
         return entries
 

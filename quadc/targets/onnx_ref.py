@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from quadc.graph import save_model
 from quadc.targets.base import Target
 
 if TYPE_CHECKING:
@@ -25,12 +24,9 @@ class OnnxTarget(Target):
     passes = ("lora-inputs", "const-fold", "dce")
 
     def emit(self, graph: gs.Graph, ctx: CompileContext, out_dir: Path) -> dict[str, Any]:
-        path = save_model(graph, out_dir / GRAPH_FILE)
-        files = [path.name] + ([path.name + ".data"] if (out_dir / (path.name + ".data")).exists() else [])
         from quadc.lora.pack import write_task_files
 
-        entries: dict[str, Any] = {"graph": GRAPH_FILE, "graph_files": files, "precision": "fp32",
-                                   "shared_rom_bytes": sum((out_dir / f).stat().st_size for f in files)}
+        entries = {**self.write_graph(graph, out_dir, GRAPH_FILE), "precision": "fp32"}
         entries.update(write_task_files(ctx, out_dir))
         return entries
 
