@@ -36,7 +36,6 @@ UNET_ROOTS = frozenset({
     "encoder_hid_proj", "down_blocks", "mid_block", "up_blocks", "conv_norm_out", "conv_act", "conv_out",
     "position_net",
 })
-_FLOAT_TYPES = (np.float32, np.float16, np.float64)
 _ATTN_PROJ = ("to_q", "to_k", "to_v", "to_out.0")
 _ATTN_RE = re.compile(r"^(?P<block>.*\.attn\d+)\.(?P<proj>to_q|to_k|to_v|to_out\.0)$")
 _SCOPES_KEY = "pkg.torch.onnx.name_scopes"
@@ -76,10 +75,7 @@ def _shape(const: gs.Constant) -> tuple[int, ...]:
 
 
 def _is_float(const: gs.Constant) -> bool:
-    try:
-        return np.dtype(const.dtype).type in _FLOAT_TYPES or str(const.dtype) == "bfloat16"
-    except TypeError:
-        return False
+    return _is_float_dtype(const.dtype)
 
 
 def _small_ints(const: gs.Constant, limit: int = 16) -> list[int] | None:
