@@ -242,21 +242,20 @@ class Encoding:
         """Number of scales: 1 for a per-tensor encoding."""
         return int(self.scale.size)
 
+    def _grid_value(self, q: int) -> np.ndarray:
+        """``(q - zero_point) * scale`` in float32, like DequantizeLinear."""
+        with np.errstate(over="ignore"):  # inf only for scales near float32's maximum
+            return (np.int32(q) - self.zero_point.astype(np.int32)).astype(np.float32) * self.scale
+
     @property
     def grid_min(self) -> np.ndarray:
-        """The smallest representable value, ``(qmin - zero_point) * scale`` (float32, like DequantizeLinear)."""
-        with np.errstate(over="ignore"):  # inf only for scales near float32's maximum
-            return (np.int32(self.qtype.qmin) - self.zero_point.astype(np.int32)).astype(
-                np.float32
-            ) * self.scale
+        """The smallest representable value, ``(qmin - zero_point) * scale``."""
+        return self._grid_value(self.qtype.qmin)
 
     @property
     def grid_max(self) -> np.ndarray:
         """The largest representable value, ``(qmax - zero_point) * scale``."""
-        with np.errstate(over="ignore"):  # inf only for scales near float32's maximum
-            return (np.int32(self.qtype.qmax) - self.zero_point.astype(np.int32)).astype(
-                np.float32
-            ) * self.scale
+        return self._grid_value(self.qtype.qmax)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Encoding):
