@@ -55,12 +55,12 @@ def compile_model(model: str | os.PathLike[str] | None, out_dir: str | os.PathLi
     options = options or CompileOptions()
     check_output_dir(out_dir, force=options.force)
     target = get_target(options.target)
-    if options.passes is not None:
-        parse_pipeline(options.passes)  # unknown pass names fail before any long work
+    # A user pipeline is parsed before loading, so unknown pass names fail before any long work.
+    passes = parse_pipeline(options.passes) if options.passes is not None else None
     graph, ctx, model_path = prepare(model, options.loras, options.extra, progress)
     ctx.options.setdefault("target", target.name)
-    names = options.passes if options.passes is not None else target.pipeline(ctx)
-    passes = parse_pipeline(names)
+    if passes is None:
+        passes = parse_pipeline(target.pipeline(ctx))
     unknown = set(options.print_after) - {p.name for p in passes}
     if unknown:
         raise QuadcError(f"--print-after names {', '.join(sorted(unknown))}, which is not in the pipeline")
