@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/quadc compile -o out/demo --force
 
 test: $(STAMP)
-	$(BIN)/ruff check quadc tests benchmarks
+	$(BIN)/ruff check quadc passes targets tests benchmarks scripts
 	$(BIN)/pytest
 
 clean:
