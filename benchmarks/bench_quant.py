@@ -92,7 +92,7 @@ def quality(args: argparse.Namespace) -> None:
     try:
         def build(name: str, task_loras: dict[str, str], **extra) -> Engine:
             compile_model(model, work / name, CompileOptions(target="onnx-qdq", loras=task_loras,
-                                                             extra={"calib_random": CALIB, **extra}))
+                                                             pass_options={"quant-plan": {"calib_random": CALIB, **extra}}))
             return Engine(work / name)
 
         compile_model(model, work / "float", CompileOptions(target="onnx", loras=loras))
@@ -150,7 +150,7 @@ def ablation(args: argparse.Namespace) -> None:
         for fraction in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
             name = f"a8-{fraction}"
             compile_model(model, work / name, CompileOptions(target="onnx-qdq", loras=loras,
-                                                             extra={"calib_random": CALIB, "a8_fraction": fraction}))
+                                                             pass_options={"quant-plan": {"calib_random": CALIB, "a8_fraction": fraction}}))
             eng = Engine(work / name)
             scores = [(sqnr_db(w, g), psnr_db(w, g)) for feed in evals for task in loras
                       for w, g in [(ref.run(feed, task=task)["out_sample"], eng.run(feed, task=task)["out_sample"])]]
@@ -174,7 +174,7 @@ def speed(args: argparse.Namespace) -> None:
         feeds_code.replace("feeds = ", "_ = ") +
         "from quadc.compiler import CompileOptions, compile_model\n"
         f"compile_model({str(src)!r}, {str(out / 'quadc')!r}, CompileOptions(target='onnx-qdq', "
-        f"extra={{'calib_random': {args.speed_calib}}}))"
+        f"pass_options={{'quant-plan': {{'calib_random': {args.speed_calib}}}}}))"
     )
     print(f"quadc compile --target onnx-qdq : {ours['seconds']:8.1f} s  peak RSS {ours['peak_rss_gib']:.2f} GiB",
           flush=True)

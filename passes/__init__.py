@@ -1,18 +1,32 @@
 """Graph passes: one module per pass, registered by kebab-case name.
 
 Importing this package registers the built-in passes. Use :func:`registered_passes` to list them,
-:func:`parse_pipeline` to build a pipeline from ``"a,b,c"`` and :func:`run_pipeline` to run it.
+:class:`PassPipeline` (or :func:`parse_pipeline`) to build a pipeline from ``"a,b,preset"`` and :func:`run_pipeline` to run it.
 """
 
-from quadc.passes import const_fold, dce, lora_inputs, qdq_insert  # noqa: F401  (registration side effects)
-from quadc.passes.base import GraphPass, PassResult, get_pass, register_pass, registered_passes
-from quadc.passes.pipeline import PassRecord, parse_pipeline, run_pipeline
+from quadc.passes import const_fold, dce, lora_inputs, qdq_insert, quant_plan  # noqa: F401  (registration)
+from quadc.passes.base import (
+    GraphPass,
+    PassOption,
+    PassResult,
+    get_pass,
+    op_count,
+    register_pass,
+    registered_passes,
+)
+from quadc.passes.pipeline import PassPipeline, PassRecord, PassStep, parse_pipeline, run_pipeline
+from quadc.passes.presets import PRESETS
 
 __all__ = [
+    "PRESETS",
     "GraphPass",
+    "PassOption",
+    "PassPipeline",
     "PassRecord",
+    "PassStep",
     "PassResult",
     "get_pass",
+    "op_count",
     "parse_pipeline",
     "register_pass",
     "registered_passes",

@@ -1,7 +1,7 @@
 """Pass ``dce``: remove nodes, tensors and constants that no graph output depends on.
 
 Wraps onnx-graphsurgeon's ``cleanup``. Graph inputs are kept (a deployed graph's input list is its ABI)
-unless ``ctx.options["dce_remove_unused_inputs"]`` is true.
+unless the option ``remove_unused_inputs`` is true.
 
 Given::
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from quadc.context import CompileContext
-from quadc.passes.base import GraphPass, PassResult, register_pass
+from quadc.passes.base import GraphPass, PassOption, PassResult, register_pass
 
 
 @register_pass
@@ -26,12 +26,13 @@ class DeadCodeElimination(GraphPass):
     """Remove nodes and tensors that no graph output depends on (onnx-graphsurgeon cleanup)."""
 
     name = "dce"
+    options = (PassOption("remove_unused_inputs", bool, False, "also drop graph inputs nothing reads"),)
 
     def run(self, graph: gs.Graph, ctx: CompileContext) -> PassResult:
         nodes_before = len(graph.nodes)
         tensors_before = len(graph.tensors())
         inputs_before = len(graph.inputs)
-        graph.cleanup(remove_unused_graph_inputs=bool(ctx.options.get("dce_remove_unused_inputs", False)))
+        graph.cleanup(remove_unused_graph_inputs=self.opts["remove_unused_inputs"])
         graph.toposort()
         counts = {
             "nodes_removed": nodes_before - len(graph.nodes),

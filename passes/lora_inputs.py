@@ -2,7 +2,7 @@
 supplied as graph inputs, so switching tasks is binding other tensors, never recompiling.
 
 Slots are the union of the attach points of all LoRAs in ``ctx.loras`` (or the modules matching
-``ctx.options["lora_targets"]``, a comma-separated list of fnmatch patterns over module paths). Each
+the option ``targets``, comma-separated fnmatch patterns over module paths). Each
 slot gets two graph inputs named from the module path, in the layout the ops consume so the graph
 needs no Transpose:
 
@@ -33,77 +33,16 @@ Result::
 
 from __future__ import annotations
 
-import fnmatch
-from dataclasses import dataclass
-
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from quadc.context import CompileContext
 from quadc.errors import QuadcError
 from quadc.graph import variable
-from quadc.passes.base import GraphPass, PassResult, register_pass
+from quadc.lora.slots import DOWN_SUFFIX, UP_SUFFIX, LoRASlot, plan_slots
+from quadc.passes.base import GraphPass, PassOption, PassResult, register_pass
 
-DOWN_SUFFIX = ".lora_down"
-UP_SUFFIX = ".lora_up"
-
-
-@dataclass(frozen=True)
-class LoRASlot:
-    """One LoRA-augmented layer of the compiled graph and the names/shapes of its two inputs."""
-
-    module: str
-    kind: str  # "linear" or "conv"
-    rank: int
-    down_input: str
-    up_input: str
-    down_shape: tuple[int, ...]
-    up_shape: tuple[int, ...]
-
-    def to_dict(self) -> dict[str, object]:
-        return {"module": self.module, "kind": self.kind, "rank": self.rank,
-                "down": {"name": self.down_input, "shape": list(self.down_shape)},
-                "up": {"name": self.up_input, "shape": list(self.up_shape)}}
-
-
-def plan_slots(ctx: CompileContext) -> dict[str, LoRASlot]:
-    """The slots this compile needs: module path -> LoRASlot (ordered by module path)."""
-    info = ctx.model_info
-    if info is None:
-        raise QuadcError("lora-inputs needs the frontend's ModelInfo; load the model with quadc.frontend.load")
-    loras = ctx.loras
-    ranks: dict[str, int] = {}
-    if loras is not None:
-        for lora in loras.values():
-            for module, layer in lora.layers.items():
-                ranks[module] = max(ranks.get(module, 0), int(layer.rank))
-    patterns = ctx.options.get("lora_targets")
-    if patterns:
-        pats = [p.strip() for p in str(patterns).split(",") if p.strip()]
-        matched = [m for m in info.points if any(fnmatch.fnmatchcase(m, p) for p in pats)]
-        if not matched:
-            raise QuadcError(f"--lora-targets '{patterns}' matches no attach point; see `quadc inspect MODEL`")
-        default_rank = int(ctx.options.get("lora_rank") or max(ranks.values(), default=0) or 16)
-        outside = sorted(set(ranks) - set(matched))
-        if outside:
-            raise QuadcError(f"LoRA layer '{outside[0]}' is outside --lora-targets '{patterns}'; widen the pattern")
-        ranks = {m: max(ranks.get(m, 0), default_rank) for m in matched}
-    slots: dict[str, LoRASlot] = {}
-    for module in sorted(ranks):
-        point = info.points.get(module)
-        if point is None:
-            near = ", ".join(info.nearest_modules(module))
-            raise QuadcError(f"LoRA layer '{module}' is not a layer of this model; nearest: {near}")
-        r = ranks[module]
-        if point.kind == "conv":
-            kh, kw = point.kernel
-            down_shape: tuple[int, ...] = (r, point.d_in, kh, kw)
-            up_shape: tuple[int, ...] = (point.d_out, r, 1, 1)
-        else:
-            down_shape, up_shape = (point.d_in, r), (r, point.d_out)
-        slots[module] = LoRASlot(module, point.kind, r, module + DOWN_SUFFIX, module + UP_SUFFIX,
-                                 down_shape, up_shape)
-    return slots
+__all__ = ["DOWN_SUFFIX", "UP_SUFFIX", "LoRAInputs", "LoRASlot", "plan_slots"]
 
 
 def _after_bias(graph: gs.Graph, node: gs.Node, out: gs.Variable) -> gs.Variable:
@@ -126,10 +65,16 @@ class LoRAInputs(GraphPass):
     """Rewrite LoRA layers to W x + alpha*A(B x) with A and B as graph inputs (task switch = rebind)."""
 
     name = "lora-inputs"
+    options = (
+        PassOption("targets", str, None, "comma-separated fnmatch patterns of module paths that get LoRA "
+                   "slots (default: the layers the given LoRAs use)"),
+        PassOption("rank", int, None, "slot rank for --lora-targets layers no LoRA uses (default: the "
+                   "largest LoRA rank, else 16)", low=1),
+    )
 
     def run(self, graph: gs.Graph, ctx: CompileContext) -> PassResult:
-        slots = plan_slots(ctx)
-        ctx.lora_slots = slots  # type: ignore[attr-defined]
+        slots = plan_slots(ctx.model_info, ctx.loras, self.opts["targets"], self.opts["rank"])
+        ctx.lora_slots = slots
         existing = {t.name for t in graph.inputs}
         nodes = {n.name: n for n in graph.nodes}
         rewritten = 0

@@ -1,18 +1,30 @@
-"""Run an ordered list of passes: prerequisites, timing, print-after, and verification.
+"""Run an ordered pipeline of passes: presets, options, prerequisites, conditions, timing, verification.
 
-A pipeline is a list of pass names or a comma-separated string (``"const-fold,dce"``). Before running,
-every pass's ``requires`` must appear earlier in the list or in ``ctx.applied``. Each pass is timed; its
-counts and seconds go to ``ctx.stats``. ``print_after`` names passes after which the graph is printed in
-ONNX text syntax. ``verify`` is ``"none"``, ``"check"`` (onnx checker after each pass) or ``"numeric"``
-(checker, plus ORT outputs before vs after on random inputs for passes that preserve numerics; inputs a
-pass adds are fed zeros, which for LoRA inputs means the base model).
+A :class:`PassPipeline` is an editable list of steps (pass name + options), built from pass and preset
+names (``"float,qdq"`` or ``["lora-inputs", "cleanup"]``, presets in :mod:`quadc.passes.presets`) and
+edited by name like coremltools' ``PassPipeline``: ``insert_pass``, ``remove_passes``, ``set_options``.
+Options are validated against the pass's declared :class:`~quadc.passes.base.PassOption` s when set.
+
+:func:`run_pipeline` checks every pass's ``requires`` (it must appear earlier or in ``ctx.applied``),
+times each pass (counts and seconds go to ``ctx.stats``), repeats ``fixed_point`` passes until they
+report no change, prints the graph after passes named in ``print_after``, and verifies per ``verify``:
+
+- ``"none"``: nothing;
+- ``"check"``: the full onnx checker with types after each pass (on a saved copy when the graph is over
+  the 2 GB protobuf limit), and each pass's pre- and postconditions;
+- ``"numeric"``: ``check``, plus ORT outputs before vs after on random inputs for passes that preserve
+  numerics. Existing inputs (LoRA slots included) get random non-zero values, so a mis-wired LoRA
+  branch shows; inputs a pass adds are fed zeros (for LoRA inputs: the base model).
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -20,12 +32,102 @@ import onnx_graphsurgeon as gs
 
 from quadc.context import CompileContext
 from quadc.errors import QuadcError
-from quadc.graph import export_proto, ort_session, to_model_bytes, weight_bytes
-from quadc.passes.base import GraphPass, PassResult, get_pass
+from quadc.graph import export_proto, ort_session, save_model, to_model_bytes, weight_bytes
+from quadc.passes.base import GraphPass, PassResult, get_pass, registered_passes
+from quadc.passes.presets import PRESETS, expand
 
 VERIFY_MODES = ("none", "check", "numeric")
-#: Models above this size are checked with onnx.checker on a file path (protobuf limit); skipped here.
-_CHECK_MAX_BYTES = 1 << 30
+#: Protobuf's limit: larger models are checked from a saved copy with external data.
+_PROTO_LIMIT = (2 << 30) - 1
+#: A fixed-point pass that still changes the graph after this many rounds is a bug.
+MAX_FIXED_POINT_ROUNDS = 16
+
+
+@dataclass
+class PassStep:
+    """One step of a pipeline: a pass name and the option values set for it."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class PassPipeline:
+    """An ordered, editable list of pass steps; presets expand when the pipeline is built."""
+
+    def __init__(self, names: str | Iterable[str] = ()) -> None:
+        if isinstance(names, str):
+            names = [s.strip() for s in names.split(",")]
+        items = [n.strip() for n in names if n and n.strip()]
+        try:
+            expanded = expand(items)
+        except ValueError as exc:
+            raise QuadcError(str(exc)) from None
+        known = registered_passes()
+        for name in expanded:
+            if name not in known:
+                raise QuadcError(f"unknown pass '{name}'; known passes and presets: "
+                                 f"{', '.join([*PRESETS, *known])}")
+        self.steps: list[PassStep] = [PassStep(n) for n in expanded]
+
+    @classmethod
+    def parse(cls, spec: str | Sequence[str]) -> PassPipeline:
+        """A pipeline from ``"a,b,preset"`` or a list; an empty spec is a one-line error."""
+        pipeline = cls(spec)
+        if not pipeline.steps:
+            raise QuadcError("the pass pipeline is empty; name passes or presets like --passes float,qdq")
+        return pipeline
+
+    @property
+    def names(self) -> list[str]:
+        """The pass names in order."""
+        return [s.name for s in self.steps]
+
+    def __str__(self) -> str:
+        return ",".join(self.names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def insert_pass(self, name: str, *, index: int | None = None, after: str | None = None,
+                    before: str | None = None, **options: Any) -> PassPipeline:
+        """Insert pass or preset ``name`` at ``index``, after/before the first step called so, or last."""
+        new = PassPipeline([name]).steps
+        for step in new:
+            step.options = dict(options)
+            get_pass(step.name, step.options)  # validate now, not at run time
+        if after is not None:
+            index = self._index(after) + 1
+        elif before is not None:
+            index = self._index(before)
+        index = len(self.steps) if index is None else index
+        self.steps[index:index] = new
+        return self
+
+    def remove_passes(self, names: Iterable[str]) -> PassPipeline:
+        """Remove every step whose pass is named (a preset name removes its passes)."""
+        drop = set(PassPipeline(list(names)).names)
+        self.steps = [s for s in self.steps if s.name not in drop]
+        return self
+
+    def set_options(self, name: str, **options: Any) -> PassPipeline:
+        """Set options of every step of pass ``name``; checked against the pass's declared options."""
+        steps = [s for s in self.steps if s.name == name]
+        if not steps:
+            raise QuadcError(f"options are set for pass '{name}', which is not in the pipeline ({self})")
+        for step in steps:
+            merged = {**step.options, **options}
+            get_pass(name, merged)
+            step.options = merged
+        return self
+
+    def build(self) -> list[GraphPass]:
+        """Fresh pass instances with their options parsed."""
+        return [get_pass(s.name, s.options) for s in self.steps]
+
+    def _index(self, name: str) -> int:
+        if name not in self.names:
+            raise QuadcError(f"pass '{name}' is not in the pipeline ({self})")
+        return self.names.index(name)
 
 
 @dataclass
@@ -37,15 +139,14 @@ class PassRecord:
     counts: dict[str, int]
     seconds: float
     max_abs_diff: float | None = None
+    rounds: int = 1
+    options: dict[str, Any] = field(default_factory=dict)
 
 
-def parse_pipeline(spec: str | Sequence[str]) -> list[GraphPass]:
-    """Pass instances from ``"a,b,c"`` or ``["a", "b", "c"]``."""
-    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [s.strip() for s in spec]
-    names = [n for n in names if n]
-    if not names:
-        raise QuadcError("the pass pipeline is empty; name passes like --passes const-fold,dce")
-    return [get_pass(n) for n in names]
+def parse_pipeline(spec: str | Sequence[str] | PassPipeline) -> list[GraphPass]:
+    """Pass instances from ``"a,b,c"``, a list of pass/preset names, or a :class:`PassPipeline`."""
+    pipeline = spec if isinstance(spec, PassPipeline) else PassPipeline.parse(spec)
+    return pipeline.build()
 
 
 def check_prerequisites(passes: Sequence[GraphPass], already: Iterable[str] = ()) -> None:
@@ -62,7 +163,7 @@ def check_prerequisites(passes: Sequence[GraphPass], already: Iterable[str] = ()
 
 
 def verify_inputs(graph: gs.Graph, seed: int = 0, dim_value: int = 1,
-                 zero_inputs: Iterable[str] = ()) -> dict[str, np.ndarray]:
+                  zero_inputs: Iterable[str] = ()) -> dict[str, np.ndarray]:
     """Random inputs for any graph (symbolic dims become ``dim_value``), for verify mode; U-Net calibration
     inputs come from :func:`quadc.quant.feeds.random_feeds`."""
     rng = np.random.default_rng(seed)
@@ -87,7 +188,7 @@ def verify_inputs(graph: gs.Graph, seed: int = 0, dim_value: int = 1,
     return feeds
 
 
-def run_graph(graph: gs.Graph, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+def run_graph(graph: gs.Graph, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """Outputs of the graph on ORT's CPU provider, in graph output order."""
     sess = ort_session(graph)
     names = {i.name for i in sess.get_inputs()}
@@ -95,14 +196,27 @@ def run_graph(graph: gs.Graph, feeds: dict[str, np.ndarray]) -> list[np.ndarray]
 
 
 def check_graph(graph: gs.Graph, pass_name: str) -> None:
-    """onnx.checker on the graph (without decoding external weights)."""
+    """The full onnx checker (types and shapes inferred strictly) on the graph; a graph over the 2 GB
+    protobuf limit is saved to a temporary directory and checked by path."""
     model, _ = export_proto(graph)
-    if model.ByteSize() > _CHECK_MAX_BYTES:
-        return
     try:
-        onnx.checker.check_model(model, full_check=False)
-    except onnx.checker.ValidationError as exc:
-        raise RuntimeError(f"pass '{pass_name}' produced an invalid graph: {exc}") from exc
+        if model.ByteSize() <= _PROTO_LIMIT and weight_bytes(graph) <= _PROTO_LIMIT - model.ByteSize():
+            onnx.checker.check_model(onnx.load_from_string(to_model_bytes(graph)), full_check=True)
+        else:
+            with tempfile.TemporaryDirectory(prefix="quadc-check-") as tmp:
+                path = save_model(graph, Path(tmp) / "model.onnx", external=True)
+                onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise RuntimeError(f"pass '{pass_name}' produced an invalid graph: {first}") from exc
+
+
+def check_conditions(p: GraphPass, graph: gs.Graph, ctx: CompileContext, when: str) -> None:
+    """Raise naming the pass when its pre- (``when="before"``) or postcondition does not hold."""
+    failed = p.precondition(graph, ctx) if when == "before" else p.postcondition(graph, ctx)
+    if failed:
+        kind = "precondition" if when == "before" else "postcondition"
+        raise RuntimeError(f"{kind} of pass '{p.name}' does not hold: {'; '.join(failed)}")
 
 
 def print_graph(graph: gs.Graph) -> str:
@@ -111,12 +225,30 @@ def print_graph(graph: gs.Graph) -> str:
     return onnx.printer.to_text(model.graph)
 
 
-def run_pipeline(graph: gs.Graph, passes: Sequence[GraphPass], ctx: CompileContext, *,
+def _run_once_or_to_fixed_point(p: GraphPass, graph: gs.Graph, ctx: CompileContext) -> tuple[PassResult, int]:
+    result = p.run(graph, ctx)
+    if not p.fixed_point:
+        return result, 1
+    total = PassResult(result.changed, dict(result.counts))
+    rounds = 1
+    while result.changed:
+        if rounds >= MAX_FIXED_POINT_ROUNDS:
+            raise RuntimeError(f"pass '{p.name}' still changes the graph after {rounds} rounds")
+        result = p.run(graph, ctx)
+        rounds += 1
+        for k, v in result.counts.items():
+            total.counts[k] = total.counts.get(k, 0) + v
+    return total, rounds
+
+
+def run_pipeline(graph: gs.Graph, passes: Sequence[GraphPass] | PassPipeline | str, ctx: CompileContext, *,
                  verify: str = "none", print_after: Iterable[str] = (),
                  verify_seed: int = 0, rtol: float = 1e-4) -> tuple[gs.Graph, list[PassRecord]]:
     """Run ``passes`` in order on ``graph``; returns the graph and one record per pass."""
     if verify not in VERIFY_MODES:
         raise QuadcError(f"unknown verify mode '{verify}'; use one of {', '.join(VERIFY_MODES)}")
+    if not isinstance(passes, Sequence) or isinstance(passes, str):
+        passes = parse_pipeline(passes)
     check_prerequisites(passes, ctx.applied)
     dumps = set(print_after)
     unknown = dumps - {p.name for p in passes}
@@ -128,16 +260,20 @@ def run_pipeline(graph: gs.Graph, passes: Sequence[GraphPass], ctx: CompileConte
         before_inputs = {i.name for i in graph.inputs}
         reference = None
         feeds = None
+        if verify != "none":
+            check_conditions(p, graph, ctx, "before")
         if verify == "numeric" and p.preserves_numerics:
             feeds = verify_inputs(graph, seed=verify_seed)
             reference = run_graph(graph, feeds)
         start = time.perf_counter()
-        result: PassResult = p.run(graph, ctx)
+        result, rounds = _run_once_or_to_fixed_point(p, graph, ctx)
         seconds = time.perf_counter() - start
         ctx.applied.append(p.name)
-        record = PassRecord(p.name, result.changed, dict(result.counts), seconds)
-        if verify in ("check", "numeric"):
+        record = PassRecord(p.name, result.changed, dict(result.counts), seconds, rounds=rounds,
+                            options={k: v for k, v in p.opts.items() if v is not None})
+        if verify != "none":
             check_graph(graph, p.name)
+            check_conditions(p, graph, ctx, "after")
         if reference is not None and feeds is not None:
             added = [i.name for i in graph.inputs if i.name not in before_inputs]
             feeds.update({k: v for k, v in verify_inputs(graph, seed=verify_seed, zero_inputs=added).items()
@@ -151,7 +287,7 @@ def run_pipeline(graph: gs.Graph, passes: Sequence[GraphPass], ctx: CompileConte
             text = print_graph(graph)
             if ctx.dump_dir is not None:
                 ctx.dump_dir.mkdir(parents=True, exist_ok=True)
-                (ctx.dump_dir / f"{index:02d}-{p.name}.onnxtxt").write_text(text)
+                (ctx.dump_dir / f"{index:02d}-{p.name.replace('::', '--')}.onnxtxt").write_text(text)
             else:
                 print(f"// after {p.name}\n{text}")
     return graph, records

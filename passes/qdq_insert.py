@@ -1,6 +1,6 @@
 """Pass ``qdq-insert``: insert standard QuantizeLinear/DequantizeLinear nodes from the quantization plan.
 
-Everything comes from ``ctx.encodings`` (a :class:`~quadc.quant.plan.QuantPlan`); the pass decides
+Everything comes from ``ctx.plan`` (a :class:`~quadc.quant.plan.QuantPlan`); the pass decides
 nothing about ranges, only where the nodes go:
 
 - **activations** (``plan.activations``): each float graph input or node output gets ``Q -> DQ`` right
@@ -12,20 +12,20 @@ nothing about ranges, only where the nodes go:
   symmetric per-channel with ``axis``) feeding ``DequantizeLinear``; every consumer reads the DQ output.
 - **biases** of Conv/Gemm (and of Instance-/LayerNormalization whose scale is in ``plan.weights``) whose
   input and weight are quantized: int32 with ``scale = x_scale * w_scale`` and zero point 0, as
-  onnxruntime's QNN quantizer (``get_qnn_qdq_config``) makes them; option ``qdq_bias="float"`` keeps them
+  onnxruntime's QNN quantizer (``get_qnn_qdq_config``) makes them; option ``bias="float"`` keeps them
   float (QNN HTP accepts a float Conv bias; it cannot finalize an InstanceNormalization whose scale and
   bias are float).
 - **LoRA slot inputs** (``plan.lora``): the graph input's dtype becomes the encoding's integer type
   (uint8) and feeds ``DequantizeLinear`` with the ONE shared scale/zero point, so every task's stored
   bytes bind as they are. With ``plan.lora_float_inputs`` the input stays float and gets ``Q -> DQ``.
 - **activation x activation MatMuls** (attention ``Q·Kᵀ`` and ``P·V``): with option
-  ``qdq_act_matmul_8bit`` the second input of a MatMul whose inputs are both 16-bit activations is
+  ``act_matmul_8bit`` the second input of a MatMul whose inputs are both 16-bit activations is
   re-quantized to uint8 (``DQ16 -> Q8 -> DQ8``, as onnxruntime's QNN mixed-precision "convert" does) so
   the pair is (u16, u8), one of HTP's MatMul type pairs. (onnxruntime-qnn's HTP backend also accepts a
   u16 x u16 MatMul by converting input 1 to 8 bits itself; the option makes that conversion explicit, so
   the ORT CPU reference computes what HTP computes.)
 
-16-bit Q/DQ needs opset 21 (per-axis Q/DQ needs 13). Option ``qdq_opset``: ``"21"`` (default) upgrades a
+16-bit Q/DQ needs opset 21 (per-axis Q/DQ needs 13). Option ``opset``: ``"21"`` (default) upgrades a
 graph below that with ``onnx.version_converter`` on the weight-free proto (initializers become unloaded references, so models
 over 2 GB convert too) and re-attaches the original constants; ``"contrib"`` keeps the opset and puts
 every Q/DQ node in the ``com.microsoft`` domain (onnxruntime's contrib ops, as its quantizer does with
@@ -68,7 +68,7 @@ import onnx_graphsurgeon as gs
 from quadc.context import CompileContext
 from quadc.errors import QuadcError
 from quadc.graph import export_proto
-from quadc.passes.base import GraphPass, PassResult, register_pass
+from quadc.passes.base import GraphPass, PassOption, PassResult, register_pass
 from quadc.quant.affine import Encoding, QType, compute_encoding, quantize
 from quadc.quant.plan import QuantPlan
 
@@ -86,20 +86,6 @@ _INT32 = np.iinfo(np.int32)
 #: onnxruntime's QDQ quantizer does for Conv, Gemm and the normalizations whose scale is quantized).
 _BIAS_OPS = ("Conv", "Gemm", "InstanceNormalization", "LayerNormalization")
 _STRIPPED = "__quadc_stripped__"
-
-
-def _truthy(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
-
-
-def _option(ctx: CompileContext, key: str, default: str, allowed: Iterable[str]) -> str:
-    value = str(ctx.options.get(key) or default)
-    allowed = tuple(allowed)
-    if value not in allowed:
-        raise QuadcError(f"option {key}='{value}' is not supported; use one of {', '.join(allowed)}")
-    return value
 
 
 def _all_encodings(plan: QuantPlan) -> list[Encoding]:
@@ -248,17 +234,24 @@ class QdqInsert(GraphPass):
     """Insert QuantizeLinear/DequantizeLinear from the plan: A16/A8 activations, W8 weights, uint8 LoRA inputs."""
 
     name = "qdq-insert"
-    requires = ("lora-inputs",)
+    requires = ("lora-inputs", "quant-plan")
     preserves_numerics = False
-    needs_encodings = True
+    options = (
+        PassOption("opset", str, "21", "16-bit Q/DQ as standard ops at opset 21 (upgrades the graph) or in the "
+                   "com.microsoft domain at the model's opset", choices=QDQ_OPSETS),
+        PassOption("bias", str, "int32", "Conv/Gemm/norm biases as int32 (as QNN expects) or float",
+                   choices=BIAS_MODES),
+        PassOption("act_matmul_8bit", bool, False, "make the second input of activation x activation "
+                   "MatMuls 8-bit (what HTP does)"),
+    )
 
     def run(self, graph: gs.Graph, ctx: CompileContext) -> PassResult:
-        plan = ctx.encodings
+        plan = ctx.plan
         if not isinstance(plan, QuantPlan):
-            raise QuadcError("qdq-insert needs a quantization plan (ctx.encodings); run it through `quadc compile`, "
-                             "which calibrates first, or set ctx.encodings to a QuantPlan")
-        opset_mode = _option(ctx, "qdq_opset", "21", QDQ_OPSETS)
-        bias_mode = _option(ctx, "qdq_bias", "int32", BIAS_MODES)
+            raise QuadcError("qdq-insert needs a quantization plan (ctx.plan); run the quant-plan stage before it "
+                             "(preset qdq = quant-plan,qdq-insert)")
+        opset_mode = self.opts["opset"]
+        bias_mode = self.opts["bias"]
         counts = {"opset_upgraded": 0, "activations": 0, "static": 0, "weights": 0, "biases": 0,
                   "lora_inputs": 0, "converts": 0, "already": 0, "missing": 0, "skipped": 0}
         encodings = _all_encodings(plan)
@@ -286,7 +279,7 @@ class QdqInsert(GraphPass):
             self._static_or_activation(graph, build, tensors, name, plan.activations[name], counts, "activations")
         for node, x_enc, w_enc in bias_jobs:
             self._bias(build, node, x_enc, w_enc, counts)
-        if _truthy(ctx.options.get("qdq_act_matmul_8bit", False)):
+        if self.opts["act_matmul_8bit"]:
             self._act_matmul_8bit(graph, build, plan, counts)
 
         changed = any(counts[k] for k in ("opset_upgraded", "activations", "static", "weights", "biases",

@@ -5,8 +5,8 @@ The model goes through the same float stages as ``quadc compile`` (frontend, LoR
 ``lora-inputs,const-fold,dce`` passes), is calibrated with every task bound (capturing each LoRA layer's
 inputs), and :func:`quadc.quant.planner.decide_lora` computes the QSS table, policy, anchor and the ONE
 shared encoding per LoRA input, exactly as the compile's planner would with the same options
-(``calib_dir`` / ``calib_random`` / ``calib_seed``, ``lora_policy``, ``qss_tolerance``, ``qss_rows``,
-``lora_targets``).
+(the ``quant-plan`` options ``calib_dir`` / ``calib_random`` / ``calib_seed``, ``lora_policy``,
+``qss_tolerance``, ``qss_rows``, and the ``lora-inputs`` options ``targets`` / ``rank``).
 
 Example::
 
@@ -27,44 +27,51 @@ from quadc.errors import QuadcError
 
 __all__ = ["FLOAT_PIPELINE", "analyze", "format_analysis"]
 
-#: The float passes ``quadc compile`` runs before planning quantization.
-FLOAT_PIPELINE = "lora-inputs,const-fold,dce"
+#: The float passes ``quadc compile`` runs before planning quantization (a preset).
+FLOAT_PIPELINE = "float"
 
 
-def _prepare(model_path: Path, loras: Mapping[str, str | os.PathLike[str]], options: Mapping[str, Any],
+def _prepare(model_path: Path, loras: Mapping[str, str | os.PathLike[str]],
+             pass_options: Mapping[str, Mapping[str, Any]],
              progress: Callable[[str], None]) -> tuple[Any, CompileContext]:
     """Load the model and LoRAs and run the float passes, as :func:`quadc.compiler.compile_model` does."""
-    from quadc.compiler import plan_point, prepare
-    from quadc.passes import parse_pipeline, run_pipeline
+    from quadc.compiler import prepare
+    from quadc.passes import PassPipeline, run_pipeline
 
-    graph, ctx, _ = prepare(model_path, loras, options, progress)
-    passes = parse_pipeline(FLOAT_PIPELINE)
-    graph, _ = run_pipeline(graph, passes[:plan_point(passes)], ctx)
+    pipeline = PassPipeline.parse(FLOAT_PIPELINE)
+    if pass_options.get("lora-inputs"):
+        pipeline.set_options("lora-inputs", **pass_options["lora-inputs"])
+    passes = pipeline.build()
+    graph, ctx, _ = prepare(model_path, loras, progress)
+    graph, _ = run_pipeline(graph, passes, ctx)
     return graph, ctx
 
 
 def analyze(model_path: str | os.PathLike[str] | None = None,
             loras: Mapping[str, str | os.PathLike[str]] | None = None,
-            options: Mapping[str, Any] | None = None,
+            pass_options: Mapping[str, Mapping[str, Any]] | None = None,
             progress: Callable[[str], None] = silent_progress) -> dict[str, Any]:
     """QSS of every LoRA, the chosen policy and anchor, the reason, and the shared LoRA encodings.
 
     ``model_path`` None means the bundled tiny U-Net, and then ``loras`` defaults to the bundled demo
-    LoRAs. Returns a JSON-ready dict (non-finite numbers are None); :func:`format_analysis` prints it.
+    LoRAs; ``pass_options`` holds the ``lora-inputs`` and ``quant-plan`` options by pass name. Returns a JSON-ready dict (non-finite numbers are None); :func:`format_analysis` prints it.
     """
     from quadc.compiler import bundled_loras, bundled_model
     from quadc.quant.planner import PlanOptions, calibrate_and_decide
 
-    options = dict(options or {})
-    opts = PlanOptions.from_options(options)
+    pass_options = dict(pass_options or {})
+    unknown = sorted(set(pass_options) - {"lora-inputs", "quant-plan"})
+    if unknown:
+        raise QuadcError(f"quadc analyze takes options of lora-inputs and quant-plan only, not of '{unknown[0]}'")
+    opts = PlanOptions.from_options(pass_options.get("quant-plan", {}))
     path = Path(model_path) if model_path is not None else bundled_model()
     lora_paths = dict(loras or {})
     if model_path is None and not lora_paths:
         lora_paths = {k: str(v) for k, v in bundled_loras().items()}
     if not lora_paths:
         raise QuadcError("quadc analyze needs at least one LoRA; pass --lora NAME=PATH")
-    graph, ctx = _prepare(path, lora_paths, options, progress)
-    slots = getattr(ctx, "lora_slots", None) or {}
+    graph, ctx = _prepare(path, lora_paths, pass_options, progress)
+    slots = ctx.lora_slots
     cal = calibrate_and_decide(graph, slots, ctx.loras, opts, progress, include_base=False)
     ranges, decision, feed_desc = cal.ranges, cal.decision, cal.feed_desc
     lora_report = decision.report()

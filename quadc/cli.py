@@ -34,10 +34,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
         target=args.target,
         loras=_kv_pairs(args.lora, "--lora"),
         passes=args.passes,
+        pass_options=_pass_options(args),
         verify=args.verify,
         print_after=[p for item in args.print_after or [] for p in item.split(",") if p],
         force=args.force,
-        extra=_quant_options(args),
     )
     progress = silent_progress if args.quiet else stderr_progress
     manifest = compile_model(args.model, args.output, options, progress=progress)
@@ -55,11 +55,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
-    from quadc.passes import registered_passes
+    from quadc.passes import PRESETS, registered_passes
 
     for name, cls in registered_passes().items():
         requires = f"  (after {', '.join(cls.requires)})" if cls.requires else ""
         print(f"{name:<18} {cls.summary()}{requires}")
+        for option in cls.options:
+            print(f"{'':<20}--set {name}.{option.describe()}")
+    print("\npresets (usable in --passes):")
+    for name, members in PRESETS.items():
+        print(f"{name:<18} {','.join(members)}")
     return 0
 
 
@@ -71,7 +76,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
         print("no targets installed")
     for name, cls in targets.items():
         print(f"{name:<12} {cls.description}")
-        print(f"{'':<12} passes: {','.join(cls.passes)}")
+        print(f"{'':<12} passes: {','.join(cls.passes)} = {cls().pipeline()}")
     return 0
 
 
@@ -122,14 +127,40 @@ def _load_npz(path: str) -> dict:
         raise QuadcError(f"{path}: not a readable .npz file ({exc.__class__.__name__})") from None
 
 
-_QUANT_OPTIONS = ("qdq_opset", "qdq_bias", "qdq_act_matmul_8bit", "precision", "a8_fraction", "calib_dir", "calib_random", "calib_seed", "lora_policy",
-                  "qss_tolerance", "per_channel", "lora_float_inputs", "encodings_file", "lora_targets", "lora_rank")
+#: Convenience flags -> (pass, option). Every other declared option is set with --set PASS.OPTION=VALUE.
+_FLAG_OPTIONS = {
+    "lora_targets": ("lora-inputs", "targets"),
+    "lora_rank": ("lora-inputs", "rank"),
+    "precision": ("quant-plan", "precision"),
+    "a8_fraction": ("quant-plan", "a8_fraction"),
+    "per_channel": ("quant-plan", "per_channel"),
+    "lora_float_inputs": ("quant-plan", "lora_float_inputs"),
+    "encodings_file": ("quant-plan", "encodings_file"),
+    "calib_dir": ("quant-plan", "calib_dir"),
+    "calib_random": ("quant-plan", "calib_random"),
+    "calib_seed": ("quant-plan", "calib_seed"),
+    "lora_policy": ("quant-plan", "lora_policy"),
+    "qss_tolerance": ("quant-plan", "qss_tolerance"),
+    "qdq_opset": ("qdq-insert", "opset"),
+    "qdq_bias": ("qdq-insert", "bias"),
+    "qdq_act_matmul_8bit": ("qdq-insert", "act_matmul_8bit"),
+}
 
 
-def _quant_options(args: argparse.Namespace) -> dict:
-    """The compile/analyze flags that go to ctx.options (only those given)."""
-    values = {k: getattr(args, k, None) for k in _QUANT_OPTIONS}
-    return {k: v for k, v in values.items() if v not in (None, False)}
+def _pass_options(args: argparse.Namespace) -> dict[str, dict[str, object]]:
+    """Pass options from the convenience flags given and from ``--set PASS.OPTION=VALUE``."""
+    out: dict[str, dict[str, object]] = {}
+    for flag, (pass_name, option) in _FLAG_OPTIONS.items():
+        value = getattr(args, flag, None)
+        if value not in (None, False):
+            out.setdefault(pass_name, {})[option] = value
+    for item in getattr(args, "set", None) or []:
+        key, sep, value = item.partition("=")
+        pass_name, dot, option = key.rpartition(".")
+        if not sep or not dot or not pass_name or not option:
+            raise QuadcError(f"--set expects PASS.OPTION=VALUE (see `quadc passes`), got '{item}'")
+        out.setdefault(pass_name, {})[option] = value
+    return out
 
 
 def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
@@ -156,7 +187,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from quadc.analyze import analyze, format_analysis
 
     progress = silent_progress if args.quiet else stderr_progress
-    report = analyze(args.model, _kv_pairs(args.lora, "--lora"), _quant_options(args), progress=progress)
+    report = analyze(args.model, _kv_pairs(args.lora, "--lora"), _pass_options(args), progress=progress)
     print(format_analysis(report))
     if args.json:
         out = Path(args.json)
@@ -182,7 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a LoRA file (or peft directory) for task NAME; repeat for more tasks")
     p.add_argument("--target", default="onnx", help="target backend (see `quadc targets`; default: onnx)")
     p.add_argument("-o", "--output", default="out/quadc", help="artifact directory (default: out/quadc)")
-    p.add_argument("--passes", help="override the target's pass pipeline, e.g. const-fold,dce")
+    p.add_argument("--passes", help="override the target's pipeline with pass and preset names, e.g. float,qdq "
+                   "(see `quadc passes`)")
+    p.add_argument("--set", action="append", metavar="PASS.OPTION=VALUE",
+                   help="set a pass's declared option, e.g. --set dce.remove_unused_inputs=true; repeat")
     p.add_argument("--print-after", action="append", metavar="PASS",
                    help="print the graph in ONNX text after PASS (repeat or comma-separate)")
     p.add_argument("--verify", choices=["none", "check", "numeric"], default="none",

@@ -18,8 +18,8 @@ from quadc.artifact import FORMAT_VERSION, MANIFEST_NAME, check_output_dir, stag
 from quadc.context import CompileContext, silent_progress
 from quadc.errors import QuadcError
 from quadc.graph import model_sha256
-from quadc.passes import parse_pipeline, run_pipeline
-from quadc.targets import get_target
+from quadc.passes import PassPipeline, run_pipeline
+from quadc.targets import Target, get_target
 
 
 def bundled_model() -> Path:
@@ -37,15 +37,30 @@ def bundled_loras() -> dict[str, Path]:
 
 @dataclass
 class CompileOptions:
-    """Options of one compile; the CLI maps its flags onto these one to one."""
+    """Options of one compile; the CLI maps its flags onto these one to one.
+
+    ``passes`` replaces the target's pipeline (pass and preset names); ``pass_options`` sets declared
+    options per pass name (``{"quant-plan": {"precision": "w8a8"}}``), checked against each pass's
+    declaration; a pass named there must be in the pipeline.
+    """
 
     target: str = "onnx"
     loras: Mapping[str, str | os.PathLike[str]] = field(default_factory=dict)
     passes: str | Sequence[str] | None = None
+    pass_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     verify: str = "none"
     print_after: Sequence[str] = ()
     force: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_pipeline(target: Target, passes: str | Sequence[str] | None,
+                   pass_options: Mapping[str, Mapping[str, Any]]) -> PassPipeline:
+    """The target's pipeline (or the user's ``passes``) with ``pass_options`` set and checked."""
+    pipeline = PassPipeline.parse(passes) if passes is not None else target.pipeline()
+    for name, values in pass_options.items():
+        if values:
+            pipeline.set_options(name, **values)
+    return pipeline
 
 
 def compile_model(model: str | os.PathLike[str] | None, out_dir: str | os.PathLike[str],
@@ -55,27 +70,16 @@ def compile_model(model: str | os.PathLike[str] | None, out_dir: str | os.PathLi
     options = options or CompileOptions()
     check_output_dir(out_dir, force=options.force)
     target = get_target(options.target)
-    # A user pipeline is parsed before loading, so unknown pass names fail before any long work.
-    passes = parse_pipeline(options.passes) if options.passes is not None else None
-    graph, ctx, model_path = prepare(model, options.loras, options.extra, progress)
-    ctx.options.setdefault("target", target.name)
-    if passes is None:
-        passes = parse_pipeline(target.pipeline(ctx))
-    unknown = set(options.print_after) - {p.name for p in passes}
+    # The pipeline is built and its options checked before loading, so mistakes fail before long work.
+    pipeline = build_pipeline(target, options.passes, options.pass_options)
+    unknown = set(options.print_after) - set(pipeline.names)
     if unknown:
         raise QuadcError(f"--print-after names {', '.join(sorted(unknown))}, which is not in the pipeline")
-    split = plan_point(passes)
-    graph, records = run_pipeline(graph, passes[:split], ctx, verify=options.verify,
-                                  print_after=[p for p in options.print_after if p in {q.name for q in passes[:split]}])
-    if split < len(passes):
-        from quadc.quant.planner import build_plan
-
-        progress("planning quantization (calibration, QSS, shared LoRA encodings)")
-        ctx.encodings = build_plan(graph, ctx)
-        graph, more = run_pipeline(graph, passes[split:], ctx, verify=options.verify,
-                                   print_after=[p for p in options.print_after
-                                                if p in {q.name for q in passes[split:]}])
-        records += more
+    graph, ctx, model_path = prepare(model, options.loras, progress)
+    ctx.options.setdefault("target", target.name)
+    target.check_pipeline(pipeline.names, ctx)
+    graph, records = run_pipeline(graph, pipeline.build(), ctx, verify=options.verify,
+                                  print_after=options.print_after)
     progress(f"writing {out_dir}")
     with staged_directory(out_dir, force=options.force) as tmp:
         entries = target.emit(graph, ctx, tmp)
@@ -84,7 +88,8 @@ def compile_model(model: str | os.PathLike[str] | None, out_dir: str | os.PathLi
             "quadc_version": quadc.__version__,
             "target": target.name,
             "source": {"model": model_path.name, "sha256": model_sha256(model_path)},
-            "passes": [{"pass": r.name, "changed": r.changed, "counts": r.counts} for r in records],
+            "passes": [{"pass": r.name, "changed": r.changed, "counts": r.counts, "options": r.options}
+                       for r in records],
             "inputs": {t.name: {"dtype": str(t.dtype), "shape": list(t.shape or [])} for t in graph.inputs},
             "outputs": {t.name: {"dtype": str(t.dtype), "shape": list(t.shape or [])} for t in graph.outputs},
         }
@@ -96,8 +101,7 @@ def compile_model(model: str | os.PathLike[str] | None, out_dir: str | os.PathLi
 
 
 def prepare(model: str | os.PathLike[str] | None, loras: Mapping[str, str | os.PathLike[str]],
-            options: Mapping[str, Any], progress: Callable[[str], None] = silent_progress,
-            ) -> tuple[Any, CompileContext, Path]:
+            progress: Callable[[str], None] = silent_progress) -> tuple[Any, CompileContext, Path]:
     """Load the model (default: bundled) and its LoRAs (default with the bundled model: the bundled
     LoRAs) into a graph and a :class:`CompileContext`; returns (graph, ctx, model path)."""
     from quadc import frontend
@@ -106,15 +110,10 @@ def prepare(model: str | os.PathLike[str] | None, loras: Mapping[str, str | os.P
     paths = dict(loras) if (model is not None or loras) else {k: str(v) for k, v in bundled_loras().items()}
     progress(f"loading {model_path}")
     graph, info = frontend.load(model_path)
-    ctx = CompileContext(model_info=info, options=dict(options), progress=progress)
+    ctx = CompileContext(model_info=info, progress=progress)
     if paths:
         ctx.loras = _read_loras(paths, info, progress)
     return graph, ctx, model_path
-
-
-def plan_point(passes: Sequence[Any]) -> int:
-    """Index of the first pass that needs the quantization plan (len(passes) if none does)."""
-    return next((i for i, p in enumerate(passes) if p.needs_encodings), len(passes))
 
 
 def _read_loras(paths: Mapping[str, str | os.PathLike[str]], info: Any, progress: Callable[[str], None]) -> Any:

@@ -6,7 +6,13 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from quadc.frontend.model_info import ModelInfo
+    from quadc.lora.model import LoRASet
+    from quadc.lora.slots import LoRASlot
+    from quadc.quant.plan import QuantPlan
 
 
 def stderr_progress(message: str) -> None:
@@ -20,15 +26,22 @@ def silent_progress(message: str) -> None:
 
 @dataclass
 class CompileContext:
-    """What passes share: the LoRA set, the encodings plan, target options, statistics, progress.
+    """What passes and targets share, declared here rather than set ad hoc on the object.
 
-    ``applied`` records the passes that have run on the graph, in order, so prerequisites can be
-    checked; ``stats`` collects each pass's counts and seconds for the manifest.
+    - ``model_info``: the frontend's view of the input model (attach points, attention blocks);
+    - ``loras``: the LoRA set being compiled (``None`` when no LoRA is given);
+    - ``lora_slots``: the LoRA slot table (module path -> :class:`~quadc.lora.slots.LoRASlot`), written by
+      ``lora-inputs`` and read by planning, packing and the targets;
+    - ``plan``: the quantization plan, written by the ``quant-plan`` stage and read by ``qdq-insert``,
+      packing and the quantized targets;
+    - ``options``: target-wide settings (the target's name); pass options live on the passes;
+    - ``applied`` / ``stats``: the passes that ran, in order, and their counts and seconds.
     """
 
-    loras: Any = None  # quadc.lora.LoRASet, once the LoRA stage has run
-    model_info: Any = None  # quadc.frontend.ModelInfo
-    encodings: Any = None  # quadc.quant plan, once calibrated
+    model_info: ModelInfo | None = None
+    loras: LoRASet | None = None
+    lora_slots: dict[str, LoRASlot] = field(default_factory=dict)
+    plan: QuantPlan | None = None
     options: dict[str, Any] = field(default_factory=dict)
     progress: Callable[[str], None] = silent_progress
     applied: list[str] = field(default_factory=list)

@@ -11,6 +11,7 @@ so adding a vendor never means editing quadc.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -21,6 +22,7 @@ from quadc.errors import QuadcError
 
 if TYPE_CHECKING:
     from quadc.context import CompileContext
+    from quadc.passes import PassPipeline
 
 ENTRY_POINT_GROUP = "quadc.targets"
 
@@ -30,12 +32,32 @@ class Target:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    #: Ordered pass names this target runs after the frontend and LoRA stages.
+    #: The target's pipeline as pass and preset names (presets: :mod:`quadc.passes.presets`).
     passes: ClassVar[tuple[str, ...]] = ()
+    #: Passes the artifact cannot do without: a pipeline that lacks one is refused before any work.
+    #: ``lora-inputs`` is needed only when LoRAs are compiled.
+    requires_passes: ClassVar[tuple[str, ...]] = ("lora-inputs",)
+    #: Passes whose result the artifact cannot hold (e.g. Q/DQ in a float artifact).
+    forbids_passes: ClassVar[tuple[str, ...]] = ()
 
-    def pipeline(self, ctx: CompileContext) -> list[str]:
-        """The ordered pass names for this compile (targets may adapt to options)."""
-        return list(self.passes)
+    def pipeline(self) -> PassPipeline:
+        """The target's default pipeline, editable by name (``insert_pass``, ``remove_passes``, ...)."""
+        from quadc.passes import PassPipeline
+
+        return PassPipeline(list(self.passes))
+
+    def check_pipeline(self, names: Sequence[str], ctx: CompileContext) -> None:
+        """Refuse, in one line naming the pass, a pipeline that cannot give this target's artifact."""
+        needed = [p for p in self.requires_passes if p != "lora-inputs" or ctx.loras is not None]
+        missing = [p for p in needed if p not in names]
+        if missing:
+            why = " (LoRAs are given)" if missing[0] == "lora-inputs" else ""
+            raise QuadcError(f"target '{self.name}' needs pass '{missing[0]}'{why}, which the pipeline "
+                             f"({','.join(names)}) lacks; add it or use the target's default pipeline")
+        wrong = [p for p in self.forbids_passes if p in names]
+        if wrong:
+            raise QuadcError(f"target '{self.name}' cannot hold the result of pass '{wrong[0]}'; remove it "
+                             "from --passes or choose a target that takes it (see `quadc targets`)")
 
     @staticmethod
     def write_graph(graph: gs.Graph, out_dir: Path, name: str = "model.onnx") -> dict[str, Any]:

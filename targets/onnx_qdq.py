@@ -93,21 +93,21 @@ class OnnxQdqTarget(Target):
 
     name = "onnx-qdq"
     description = "quantized QDQ ONNX graph, uint8 LoRA inputs with one shared encoding per slot (ORT CPU / QNN)"
-    passes = ("lora-inputs", "const-fold", "dce", "qdq-insert")
+    passes = ("float", "qdq")
+    requires_passes = ("lora-inputs", "quant-plan", "qdq-insert")
 
     def emit(self, graph: gs.Graph, ctx: CompileContext, out_dir: Path) -> dict[str, Any]:
         from quadc.lora.pack import write_task_files
 
-        plan = ctx.encodings
+        plan = ctx.plan
         if not isinstance(plan, QuantPlan):
-            raise QuadcError("target onnx-qdq needs a quantization plan; its pipeline must include qdq-insert")
+            raise QuadcError("target onnx-qdq needs a quantization plan; its pipeline must include quant-plan")
         entries: dict[str, Any] = self.write_graph(graph, out_dir, GRAPH_FILE)
         write_encodings(out_dir / ENCODINGS_FILE, plan_encodings_file(plan))
         entries.update({
             "opset": int(graph.opset),
             "precision": plan.precision,
             "quant": plan.summary(),
-            "qdq_options": {k: ctx.options[k] for k in sorted(ctx.options) if str(k).startswith("qdq_")},
             "encodings": ENCODINGS_FILE,
         })
         entries.update(write_task_files(ctx, out_dir, quantized=not plan.lora_float_inputs, plan=plan))

@@ -21,7 +21,8 @@ class OnnxTarget(Target):
 
     name = "onnx"
     description = "float LoRA-as-input ONNX graph for onnxruntime (the reference target)"
-    passes = ("lora-inputs", "const-fold", "dce")
+    passes = ("float",)
+    forbids_passes = ("quant-plan", "qdq-insert")
 
     def emit(self, graph: gs.Graph, ctx: CompileContext, out_dir: Path) -> dict[str, Any]:
         from quadc.lora.pack import write_task_files

@@ -67,20 +67,25 @@ def plan_from_spec(spec: dict) -> QuantPlan:
 
 def case_context(in_path: Path) -> CompileContext:
     """The context for a case: ``<case>.ctx.json`` may give ``options``, attach ``points`` and a ``plan``
-    (a QuantPlan, see :func:`plan_from_spec`) that becomes ``ctx.encodings``."""
+    (a QuantPlan, see :func:`plan_from_spec`) that becomes ``ctx.plan``; ``options`` are the pass's declared options."""
     ctx = CompileContext()
     sidecar = in_path.with_name(in_path.name.replace(".in.onnxtxt", ".ctx.json"))
     if sidecar.exists():
         spec = json.loads(sidecar.read_text())
-        ctx.options.update(spec.get("options", {}))
+        ctx.options["pass_options"] = dict(spec.get("options", {}))
         points = {}
         for module, fields in spec.get("points", {}).items():
             fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
             points[module] = AttachPoint(module=module, **fields)
         ctx.model_info = ModelInfo(points=points)
         if "plan" in spec:
-            ctx.encodings = plan_from_spec(spec["plan"])
+            ctx.plan = plan_from_spec(spec["plan"])
     return ctx
+
+
+def case_pass(pass_name: str, ctx: CompileContext):
+    """The pass of a case, built with the case's options (kept in ``ctx.options["pass_options"]``)."""
+    return get_pass(pass_name, ctx.options.get("pass_options", {}))
 
 
 def run_case(pass_name: str, in_path: Path,
@@ -88,6 +93,6 @@ def run_case(pass_name: str, in_path: Path,
     """Run the pass on the case; return (actual canonical text, expected file path)."""
     graph = parse_text(in_path)
     ctx = make_ctx(in_path)
-    get_pass(pass_name).run(graph, ctx)
+    case_pass(pass_name, ctx).run(graph, ctx)
     out_path = in_path.with_name(in_path.name.replace(".in.onnxtxt", ".out.onnxtxt"))
     return canonical_text(graph), out_path

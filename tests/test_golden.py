@@ -6,9 +6,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from golden import GOLDEN_DIR, REGEN, case_context, golden_cases, parse_text, run_case
+from golden import GOLDEN_DIR, REGEN, case_context, case_pass, golden_cases, parse_text, run_case
 
-from quadc.passes import get_pass, registered_passes
+from quadc.passes import registered_passes
 
 CASES = golden_cases()
 
@@ -29,7 +29,7 @@ def test_golden_pass_is_idempotent(pass_name, in_path):
     once, _ = run_case(pass_name, in_path)
     graph = parse_text(in_path)
     ctx = case_context(in_path)
-    p = get_pass(pass_name)
+    p = case_pass(pass_name, ctx)
     p.run(graph, ctx)
     second = p.run(graph, ctx)
     assert not second.changed, f"{pass_name} changed the graph on a second run: {second.counts}"

@@ -136,16 +136,15 @@ def test_manifest_lists_each_task_file(lora_files, tiny_torchscript_onnx, tmp_pa
 
 def test_lora_reaches_every_layer_kind(lora_files, tiny_torchscript_onnx):
     """MatMul, Gemm and Conv attach points all get slots (the oracle test then covers each kind)."""
-    from quadc.context import CompileContext
     from quadc.lora import LoRASet, fit_lora, read_lora
-    from quadc.passes.lora_inputs import plan_slots
+    from quadc.lora.slots import plan_slots
 
     paths, _, _ = lora_files
     graph, info = frontend.load(tiny_torchscript_onnx)
     loras = LoRASet()
     for task, path in paths.items():
         loras.add(fit_lora(read_lora(path, name=task, info=info), info))
-    slots = plan_slots(CompileContext(loras=loras, model_info=info))
+    slots = plan_slots(info, loras)
     ops = {n.name: n.op for n in graph.nodes}
     assert {ops[info.points[m].node] for m in slots} == {"MatMul", "Gemm", "Conv"}
 
@@ -153,7 +152,7 @@ def test_lora_reaches_every_layer_kind(lora_files, tiny_torchscript_onnx):
 def test_zero_lora_is_the_base_model_exactly(tiny_torchscript_onnx, tmp_path):
     import onnxruntime as ort
 
-    compile_model(tiny_torchscript_onnx, tmp_path / "out", CompileOptions(extra={"lora_targets": "*", "lora_rank": 4}))
+    compile_model(tiny_torchscript_onnx, tmp_path / "out", CompileOptions(pass_options={"lora-inputs": {"targets": "*", "rank": 4}}))
     feeds = example_inputs("tiny", seed=5)
     # ORT fuses MatMul+bias differently once a LoRA Add sits between them (1e-7 reassociation), so
     # compare with graph optimizations off on both sides: then W x + 0 must be bit-identical.

@@ -9,7 +9,6 @@ task bound, unified LoRA encodings), so these tests depend only on the pass, the
 from __future__ import annotations
 
 import json
-import sys
 import types
 
 import numpy as np
@@ -46,6 +45,14 @@ def stub_build_plan(graph, ctx):
                      lora_float_inputs=bool(ctx.options.get("test_lora_float")))
 
 
+def _stub_run(self, graph, ctx):
+    ctx.options["test_lora_float"] = self.opts["lora_float_inputs"]
+    ctx.plan = stub_build_plan(graph, ctx)
+    from quadc.passes import PassResult
+
+    return PassResult(False)
+
+
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory, bundled_unet):
     """(root, lora paths): onnx-qdq artifacts (twice, and the float-input variant) and the float one."""
@@ -56,11 +63,13 @@ def compiled(tmp_path_factory, bundled_unet):
         lora = random_lora(info, modules=MODULES, rank=4, seed=i, scale_std=0.3, name=name)
         paths[name] = str(write_kohya(lora, root / f"{name}.safetensors"))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(sys.modules, "quadc.quant.planner", types.SimpleNamespace(build_plan=stub_build_plan))
+        from quadc.passes.quant_plan import QuantPlanStage
+
+        mp.setattr(QuantPlanStage, "run", _stub_run)
         for out in ("q", "q2"):
             compile_model(bundled_unet, root / out, CompileOptions(target="onnx-qdq", loras=paths))
         compile_model(bundled_unet, root / "qf", CompileOptions(target="onnx-qdq", loras=paths,
-                                                                extra={"test_lora_float": True}))
+                                                                pass_options={"quant-plan": {"lora_float_inputs": True}}))
     compile_model(bundled_unet, root / "f", CompileOptions(target="onnx", loras=paths))
     return root, paths
 
@@ -76,7 +85,7 @@ def outputs(compiled):
 
 def test_target_is_registered():
     target = get_target("onnx-qdq")
-    assert list(target.passes) == ["lora-inputs", "const-fold", "dce", "qdq-insert"]
+    assert target.pipeline().names == ["lora-inputs", "const-fold", "dce", "quant-plan", "qdq-insert"]
 
 
 def test_artifact_layout_and_manifest(compiled):
@@ -227,7 +236,7 @@ def test_htp_runs_uint8_lora_graph_like_cpu():
     rng = np.random.default_rng(3)
     xs = [rng.standard_normal((1, 3, 8)).astype(np.float32) for _ in range(16)]
     plan = make_plan(graph, [{"x": x, **t} for x in xs for t in tasks], lora_inputs=[DOWN, UP])
-    qdq(graph, plan, qdq_act_matmul_8bit=True)
+    qdq(graph, plan, act_matmul_8bit=True)
     so = _htp_session_options(strict=True)
     try:
         sess = ort.InferenceSession(to_model_bytes(graph), so)

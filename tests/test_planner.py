@@ -59,16 +59,16 @@ def setup(bundled_unet):
     return graph, ctx
 
 
-def _ctx(setup, **options) -> CompileContext:
+def _plan(setup, **options) -> QuantPlan:
+    """The plan of the setup's graph with quant-plan ``options`` (parsed as the pass parses them)."""
     graph, base = setup
-    ctx = CompileContext(loras=base.loras, model_info=base.model_info, options=dict(options))
-    ctx.lora_slots = base.lora_slots
-    return ctx
+    ctx = CompileContext(loras=base.loras, model_info=base.model_info, lora_slots=base.lora_slots)
+    return build_plan(graph, ctx, PlanOptions.from_options(options))
 
 
 @pytest.fixture(scope="module")
 def default_plan(setup) -> QuantPlan:
-    return build_plan(setup[0], _ctx(setup))
+    return _plan(setup)
 
 
 def test_default_plan(setup, default_plan):
@@ -120,20 +120,20 @@ def test_default_plan(setup, default_plan):
 def test_policies(setup, default_plan):
     graph, base = setup
     tasks = pack_tasks(base.loras, base.lora_slots)
-    unified = build_plan(graph, _ctx(setup, lora_policy="unified"))
+    unified = _plan(setup, lora_policy="unified")
     assert unified.lora_policy == "unified" and unified.anchor is None
     assert unified.lora == dict(shared_lora_encodings(base.lora_slots, tasks, "unified"))
     assert unified.activations == default_plan.activations  # activation ranges do not depend on the policy
     # auto with a huge tolerance: no LoRA is "distinctly" more sensitive -> unified fallback.
-    tolerant = build_plan(graph, _ctx(setup, qss_tolerance="1.0"))
+    tolerant = _plan(setup, qss_tolerance="1.0")
     assert tolerant.lora_policy == "unified" and "unified fallback" in tolerant.report["lora"]["reason"]
-    forced = build_plan(graph, _ctx(setup, lora_policy="anchor", qss_tolerance=1.0))
+    forced = _plan(setup, lora_policy="anchor", qss_tolerance=1.0)
     assert forced.anchor == "heavy"
 
 
 def test_per_channel_weights_and_w8a8(setup):
     graph, _ = setup
-    plan = build_plan(graph, _ctx(setup, per_channel=True, precision="w8a8"))
+    plan = _plan(setup, per_channel=True, precision="w8a8")
     axes = weight_axes(graph)
     consts = graph.tensors()
     for name, enc in plan.weights.items():
@@ -154,7 +154,7 @@ def test_per_channel_weights_and_w8a8(setup):
 
 def test_a8_fraction_picks_highest_sqnr(setup):
     graph, base = setup
-    plan = build_plan(graph, _ctx(setup, a8_fraction=0.25))
+    plan = _plan(setup, a8_fraction=0.25)
     acts = sorted(plan.activations)
     assert len(plan.a8_tensors) == math.floor(0.25 * len(acts) + 0.5)
     for name, enc in plan.activations.items():
@@ -183,9 +183,9 @@ def test_select_a8():
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_encodings_file_round_trip(setup, default_plan, tmp_path, per_channel):
     graph, _ = setup
-    plan = default_plan if not per_channel else build_plan(graph, _ctx(setup, per_channel=True, a8_fraction=1.0))
+    plan = default_plan if not per_channel else _plan(setup, per_channel=True, a8_fraction=1.0)
     path = write_encodings(tmp_path / "plan.encodings", encodings_file_of(plan))
-    again = build_plan(graph, _ctx(setup, encodings_file=str(path), per_channel=per_channel))
+    again = _plan(setup, encodings_file=str(path), per_channel=per_channel)
     assert again.lora_policy == "file" and again.anchor is None
     assert again.activations == plan.activations
     assert again.weights == plan.weights
@@ -203,7 +203,7 @@ def test_encodings_file_missing_entries(setup, default_plan, tmp_path):
     del file.activations[lora_input]
     path = write_encodings(tmp_path / "partial.encodings", file)
     with pytest.raises(QuadcError, match="no encoding for 2 tensor") as err:
-        build_plan(graph, _ctx(setup, encodings_file=str(path)))
+        _plan(setup, encodings_file=str(path))
     assert weight in str(err.value) and lora_input in str(err.value)
     assert read_encodings(path).get(weight) is None
 
@@ -214,7 +214,7 @@ def test_option_errors(setup):
                            ({"lora_policy": "best"}, "lora_policy"), ({"calib_random": 0}, "calib_random"),
                            ({"per_channel": "maybe"}, "per_channel"), ({"qss_tolerance": "x"}, "qss_tolerance")]:
         with pytest.raises(QuadcError, match=match):
-            build_plan(graph, _ctx(setup, **options))
+            _plan(setup, **options)
     opts = PlanOptions.from_options({"a8_fraction": "0.5", "per_channel": "true", "calib_random": "2",
                                      "calib_dir": None})
     assert opts.a8_fraction == 0.5 and opts.per_channel and opts.calib_random == 2 and opts.calib_dir is None
@@ -224,7 +224,7 @@ def test_calib_dir_feeds(setup, tmp_path):
     graph, _ = setup
     for i, feed in enumerate(random_feeds(graph, 2, seed=5)):
         np.savez(tmp_path / f"f{i}.npz", **feed)
-    plan = build_plan(graph, _ctx(setup, calib_dir=str(tmp_path)))
+    plan = _plan(setup, calib_dir=str(tmp_path))
     assert plan.report["calibration"]["feeds"] == 2 and str(tmp_path) in plan.report["calibration"]["description"]
 
 
@@ -247,7 +247,7 @@ def test_analyze_picks_heavy_lora(bundled_unet, tmp_path):
     smooth = random_lora(info, MODULES, rank=4, seed=1, name="smooth")
     heavy = _heavy(random_lora(info, MODULES, rank=4, seed=2), "heavy")
     paths = {"smooth": write_peft(smooth, tmp_path / "smooth"), "heavy": write_peft(heavy, tmp_path / "heavy")}
-    report = analyze(bundled_unet, paths, {"calib_random": 2})
+    report = analyze(bundled_unet, paths, {"quant-plan": {"calib_random": 2}})
     assert report["anchor"] == "heavy" and report["policy"] == "anchor"
     assert "<- anchor" in format_analysis(report).splitlines()[
         next(i for i, line in enumerate(format_analysis(report).splitlines()) if line.startswith("heavy"))]

@@ -15,7 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
-from golden import GOLDEN_DIR, case_context, parse_text
+from golden import GOLDEN_DIR, case_context, case_pass, parse_text
 from onnx import TensorProto, helper
 
 from quadc.context import CompileContext
@@ -109,8 +109,8 @@ def make_plan(graph: gs.Graph, feeds: Sequence[Mapping[str, np.ndarray]], *, lor
 
 def qdq(graph: gs.Graph, plan: QuantPlan, **options) -> CompileContext:
     """Run qdq-insert on ``graph`` with ``plan``; returns the context."""
-    ctx = CompileContext(encodings=plan, options=dict(options))
-    get_pass("qdq-insert").run(graph, ctx)
+    ctx = CompileContext(plan=plan)
+    get_pass("qdq-insert", options).run(graph, ctx)
     return ctx
 
 
@@ -179,7 +179,7 @@ def lora_linear_graph() -> tuple[gs.Graph, CompileContext]:
     in_path = GOLDEN_DIR / "lora-inputs" / "linear_bias.in.onnxtxt"
     graph = parse_text(in_path)
     ctx = case_context(in_path)
-    get_pass("lora-inputs").run(graph, ctx)
+    case_pass("lora-inputs", ctx).run(graph, ctx)
     return graph, ctx
 
 
@@ -219,23 +219,23 @@ def test_bias_float_option_and_int32_precision():
     plan = make_plan(gs_graph(model), feeds)
     g32, gf = gs_graph(model), gs_graph(model)
     qdq(g32, plan)
-    qdq(gf, plan, qdq_bias="float")
+    qdq(gf, plan, bias="float")
     assert not any(n.op == "DequantizeLinear" and n.inputs[0].dtype == np.int32 for n in gf.nodes)
     feed = x_feeds(1, seed=5)[0]
     a, b = run(g32, feed)[0], run(gf, feed)[0]
     assert sqnr_db(b, a) > 50.0  # int32 bias rounding is far below activation quantization noise
-    with pytest.raises(QuadcError, match="qdq_bias"):
-        qdq(gs_graph(model), plan, qdq_bias="int8")
+    with pytest.raises(QuadcError, match="bias"):
+        qdq(gs_graph(model), plan, bias="int8")
 
 
 def test_pass_is_idempotent_and_deterministic():
     model = conv_mlp_model()
     plan = make_plan(gs_graph(model), x_feeds(2))
     g1, g2 = gs_graph(model), gs_graph(model)
-    first = get_pass("qdq-insert").run(g1, CompileContext(encodings=plan))
+    first = get_pass("qdq-insert").run(g1, CompileContext(plan=plan))
     assert first.changed and first.counts["opset_upgraded"] == 1 and first.counts["weights"] == 4
     assert first.counts["biases"] == 3 and first.counts["missing"] == 0
-    again = get_pass("qdq-insert").run(g1, CompileContext(encodings=plan))
+    again = get_pass("qdq-insert").run(g1, CompileContext(plan=plan))
     assert not again.changed
     qdq(g2, plan)
     assert to_model_bytes(g1) == to_model_bytes(g2)
@@ -346,7 +346,7 @@ def test_contrib_qdq_keeps_opset():
     model = conv_mlp_model()
     plan = make_plan(gs_graph(model), x_feeds(4))
     contrib, std = gs_graph(model), gs_graph(model)
-    qdq(contrib, plan, qdq_opset="contrib")
+    qdq(contrib, plan, opset="contrib")
     qdq(std, plan)
     assert contrib.opset == 17
     assert {n.domain for n in contrib.nodes if "quantize" in n.op.lower()} == {"com.microsoft"}
@@ -372,7 +372,7 @@ def test_a8_tensors_and_activation_matmul_8bit():
     plan = make_plan(gs_graph(model), feeds, a8=["p"])
     assert plan.activations["p"].qtype is QType.UINT8
     graph = gs_graph(model)
-    qdq(graph, plan, qdq_act_matmul_8bit=True)
+    qdq(graph, plan, act_matmul_8bit=True)
     zp_types = {}
     for n in graph.nodes:
         if n.op == "MatMul":

@@ -177,14 +177,14 @@ def write_task_files(ctx: Any, out_dir: Path, *, quantized: bool = False,
     Manifest entries: ``lora_slots`` (the graph's LoRA inputs) and ``tasks`` (per task: files with bytes
     and sha256, source file and format, ``modules``: the slots the task stores (the runtime binds zeros
     to the others), ``lora_rom_bytes``: the bytes of the adapter file the runtime loads). With ``quantized`` the tensors are stored as integers under the shared encodings of ``plan``
-    (default ``ctx.encodings``): each slot input entry gains its ``dtype`` and ``zero_point`` and each
+    (default ``ctx.plan``): each slot input entry gains its ``dtype`` and ``zero_point`` and each
     task its ``saturated`` fraction; no encoding is stored per task.
     """
     from quadc.graph import file_sha256
 
-    slots = getattr(ctx, "lora_slots", None) or {}
+    slots = ctx.lora_slots
     if quantized:
-        plan = plan if plan is not None else getattr(ctx, "encodings", None)
+        plan = plan if plan is not None else ctx.plan
         if plan is None:
             raise QuadcError("quantized LoRA files need the quantization plan's shared encodings; "
                              "compile with a quantizing target")

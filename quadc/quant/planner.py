@@ -1,8 +1,9 @@
 """Build the :class:`~quadc.quant.plan.QuantPlan` of one compile: calibration, QSS, anchor, encodings.
 
-:func:`build_plan` runs after the float passes (``lora-inputs``, ``const-fold``, ``dce``) and before
-``qdq-insert``. It reads these options from ``ctx.options`` (CLI flags map one to one; strings such as
-``"0.3"`` or ``"true"`` are accepted):
+:func:`build_plan` is the ``quant-plan`` stage of the pipeline: it runs after the float passes
+(``lora-inputs``, ``const-fold``, ``dce``) and before ``qdq-insert``. Its options are the ``quant-plan``
+pass's declared options (:data:`PLAN_OPTIONS`; CLI flags map one to one, and strings such as ``"0.3"``
+or ``"true"`` are accepted):
 
 =====================  ===========  ===================================================================
 option                 default      meaning
@@ -55,8 +56,9 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from quadc.context import silent_progress
+from quadc.context import CompileContext
 from quadc.errors import QuadcError
+from quadc.options import PassOption, parse_options
 from quadc.quant.affine import Encoding, QType, compute_encoding, encoding_from_tensor
 from quadc.quant.calibrate import Capture, calibrate, float_tensors, measure_sqnr, static_tensors
 from quadc.quant.encodings import EncodingsFile, read_encodings
@@ -101,35 +103,27 @@ _LORA_SUFFIXES = (".lora_down", ".lora_up")
 
 
 # ------------------------------------------------------------------------------------------------- options
-def _bool(value: Any, key: str) -> bool:
-    if isinstance(value, str):
-        v = value.strip().lower()
-        if v in ("1", "true", "yes", "on"):
-            return True
-        if v in ("0", "false", "no", "off", ""):
-            return False
-        raise QuadcError(f"option {key}={value!r} is not a boolean; use true or false")
-    return bool(value)
+#: The planner's options: they are the options of the ``quant-plan`` pass (see the table above).
+PLAN_OPTIONS: tuple[PassOption, ...] = (
+    PassOption("precision", str, "w8a16", "w8a16: uint16 activations; w8a8: uint8 activations",
+               choices=PRECISIONS),
+    PassOption("a8_fraction", float, 0.0, "w8a16 only: this fraction of activations becomes uint8",
+               low=0.0, high=1.0),
+    PassOption("calib_dir", str, None, "folder of .npz calibration feeds"),
+    PassOption("calib_random", int, 4, "number of synthetic calibration feeds (without calib_dir)", low=1),
+    PassOption("calib_seed", int, 0, "seed of the synthetic feeds and of QSS row sampling", low=0),
+    PassOption("lora_policy", str, "auto", "shared LoRA encodings: anchor, unified, or auto",
+               choices=LORA_POLICY_OPTIONS),
+    PassOption("qss_tolerance", float, 0.05, "relative QSS spread under which auto falls back to unified",
+               low=0.0),
+    PassOption("qss_rows", int, 256, "sampled rows per LoRA layer and task kept for QSS", low=1),
+    PassOption("per_channel", bool, False, "int8 symmetric per-channel weights instead of uint8 per-tensor"),
+    PassOption("lora_float_inputs", bool, False, "keep LoRA inputs float (Q/DQ inside the graph)"),
+    PassOption("encodings_file", str, None, "AIMET encodings JSON to take every encoding from"),
+)
 
 
-def _number(value: Any, key: str, kind: type, lo: float | None = None, hi: float | None = None) -> Any:
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        num = kind(value)
-        if kind is int and isinstance(value, float | str) and float(value) != num:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise QuadcError(f"option {key}={value!r} is not {'an integer' if kind is int else 'a number'}") from None
-    if isinstance(num, float) and not math.isfinite(num):
-        raise QuadcError(f"option {key}={value!r} must be finite")
-    if (lo is not None and num < lo) or (hi is not None and num > hi):
-        bounds = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise QuadcError(f"option {key}={value!r} is out of range; use a value {bounds}")
-    return num
-
-
-@dataclass
+@dataclass(frozen=True)
 class PlanOptions:
     """The planner's options, parsed and checked (see the module docstring for their meaning)."""
 
@@ -147,30 +141,9 @@ class PlanOptions:
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> PlanOptions:
-        """Parse ``ctx.options`` (missing or None values take the defaults)."""
-        o = {k: v for k, v in options.items() if v is not None}
-        precision = str(o.get("precision", "w8a16")).lower()
-        if precision not in PRECISIONS:
-            raise QuadcError(f"option precision='{precision}' is not supported; use one of {', '.join(PRECISIONS)}")
-        policy = str(o.get("lora_policy", "auto")).lower()
-        if policy not in LORA_POLICY_OPTIONS:
-            raise QuadcError(f"option lora_policy='{policy}' is not supported; use one of "
-                             f"{', '.join(LORA_POLICY_OPTIONS)}")
-        calib_dir = o.get("calib_dir")
-        enc_file = o.get("encodings_file")
-        return cls(
-            precision=precision,
-            a8_fraction=float(_number(o.get("a8_fraction", 0.0), "a8_fraction", float, 0.0, 1.0)),
-            calib_dir=str(calib_dir) if calib_dir not in (None, "") else None,
-            calib_random=int(_number(o.get("calib_random", 4), "calib_random", int, 1)),
-            calib_seed=int(_number(o.get("calib_seed", 0), "calib_seed", int, 0)),
-            lora_policy=policy,
-            qss_tolerance=float(_number(o.get("qss_tolerance", 0.05), "qss_tolerance", float, 0.0)),
-            qss_rows=int(_number(o.get("qss_rows", 256), "qss_rows", int, 1)),
-            per_channel=_bool(o.get("per_channel", False), "per_channel"),
-            lora_float_inputs=_bool(o.get("lora_float_inputs", False), "lora_float_inputs"),
-            encodings_file=str(enc_file) if enc_file not in (None, "") else None,
-        )
+        """Parse option values (missing or None values take the defaults) with :data:`PLAN_OPTIONS`."""
+        values = parse_options(PLAN_OPTIONS, {k: v for k, v in options.items() if v is not None}, "quant-plan")
+        return cls(**values)
 
 
 # ------------------------------------------------------------------------------------------------ pieces
@@ -426,11 +399,11 @@ def calibrate_and_decide(graph: gs.Graph, slots: Mapping[str, Any], loras: Any, 
     return Calibrated(ranges, tasks, decision, feeds, feed_desc)
 
 
-def build_plan(graph: gs.Graph, ctx: Any) -> QuantPlan:
+def build_plan(graph: gs.Graph, ctx: CompileContext, opts: PlanOptions | None = None) -> QuantPlan:
     """Every encoding of the compile (see the module docstring); ``graph`` is not modified."""
-    opts = PlanOptions.from_options(ctx.options)
-    progress: Callable[[str], None] = getattr(ctx, "progress", silent_progress)
-    slots: Mapping[str, Any] = getattr(ctx, "lora_slots", None) or {}
+    opts = opts or PlanOptions()
+    progress: Callable[[str], None] = ctx.progress
+    slots: Mapping[str, Any] = ctx.lora_slots
     if opts.encodings_file:
         return _plan_from_file(graph, slots, opts, progress)
     cal = calibrate_and_decide(graph, slots, ctx.loras, opts, progress, include_base=True)

@@ -1,0 +1,82 @@
+"""The LoRA slot table: which layers of the compiled graph take LoRA inputs, and their names and shapes.
+
+A slot is one LoRA-augmented layer. Its two graph inputs are named from the module path
+(``<module>.lora_down`` / ``<module>.lora_up``) and laid out as the ops consume them: linear
+``[d_in, r]`` / ``[r, d_out]``, conv ``[r, d_in, kh, kw]`` / ``[d_out, r, 1, 1]``. The pass
+``lora-inputs`` builds the table with :func:`plan_slots` and stores it as ``ctx.lora_slots``; planning,
+packing and the targets read it from there.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from quadc.errors import QuadcError
+
+if TYPE_CHECKING:
+    from quadc.frontend.model_info import ModelInfo
+    from quadc.lora.model import LoRASet
+
+DOWN_SUFFIX = ".lora_down"
+UP_SUFFIX = ".lora_up"
+
+
+@dataclass(frozen=True)
+class LoRASlot:
+    """One LoRA-augmented layer of the compiled graph and the names/shapes of its two inputs."""
+
+    module: str
+    kind: str  # "linear" or "conv"
+    rank: int
+    down_input: str
+    up_input: str
+    down_shape: tuple[int, ...]
+    up_shape: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"module": self.module, "kind": self.kind, "rank": self.rank,
+                "down": {"name": self.down_input, "shape": list(self.down_shape)},
+                "up": {"name": self.up_input, "shape": list(self.up_shape)}}
+
+
+def plan_slots(info: ModelInfo | None, loras: LoRASet | None, targets: str | None = None,
+               rank: int | None = None) -> dict[str, LoRASlot]:
+    """The slots a compile needs (module path -> LoRASlot, ordered by module path): the union of the
+    LoRAs' layers, or the modules matching ``targets`` (comma-separated fnmatch patterns) with rank
+    ``rank`` where no LoRA sets a larger one."""
+    if info is None:
+        raise QuadcError("lora-inputs needs the frontend's ModelInfo; load the model with quadc.frontend.load")
+    ranks: dict[str, int] = {}
+    if loras is not None:
+        for lora in loras.values():
+            for module, layer in lora.layers.items():
+                ranks[module] = max(ranks.get(module, 0), int(layer.rank))
+    patterns = targets
+    if patterns:
+        pats = [p.strip() for p in str(patterns).split(",") if p.strip()]
+        matched = [m for m in info.points if any(fnmatch.fnmatchcase(m, p) for p in pats)]
+        if not matched:
+            raise QuadcError(f"--lora-targets '{patterns}' matches no attach point; see `quadc inspect MODEL`")
+        default_rank = int(rank or max(ranks.values(), default=0) or 16)
+        outside = sorted(set(ranks) - set(matched))
+        if outside:
+            raise QuadcError(f"LoRA layer '{outside[0]}' is outside --lora-targets '{patterns}'; widen the pattern")
+        ranks = {m: max(ranks.get(m, 0), default_rank) for m in matched}
+    slots: dict[str, LoRASlot] = {}
+    for module in sorted(ranks):
+        point = info.points.get(module)
+        if point is None:
+            near = ", ".join(info.nearest_modules(module))
+            raise QuadcError(f"LoRA layer '{module}' is not a layer of this model; nearest: {near}")
+        r = ranks[module]
+        if point.kind == "conv":
+            kh, kw = point.kernel
+            down_shape: tuple[int, ...] = (r, point.d_in, kh, kw)
+            up_shape: tuple[int, ...] = (point.d_out, r, 1, 1)
+        else:
+            down_shape, up_shape = (point.d_in, r), (r, point.d_out)
+        slots[module] = LoRASlot(module, point.kind, r, module + DOWN_SUFFIX, module + UP_SUFFIX,
+                                 down_shape, up_shape)
+    return slots

@@ -1,0 +1,95 @@
+"""Test helpers for pass authors (quadc's own tests and plugin packages), after coremltools'
+``apply_pass_and_basic_check`` / ``assert_op_count_match``.
+
+:func:`apply_pass_and_basic_check` runs one pass on a copy of a graph and checks what every pass must
+keep: graph inputs (except the new inputs the caller declares) and outputs (names, types, shapes), the
+onnx checker, the pass's postcondition, and — for passes that keep the numbers — outputs on
+onnxruntime before and after with **non-zero** random values on every input, LoRA slot inputs included,
+so a mis-wired LoRA branch changes the numbers and fails. Declared new inputs are fed zeros unless the
+caller gives values.
+
+Example::
+
+    graph, result = apply_pass_and_basic_check(graph, "const-fold")
+    assert_op_count_match(graph, {"Mul": 0, "Add": 1})
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from quadc.context import CompileContext
+from quadc.passes.base import GraphPass, PassResult, get_pass
+from quadc.passes.pipeline import check_conditions, check_graph, run_graph, verify_inputs
+
+__all__ = ["apply_pass_and_basic_check", "assert_op_count_match", "assert_same_outputs", "io_signature"]
+
+
+def io_signature(tensors: Iterable[gs.Tensor]) -> dict[str, tuple[str, tuple[Any, ...] | None]]:
+    """name -> (dtype, shape) of graph inputs or outputs."""
+    return {t.name: (str(np.dtype(t.dtype)) if t.dtype is not None else "?",
+                     tuple(t.shape) if t.shape is not None else None) for t in tensors}
+
+
+def assert_op_count_match(graph: gs.Graph, expected: Mapping[str, int]) -> None:
+    """Assert the graph has exactly ``expected[op]`` nodes of each op type named (0 means none)."""
+    counts: dict[str, int] = {}
+    for node in graph.nodes:
+        counts[node.op] = counts.get(node.op, 0) + 1
+    wrong = {op: (counts.get(op, 0), n) for op, n in expected.items() if counts.get(op, 0) != n}
+    assert not wrong, "op counts differ (got, expected): " + ", ".join(f"{op} {g} != {e}" for op, (g, e) in wrong.items())
+
+
+def assert_same_outputs(before: gs.Graph, after: gs.Graph, feeds: Mapping[str, np.ndarray], *,
+                        rtol: float = 1e-5) -> float:
+    """Assert both graphs give the same outputs on ``feeds`` within ``rtol`` of each output's scale;
+    returns the largest absolute difference."""
+    ref, got = run_graph(before, feeds), run_graph(after, feeds)
+    assert len(ref) == len(got), f"output count changed: {len(ref)} -> {len(got)}"
+    worst = 0.0
+    for name, r, g in zip([t.name for t in before.outputs], ref, got, strict=True):
+        assert r.shape == g.shape, f"output {name}: shape {r.shape} -> {g.shape}"
+        scale = float(np.max(np.abs(r))) if r.size else 0.0
+        diff = float(np.max(np.abs(r.astype(np.float64) - g.astype(np.float64)))) if r.size else 0.0
+        worst = max(worst, diff)
+        assert diff <= rtol * (scale or 1.0), f"output {name}: max abs diff {diff:.3g} > {rtol:g} x scale {scale:.3g}"
+    return worst
+
+
+def apply_pass_and_basic_check(graph: gs.Graph, pass_: str | GraphPass, ctx: CompileContext | None = None, *,
+                               options: Mapping[str, Any] | None = None,
+                               expected_new_inputs: Iterable[str] = (),
+                               new_input_values: Mapping[str, np.ndarray] | None = None,
+                               numeric: bool | None = None, rtol: float = 1e-5,
+                               seed: int = 0) -> tuple[gs.Graph, PassResult]:
+    """Run ``pass_`` on a copy of ``graph`` and check it (see the module docstring); returns the rewritten
+    copy and the pass's result. ``numeric`` defaults to the pass's ``preserves_numerics``."""
+    p = get_pass(pass_, options) if isinstance(pass_, str) else pass_
+    ctx = ctx or CompileContext()
+    before = copy.deepcopy(graph)
+    after = copy.deepcopy(graph)
+    problems = p.precondition(after, ctx)
+    assert not problems, f"precondition of '{p.name}' does not hold on the input: {problems}"
+    result = p.run(after, ctx)
+    check_graph(after, p.name)
+    check_conditions(p, after, ctx, "after")
+    new = set(expected_new_inputs)
+    ins_before, ins_after = io_signature(before.inputs), io_signature(after.inputs)
+    kept = {k: v for k, v in ins_after.items() if k not in new}
+    assert kept == ins_before, f"'{p.name}' changed the graph inputs: {ins_before} -> {kept}"
+    missing = new - set(ins_after)
+    assert not missing, f"'{p.name}' did not add the declared inputs {sorted(missing)}"
+    outs_before, outs_after = io_signature(before.outputs), io_signature(after.outputs)
+    assert outs_before == outs_after, f"'{p.name}' changed the graph outputs: {outs_before} -> {outs_after}"
+    if p.preserves_numerics if numeric is None else numeric:
+        feeds = verify_inputs(before, seed=seed)
+        added = verify_inputs(after, seed=seed, zero_inputs=new)
+        feeds.update({k: v for k, v in added.items() if k in new})
+        feeds.update(dict(new_input_values or {}))
+        assert_same_outputs(before, after, feeds, rtol=rtol)
+    return after, result
