@@ -19,6 +19,7 @@ from quadc.context import CompileContext, silent_progress
 from quadc.errors import QuadcError
 from quadc.graph import model_sha256
 from quadc.passes import PassPipeline, run_pipeline
+from quadc.passes.pipeline import check_prerequisites
 from quadc.targets import Target, get_target
 
 
@@ -75,11 +76,12 @@ def compile_model(model: str | os.PathLike[str] | None, out_dir: str | os.PathLi
     unknown = set(options.print_after) - set(pipeline.names)
     if unknown:
         raise QuadcError(f"--print-after names {', '.join(sorted(unknown))}, which is not in the pipeline")
+    target.check_pipeline(pipeline.names, with_loras=bool(options.loras) or model is None)
+    passes = pipeline.build()
+    check_prerequisites(passes)
     graph, ctx, model_path = prepare(model, options.loras, progress)
     ctx.options.setdefault("target", target.name)
-    target.check_pipeline(pipeline.names, ctx)
-    graph, records = run_pipeline(graph, pipeline.build(), ctx, verify=options.verify,
-                                  print_after=options.print_after)
+    graph, records = run_pipeline(graph, passes, ctx, verify=options.verify, print_after=options.print_after)
     progress(f"writing {out_dir}")
     with staged_directory(out_dir, force=options.force) as tmp:
         entries = target.emit(graph, ctx, tmp)

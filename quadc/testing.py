@@ -16,7 +16,6 @@ Example::
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -71,8 +70,8 @@ def apply_pass_and_basic_check(graph: gs.Graph, pass_: str | GraphPass, ctx: Com
     copy and the pass's result. ``numeric`` defaults to the pass's ``preserves_numerics``."""
     p = get_pass(pass_, options) if isinstance(pass_, str) else pass_
     ctx = ctx or CompileContext()
-    before = copy.deepcopy(graph)
-    after = copy.deepcopy(graph)
+    before = graph.copy()
+    after = graph.copy()
     problems = p.precondition(after, ctx)
     assert not problems, f"precondition of '{p.name}' does not hold on the input: {problems}"
     result = p.run(after, ctx)

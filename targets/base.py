@@ -46,9 +46,10 @@ class Target:
 
         return PassPipeline(list(self.passes))
 
-    def check_pipeline(self, names: Sequence[str], ctx: CompileContext) -> None:
-        """Refuse, in one line naming the pass, a pipeline that cannot give this target's artifact."""
-        needed = [p for p in self.requires_passes if p != "lora-inputs" or ctx.loras is not None]
+    def check_pipeline(self, names: Sequence[str], with_loras: bool) -> None:
+        """Refuse, in one line naming the pass, a pipeline that cannot give this target's artifact
+        (``with_loras``: whether LoRAs are compiled, which makes ``lora-inputs`` necessary)."""
+        needed = [p for p in self.requires_passes if p != "lora-inputs" or with_loras]
         missing = [p for p in needed if p not in names]
         if missing:
             why = " (LoRAs are given)" if missing[0] == "lora-inputs" else ""
