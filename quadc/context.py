@@ -34,6 +34,8 @@ class CompileContext:
       ``lora-inputs`` and read by planning, packing and the targets;
     - ``plan``: the quantization plan, written by the ``quant-plan`` stage and read by ``qdq-insert``,
       packing and the quantized targets;
+    - ``unquantized``: tensors that stay float inside a fused operation (``conv-act-fusion``: a Conv output
+      read only by its fused activation); the planner gives them no encoding, so no Q/DQ splits the pair;
     - ``options``: target-wide settings (the target's name); pass options live on the passes;
     - ``applied`` / ``stats``: the passes that ran, in order, and their counts and seconds.
     """
@@ -42,6 +44,7 @@ class CompileContext:
     loras: LoRASet | None = None
     lora_slots: dict[str, LoRASlot] = field(default_factory=dict)
     plan: QuantPlan | None = None
+    unquantized: set[str] = field(default_factory=set)
     options: dict[str, Any] = field(default_factory=dict)
     progress: Callable[[str], None] = silent_progress
     applied: list[str] = field(default_factory=list)

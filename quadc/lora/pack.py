@@ -10,6 +10,9 @@ Example: a linear slot of rank 8 and a task of rank 4 with ``A [d_out, 4]``, ``B
 
     lora_down = pad(Bᵀ, [d_in, 8])        lora_up = pad((s·A)ᵀ, [8, d_out])
 
+(in the slot's ``"channels"`` layout, after ``linear-to-conv``, the same without the transposes; a slot's
+``out_scale`` multiplies ``up`` too).
+
 Quantized packing (:func:`quantize_task`) stores each tensor as the integers of the ONE encoding the plan
 gives its slot input (``plan.lora``): every task uses the very same encoding objects, so one compiled graph
 dequantizes every task's bytes identically. Values outside the shared range saturate; that is the method
@@ -55,13 +58,16 @@ def pack_task(lora: Any | None, slots: Mapping[str, Any]) -> dict[str, np.ndarra
         if layer.rank > slot.rank:
             raise QuadcError(f"task '{lora.name}' has rank {layer.rank} at '{module}', above the compiled slot "
                              f"rank {slot.rank}; compile again with this LoRA")
-        up = np.asarray(layer.up, np.float32) * np.float32(layer.scale)
+        up = np.asarray(layer.up, np.float32) * np.float32(layer.scale * slot.out_scale)
         down = np.asarray(layer.down, np.float32)
-        if slot.kind == "conv":
+        if slot.layout == "conv":
             down = down.reshape(down.shape[0], down.shape[1], *(down.shape[2:] or (1, 1)))
             up = up.reshape(up.shape[0], up.shape[1], 1, 1)
             params[slot.down_input] = _pad_axis(down, 0, slot.rank)
             params[slot.up_input] = _pad_axis(up, 1, slot.rank)
+        elif slot.layout == "channels":  # left MatMul operands: down [r, d_in], up [d_out, r]
+            params[slot.down_input] = _pad_axis(down.reshape(down.shape[0], -1), 0, slot.rank)
+            params[slot.up_input] = _pad_axis(up.reshape(up.shape[0], -1), 1, slot.rank)
         else:
             down = down.reshape(down.shape[0], -1)
             up = up.reshape(up.shape[0], -1)

@@ -1,16 +1,26 @@
 """The LoRA slot table: which layers of the compiled graph take LoRA inputs, and their names and shapes.
 
 A slot is one LoRA-augmented layer. Its two graph inputs are named from the module path
-(``<module>.lora_down`` / ``<module>.lora_up``) and laid out as the ops consume them: linear
-``[d_in, r]`` / ``[r, d_out]``, conv ``[r, d_in, kh, kw]`` / ``[d_out, r, 1, 1]``. The pass
-``lora-inputs`` builds the table with :func:`plan_slots` and stores it as ``ctx.lora_slots``; planning,
-packing and the targets read it from there.
+(``<module>.lora_down`` / ``<module>.lora_up``) and laid out as the ops consume them (``layout``):
+
+- ``"matmul"`` (linear layers after ``lora-inputs``): ``x @ down @ up`` with ``down [d_in, r]``,
+  ``up [r, d_out]``;
+- ``"channels"`` (linear layers after ``linear-to-conv``, activations ``[B, C, S]``):
+  ``up @ (down @ x)`` with ``down [r, d_in]``, ``up [d_out, r]`` as the left MatMul operands;
+- ``"conv"``: ``Conv(Conv(x, down), up)`` with ``down [r, d_in, kh, kw]``, ``up [d_out, r, 1, 1]``.
+
+``out_scale`` is a constant a later pass folded out of the layer's output (e.g. ``scale-fold`` moving the
+attention's ``1/sqrt(d)`` into the q projection): packing multiplies ``up`` by it, so no constant
+multiply stays on the LoRA path. A pass that changes what a slot's inputs feed records it here with
+:func:`dataclasses.replace`; task files are then written in the final layout and bind without
+conversion. The pass ``lora-inputs`` builds the table with :func:`plan_slots` and stores it as
+``ctx.lora_slots``; planning, packing and the targets read it from there.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from quadc.errors import QuadcError
@@ -21,6 +31,7 @@ if TYPE_CHECKING:
 
 DOWN_SUFFIX = ".lora_down"
 UP_SUFFIX = ".lora_up"
+LAYOUTS = ("matmul", "channels", "conv")
 
 
 @dataclass(frozen=True)
@@ -34,9 +45,31 @@ class LoRASlot:
     up_input: str
     down_shape: tuple[int, ...]
     up_shape: tuple[int, ...]
+    layout: str = ""  # "matmul" | "channels" | "conv"; empty means the kind's default
+    out_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.layout:
+            object.__setattr__(self, "layout", "conv" if self.kind == "conv" else "matmul")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown LoRA slot layout {self.layout!r}")
+
+    def in_channels_layout(self) -> LoRASlot:
+        """This linear slot with its inputs as left MatMul operands: down ``[r, d_in]``, up ``[d_out, r]``."""
+        if self.layout == "channels":
+            return self
+        if self.layout != "matmul":
+            raise ValueError(f"slot {self.module} has layout {self.layout}; only a linear slot moves to channels")
+        return replace(self, layout="channels", down_shape=tuple(reversed(self.down_shape)),
+                       up_shape=tuple(reversed(self.up_shape)))
+
+    def scaled(self, factor: float) -> LoRASlot:
+        """This slot with ``factor`` more folded into ``up`` at packing."""
+        return replace(self, out_scale=float(self.out_scale) * float(factor))
 
     def to_dict(self) -> dict[str, object]:
-        return {"module": self.module, "kind": self.kind, "rank": self.rank,
+        return {"module": self.module, "kind": self.kind, "rank": self.rank, "layout": self.layout,
+                "out_scale": self.out_scale,
                 "down": {"name": self.down_input, "shape": list(self.down_shape)},
                 "up": {"name": self.up_input, "shape": list(self.up_shape)}}
 

@@ -118,6 +118,8 @@ class Capture:
     """How rows are sampled from a captured tensor so that a LoRA branch can be evaluated on them.
 
     ``kind="linear"``: the tensor is ``[..., d_in]``; a row is one feature vector (token).
+    ``kind="channels"``: the tensor is ``[B, d_in, ...]`` (channels first, after ``linear-to-conv``); a row
+    is the feature vector at one position.
     ``kind="conv"``: the tensor is ``[B, C, H, W]`` feeding a conv with ``kernel``, ``strides``,
     ``pads`` (ONNX order: top, left, bottom, right) and ``dilations``; a row is the receptive field of one
     output pixel flattened in ``(C, kh, kw)`` order, i.e. ``row @ W.reshape(out, -1).T`` is that pixel's
@@ -137,8 +139,12 @@ class Capture:
             flat = a.reshape(-1, a.shape[-1]) if a.ndim > 1 else a.reshape(1, -1)
             idx = rng.choice(flat.shape[0], size=min(k, flat.shape[0]), replace=False)
             return np.asarray(flat[np.sort(idx)], dtype=np.float32)
+        if self.kind == "channels":
+            flat = np.moveaxis(a.reshape(a.shape[0], a.shape[1], -1), 1, 2).reshape(-1, a.shape[1])
+            idx = rng.choice(flat.shape[0], size=min(k, flat.shape[0]), replace=False)
+            return np.asarray(flat[np.sort(idx)], dtype=np.float32)
         if self.kind != "conv":
-            raise QuadcError(f"unknown capture kind '{self.kind}'; use linear or conv")
+            raise QuadcError(f"unknown capture kind '{self.kind}'; use linear, channels or conv")
         if a.ndim != 4:
             raise QuadcError(f"a conv capture needs an NCHW tensor, got shape {list(a.shape)}")
         b, c, h, w = a.shape
