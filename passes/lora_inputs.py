@@ -92,6 +92,14 @@ class LoRAInputs(GraphPass):
             graph.toposort()
         return PassResult(changed=bool(rewritten), counts={"slots": len(slots), "rewritten": rewritten})
 
+    def postcondition(self, graph: gs.Graph, ctx: CompileContext) -> list[str]:
+        """Every slot's two inputs are graph inputs that feed the graph."""
+        read = {t.name for n in graph.nodes for t in n.inputs}
+        inputs = {t.name for t in graph.inputs}
+        bad = [n for s in ctx.lora_slots.values() for n in (s.down_input, s.up_input)
+               if n not in inputs or n not in read]
+        return [f"every LoRA slot input is a graph input read by a node (not: {', '.join(bad[:3])})"] if bad else []
+
     @staticmethod
     def _rewrite(graph: gs.Graph, node: gs.Node, point, slot: LoRASlot) -> None:
         x = next((t for t in node.inputs if not isinstance(t, gs.Constant)), None)

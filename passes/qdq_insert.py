@@ -288,6 +288,27 @@ class QdqInsert(GraphPass):
             graph.toposort()
         return PassResult(changed=changed, counts=counts)
 
+    def postcondition(self, graph: gs.Graph, ctx: CompileContext) -> list[str]:
+        """Every LoRA slot input is read only through a DequantizeLinear with the plan's one shared
+        encoding (integer inputs) or through Q -> DQ (float inputs)."""
+        plan = ctx.plan
+        if plan is None:
+            return ["ctx.plan is set"]
+        inputs = {t.name: t for t in graph.inputs}
+        bad = []
+        for name, enc in plan.lora.items():
+            t = inputs.get(name)
+            if t is None:
+                continue
+            readers = {n.op for n in t.outputs}
+            want = "QuantizeLinear" if plan.lora_float_inputs else "DequantizeLinear"
+            if readers != {want}:
+                bad.append(name)
+            elif not plan.lora_float_inputs and any(
+                    float(np.asarray(n.inputs[1].values)) != float(np.asarray(enc.scale)) for n in t.outputs):
+                bad.append(name)
+        return [f"every LoRA input is read through its one shared encoding (not: {', '.join(bad[:3])})"] if bad else []
+
     # ----------------------------------------------------------------------------------------- pieces
     @staticmethod
     def _lora_input(graph: gs.Graph, build: _Builder, tensors: dict[str, gs.Tensor], name: str, enc: Encoding,

@@ -378,3 +378,26 @@ def test_option_declarations_are_complete():
             assert isinstance(option, PassOption) and option.help, f"{name}.{option.name} needs help text"
             if option.default is not None:
                 assert option.parse(option.default, name) == option.default, f"{name}.{option.name} default"
+
+
+def test_builtin_postconditions_catch_broken_lora_wiring():
+    from test_qdq_insert import DOWN, UP, lora_linear_graph, lora_tasks, make_plan, qdq
+
+    graph, ctx = lora_linear_graph()
+    lora_pass = get_pass("lora-inputs")
+    assert lora_pass.postcondition(graph, ctx) == []
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((1, 3, 8)).astype(np.float32), **t} for t in lora_tasks(2)]
+    plan = make_plan(graph, feeds, lora_inputs=[DOWN, UP])
+    qctx = qdq(graph, plan)
+    qctx.lora_slots = ctx.lora_slots
+    q_pass = get_pass("qdq-insert")
+    assert q_pass.postcondition(graph, qctx) == []
+    dq = next(n for n in graph.nodes if n.op == "DequantizeLinear" and n.inputs[0].name == UP)
+    dq.inputs[1] = gs.Constant(dq.inputs[1].name + "_other", np.asarray(plan.lora[UP].scale * 2, np.float32))
+    assert UP in q_pass.postcondition(graph, qctx)[0]
+    # A slot input that no longer feeds anything breaks lora-inputs' postcondition.
+    for node in list(graph.nodes):
+        if any(t.name == DOWN for t in node.inputs):
+            node.inputs = [t for t in node.inputs if t.name != DOWN] + [gs.Constant("zero", np.zeros((8, 2), np.float32))]
+    assert DOWN in lora_pass.postcondition(graph, ctx)[0]
