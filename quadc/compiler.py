@@ -20,6 +20,7 @@ from quadc.errors import QuadcError
 from quadc.graph import model_sha256
 from quadc.passes import PassPipeline, run_pipeline
 from quadc.passes.pipeline import check_prerequisites
+from quadc.paths import check_task_names
 from quadc.targets import Target, get_target
 
 
@@ -110,6 +111,7 @@ def prepare(model: str | os.PathLike[str] | None, loras: Mapping[str, str | os.P
 
     model_path = Path(model) if model is not None else bundled_model()
     paths = dict(loras) if (model is not None or loras) else {k: str(v) for k, v in bundled_loras().items()}
+    check_task_names(paths)  # task names become file names: refuse unsafe ones before any work
     progress(f"loading {model_path}")
     graph, info = frontend.load(model_path)
     ctx = CompileContext(model_info=info, progress=progress)

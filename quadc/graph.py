@@ -18,7 +18,7 @@ import hashlib
 import os
 import tempfile
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,27 +77,31 @@ def _external_fields(tensor: onnx.TensorProto) -> dict[str, str]:
 
 
 def _resolve_external(tensor: onnx.TensorProto, base_dir: Path, model_path: Path) -> ExternalSource:
+    """Where ``tensor``'s external bytes are, checked: the location must be a relative path that stays
+    inside the model's folder once symlinks are resolved, and the file must hold the bytes."""
+    from quadc.paths import resolve_inside
+
     fields = _external_fields(tensor)
     location = fields.get("location", "")
-    target = (base_dir / location).resolve()
-    if not location or os.path.isabs(location) or base_dir.resolve() not in target.parents:
-        raise QuadcError(
-            f"{model_path}: initializer '{tensor.name}' points at external data '{location}' outside the "
-            "model's folder; re-export the model with its data file beside it"
-        )
+    target = resolve_inside(base_dir, location, what=f"external data of tensor '{tensor.name}'",
+                            label=str(model_path))
     if not target.is_file():
         raise QuadcError(
             f"{model_path}: external data file '{location}' for initializer '{tensor.name}' is missing; "
             "keep the .data file next to the .onnx file"
         )
-    offset = int(fields.get("offset", "0"))
-    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-    expected = int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
-    length = int(fields.get("length", str(expected)))
-    if length != expected:
+    try:
+        offset = int(fields.get("offset", "0"))
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        expected = int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+        length = int(fields.get("length", str(expected)))
+    except (KeyError, TypeError, ValueError):
+        raise QuadcError(f"{model_path}: tensor '{tensor.name}' has unreadable external data fields; "
+                         "export the model again") from None
+    if length != expected or offset < 0:
         raise QuadcError(
-            f"{model_path}: initializer '{tensor.name}' declares {length} external bytes but its shape "
-            f"needs {expected}; the model file is inconsistent, export it again"
+            f"{model_path}: initializer '{tensor.name}' declares {length} external bytes at offset {offset} "
+            f"but its shape needs {expected}; the model file is inconsistent, export it again"
         )
     if offset + length > target.stat().st_size:
         raise QuadcError(
@@ -105,6 +109,58 @@ def _resolve_external(tensor: onnx.TensorProto, base_dir: Path, model_path: Path
             f"needs bytes up to {offset + length}, file has {target.stat().st_size}); copy it again"
         )
     return ExternalSource(str(target), offset, length)
+
+
+def _nested_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of ``graph`` except its own initializers: sparse initializers, node attributes
+    (``Constant`` values and the like) and everything inside subgraphs, recursively."""
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("sparse_tensor"):
+                yield attr.sparse_tensor.values
+                yield attr.sparse_tensor.indices
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from sub.initializer
+                yield from _nested_tensors(sub)
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    yield from model.graph.initializer
+    yield from _nested_tensors(model.graph)
+
+
+def external_data_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The external data files an ONNX file references, in order of first use, each checked to lie
+    inside the model's folder (symlinks resolved); a QuadcError in one line otherwise."""
+    path = Path(path)
+    model = read_model_proto(path)
+    files: list[Path] = []
+    for tensor in _all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            target = Path(_resolve_external(tensor, path.parent, path).path)
+            if target not in files:
+                files.append(target)
+    return files
+
+
+def _inline_nested_external(model: onnx.ModelProto, base_dir: Path, model_path: Path) -> None:
+    """Read the (small) external tensors outside the top-level initializers into the proto from their
+    checked locations, so that nothing later resolves a location on its own (onnx does so against the
+    working directory)."""
+    for tensor in _nested_tensors(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            src = _resolve_external(tensor, base_dir, model_path)
+            with open(src.path, "rb") as f:
+                f.seek(src.offset)
+                tensor.raw_data = f.read(src.length)
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
 
 
 def read_model_proto(path: str | os.PathLike[str]) -> onnx.ModelProto:
@@ -134,6 +190,7 @@ def load_model(path: str | os.PathLike[str]) -> gs.Graph:
     for init in model.graph.initializer:
         if init.data_location == onnx.TensorProto.EXTERNAL:
             externals[init.name] = _resolve_external(init, base_dir, path)
+    _inline_nested_external(model, base_dir, path)
     try:
         graph = gs.import_onnx(model)
     except Exception as exc:  # gs raises bare exceptions on malformed graphs
@@ -372,19 +429,13 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def model_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 over an ONNX file and, in order, the external data files it references."""
+    """sha256 over an ONNX file and, in order, the external data files it references (each checked to
+    lie inside the model's folder)."""
     path = Path(path)
     digest = hashlib.sha256()
     digest.update(bytes.fromhex(file_sha256(path)))
-    model = onnx.load(str(path), load_external_data=False)
-    seen: list[str] = []
-    for init in model.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            loc = _external_fields(init).get("location", "")
-            if loc and loc not in seen:
-                seen.append(loc)
-    for loc in seen:
-        digest.update(bytes.fromhex(file_sha256(path.parent / loc)))
+    for data_file in external_data_files(path):
+        digest.update(bytes.fromhex(file_sha256(data_file)))
     return digest.hexdigest()
 
 

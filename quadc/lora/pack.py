@@ -187,6 +187,7 @@ def write_task_files(ctx: Any, out_dir: Path, *, quantized: bool = False,
     task its ``saturated`` fraction; no encoding is stored per task.
     """
     from quadc.graph import file_sha256
+    from quadc.paths import check_task_names
 
     slots = ctx.lora_slots
     if quantized:
@@ -208,6 +209,7 @@ def write_task_files(ctx: Any, out_dir: Path, *, quantized: bool = False,
     entries: dict[str, Any] = {"lora_slots": slot_entries, "tasks": {}}
     if not slots or ctx.loras is None:
         return entries
+    check_task_names(ctx.loras)  # task names become file names
     lora_dir = out_dir / "lora"
     lora_dir.mkdir(exist_ok=True)
     for name, lora in ctx.loras.items():

@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from quadc.artifact import read_manifest
+from quadc.artifact import artifact_file, read_manifest
 from quadc.errors import QuadcError
+from quadc.graph import external_data_files
 from quadc.runtime.lora_store import LoRAStore
 
 BASE_TASKS = (None, "none")
@@ -34,15 +35,17 @@ class Engine:
 
         self.dir = Path(artifact_dir)
         self.manifest = read_manifest(self.dir)
-        graph = self.dir / self.manifest["graph"]
+        graph = self.graph_path
+        if not graph.is_file():
+            raise QuadcError(f"{self.dir}: graph file '{self.manifest['graph']}' is missing; compile again")
+        external_data_files(graph)  # its external data must lie inside the artifact too
         so = session_options or ort.SessionOptions()
         so.log_severity_level = 3
         self.session = ort.InferenceSession(str(graph), so, providers=list(providers),
                                             provider_options=provider_options)
         slots = self.manifest.get("lora_slots", [])
         tasks = self.manifest.get("tasks", {})
-        self.store = LoRAStore({t: self.dir / e["files"]["onnx_adapter"]["path"] for t, e in tasks.items()},
-                               capacity=cache_size)
+        self.store = LoRAStore({t: self.task_file(t) for t in tasks}, capacity=cache_size)
         specs = {side["name"]: side for slot in slots for side in (slot["down"], slot["up"])}
         self._zeros = {i.name: _zero_lora(i.shape, _np_type(i.type), specs[i.name])
                        for i in self.session.get_inputs() if i.name in specs}
@@ -55,6 +58,19 @@ class Engine:
     @property
     def tasks(self) -> list[str]:
         return self.store.tasks
+
+    @property
+    def graph_path(self) -> Path:
+        """The artifact's graph file (checked to lie inside the artifact)."""
+        return artifact_file(self.dir, self.manifest["graph"], what="graph")
+
+    def task_file(self, task: str, kind: str = "onnx_adapter") -> Path:
+        """The ``kind`` file (``onnx_adapter`` or ``safetensors``) of ``task``, checked to lie inside the
+        artifact."""
+        files = self.manifest["tasks"][task].get("files", {})
+        if kind not in files:
+            raise QuadcError(f"{self.dir}: task '{task}' has no {kind} file in the manifest; compile again")
+        return artifact_file(self.dir, files[kind].get("path"), what=f"task '{task}' {kind} file")
 
     def run(self, feeds: Mapping[str, np.ndarray], task: str | None = None) -> dict[str, np.ndarray]:
         """Run one forward pass with ``task``'s LoRA bound (``None``/"none": the base model)."""
@@ -89,7 +105,7 @@ class Engine:
 
         feeds = self._unbound_zeros(task)
         if task not in BASE_TASKS:
-            feeds.update(read_packed(self.dir / self.manifest["tasks"][task]["files"]["onnx_adapter"]["path"]))
+            feeds.update(read_packed(self.task_file(task)))
         return feeds
 
     def preload(self, tasks: Sequence[str]) -> None:

@@ -24,7 +24,7 @@ class LoRAStore:
     def __init__(self, files: Mapping[str, Path], capacity: int = 4):
         if capacity < 1:
             raise QuadcError("the LoRA cache needs room for at least one task")
-        self._files = dict(files)
+        self._files = {task: Path(path) for task, path in files.items()}
         self._capacity = capacity
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._pending: dict[str, Future] = {}
@@ -39,8 +39,11 @@ class LoRAStore:
     def _load(self, task: str) -> Any:
         import onnxruntime as ort
 
+        path = self._files[task]
+        if not path.is_file():
+            raise QuadcError(f"task '{task}': LoRA file {path} is missing; compile the artifact again")
         adapter = ort.LoraAdapter()
-        adapter.Load(str(self._files[task]))
+        adapter.Load(str(path))
         with self._lock:
             self.loads += 1
         return adapter
