@@ -38,6 +38,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         verify=args.verify,
         print_after=[p for item in args.print_after or [] for p in item.split(",") if p],
         force=args.force,
+        max_saturation=args.max_saturation,
     )
     progress = silent_progress if args.quiet else stderr_progress
     manifest = compile_model(args.model, args.output, options, progress=progress)
@@ -239,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Conv/Gemm/norm biases as int32 (default, as QNN expects) or float")
     q.add_argument("--act-matmul-8bit", dest="qdq_act_matmul_8bit", action="store_true",
                    help="make the second input of activation x activation MatMuls 8-bit (what HTP does)")
+    q.add_argument("--max-saturation", type=float, metavar="F",
+                   help="fail (writing nothing) when a task saturates more than fraction F of its LoRA values "
+                        "under the shared encodings, e.g. 0.01; the manifest records every task's fraction")
     _add_calibration_flags(p)
     p.set_defaults(func=cmd_compile)
 

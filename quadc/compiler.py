@@ -18,6 +18,7 @@ from quadc.artifact import FORMAT_VERSION, MANIFEST_NAME, check_output_dir, stag
 from quadc.context import CompileContext, silent_progress
 from quadc.errors import QuadcError
 from quadc.graph import model_sha256
+from quadc.lora.pack import check_max_saturation, task_saturations
 from quadc.passes import PassPipeline, run_pipeline
 from quadc.passes.pipeline import check_prerequisites
 from quadc.paths import check_task_names
@@ -53,6 +54,17 @@ class CompileOptions:
     verify: str = "none"
     print_after: Sequence[str] = ()
     force: bool = False
+    #: Refuse the compile (nothing written) when a task saturates more than this fraction of its LoRA
+    #: values under the shared encodings; None = only report it.
+    max_saturation: float | None = None
+
+
+def _check_saturation_limit(value: float | None) -> None:
+    """A QuadcError unless ``value`` is None or a fraction in [0, 1]."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise QuadcError(f"max_saturation must be a fraction between 0 and 1, got {value!r}")
 
 
 def build_pipeline(target: Target, passes: str | Sequence[str] | None,
@@ -71,6 +83,7 @@ def compile_model(model: str | os.PathLike[str] | None, out_dir: str | os.PathLi
     """Compile ``model`` (default: the bundled tiny U-Net) into ``out_dir``; returns the manifest."""
     options = options or CompileOptions()
     check_output_dir(out_dir, force=options.force)
+    _check_saturation_limit(options.max_saturation)
     target = get_target(options.target)
     # The pipeline is built and its options checked before loading, so mistakes fail before long work.
     pipeline = build_pipeline(target, options.passes, options.pass_options)
@@ -83,6 +96,9 @@ def compile_model(model: str | os.PathLike[str] | None, out_dir: str | os.PathLi
     graph, ctx, model_path = prepare(model, options.loras, progress)
     ctx.options.setdefault("target", target.name)
     graph, records = run_pipeline(graph, passes, ctx, verify=options.verify, print_after=options.print_after)
+    if options.max_saturation is not None:
+        # Checked before anything is written (a quantizing pipeline has planned the shared encodings).
+        check_max_saturation(task_saturations(ctx), options.max_saturation)
     progress(f"writing {out_dir}")
     with staged_directory(out_dir, force=options.force) as tmp:
         entries = target.emit(graph, ctx, tmp)

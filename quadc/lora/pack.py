@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -145,11 +146,58 @@ def dequantize_task(qparams: Mapping[str, np.ndarray], plan: QuantPlan) -> dict[
     return {n: dequantize(qparams[n], encs[n]) for n in sorted(qparams)}
 
 
-def saturated_fraction(params: Mapping[str, np.ndarray], plan: QuantPlan) -> float:
-    """Fraction of a task's float LoRA values that saturate under the shared encodings: farther than half a
-    step outside the representable range (closer ones round to the end of the grid like any value)."""
+@dataclass(frozen=True)
+class Saturation:
+    """How many of one task's float LoRA values saturate under the shared encodings, in all and per slot.
+
+    ``per_slot`` maps a slot (its module path, or the input name when no slot table is given) to
+    ``(saturated values, values)``; :attr:`worst_slot` is the slot with the highest saturated fraction.
+    """
+
+    saturated: int
+    total: int
+    per_slot: Mapping[str, tuple[int, int]]
+
+    @property
+    def fraction(self) -> float:
+        return self.saturated / self.total if self.total else 0.0
+
+    def slot_fraction(self, slot: str) -> float:
+        clipped, total = self.per_slot[slot]
+        return clipped / total if total else 0.0
+
+    @property
+    def worst_slot(self) -> str | None:
+        """The slot with the highest saturated fraction (first in order on ties); None if none saturates."""
+        if not self.saturated:
+            return None
+        return max(self.per_slot, key=self.slot_fraction)
+
+    def manifest_entry(self) -> dict[str, Any]:
+        """``saturated`` (the task's fraction) and ``saturated_worst_slot`` (module and its fraction, or
+        None) for the task's manifest entry."""
+        worst = self.worst_slot
+        return {"saturated": round(self.fraction, 8),
+                "saturated_worst_slot": None if worst is None else
+                {"module": worst, "fraction": round(self.slot_fraction(worst), 8)}}
+
+    def describe(self) -> str:
+        """One phrase: the fraction and the worst slot, e.g. ``2.10% of LoRA values (worst slot m: 9.38%)``."""
+        worst = self.worst_slot
+        where = f" (worst slot {worst}: {self.slot_fraction(worst):.2%})" if worst is not None else ""
+        return f"{self.fraction:.2%} of LoRA values{where}"
+
+
+def saturation(params: Mapping[str, np.ndarray], plan: QuantPlan,
+               slot_of: Mapping[str, str] | None = None) -> Saturation:
+    """Count the float LoRA values of a task that saturate under the shared encodings: farther than half a
+    step outside the representable range (closer ones round to the end of the grid like any value).
+
+    ``slot_of`` maps input names to their slot's module path (both inputs of a slot count together);
+    without it each input is its own slot.
+    """
     encs = _lora_encodings(plan, sorted(params))
-    total = clipped = 0
+    per_slot: dict[str, tuple[int, int]] = {}
     for name, enc in encs.items():
         arr = np.asarray(params[name], np.float32)
         half = enc.scale.astype(np.float64) / 2
@@ -158,9 +206,46 @@ def saturated_fraction(params: Mapping[str, np.ndarray], plan: QuantPlan) -> flo
             shape = [1] * arr.ndim
             shape[enc.axis % arr.ndim] = enc.num_channels
             lo, hi = lo.reshape(shape), hi.reshape(shape)
-        clipped += int(np.count_nonzero((arr < lo) | (arr > hi)))
-        total += arr.size
-    return clipped / total if total else 0.0
+        slot = slot_of.get(name, name) if slot_of is not None else name
+        clipped, total = per_slot.get(slot, (0, 0))
+        per_slot[slot] = (clipped + int(np.count_nonzero((arr < lo) | (arr > hi))), total + arr.size)
+    return Saturation(sum(c for c, _ in per_slot.values()), sum(t for _, t in per_slot.values()), per_slot)
+
+
+def saturated_fraction(params: Mapping[str, np.ndarray], plan: QuantPlan) -> float:
+    """Fraction of a task's float LoRA values that saturate under the shared encodings (see
+    :func:`saturation`)."""
+    return saturation(params, plan).fraction
+
+
+def _own_params(lora: Any, slots: Mapping[str, Any]) -> tuple[list[str], dict[str, np.ndarray]]:
+    """The slots (module paths) ``lora`` adapts and its packed float tensors for exactly those slots."""
+    modules = [m for m in slots if m in lora.layers]
+    own = {n for m in modules for n in (slots[m].down_input, slots[m].up_input)}
+    return modules, {k: v for k, v in pack_task(lora, slots).items() if k in own}
+
+
+def task_saturations(ctx: Any, plan: QuantPlan | None = None) -> dict[str, Saturation]:
+    """Per task of ``ctx.loras``: its :class:`Saturation` under the shared LoRA encodings of ``plan``
+    (default ``ctx.plan``); empty when there is no plan with LoRA encodings (float targets) or no task."""
+    plan = plan if plan is not None else ctx.plan
+    slots = ctx.lora_slots
+    if plan is None or not plan.lora or not slots or ctx.loras is None:
+        return {}
+    slot_of = {n: m for m, s in slots.items() for n in (s.down_input, s.up_input)}
+    return {name: saturation(_own_params(lora, slots)[1], plan, slot_of) for name, lora in ctx.loras.items()}
+
+
+def check_max_saturation(saturations: Mapping[str, Saturation], limit: float) -> None:
+    """A one-line QuadcError naming the most saturated task when any task saturates more than ``limit``."""
+    over = {name: sat for name, sat in saturations.items() if sat.fraction > limit}
+    if not over:
+        return
+    name = max(over, key=lambda n: over[n].fraction)
+    others = f" ({len(over) - 1} other task(s) too)" if len(over) > 1 else ""
+    raise QuadcError(f"task '{name}' saturates {over[name].describe()} under the shared encodings, above "
+                     f"--max-saturation {limit:g}{others}; try --lora-policy unified, or compile that task "
+                     "separately")
 
 
 def slot_input_spec(enc: Any) -> dict[str, Any]:
@@ -210,23 +295,26 @@ def write_task_files(ctx: Any, out_dir: Path, *, quantized: bool = False,
     if not slots or ctx.loras is None:
         return entries
     check_task_names(ctx.loras)  # task names become file names
+    saturations = task_saturations(ctx, plan)
     lora_dir = out_dir / "lora"
     lora_dir.mkdir(exist_ok=True)
     for name, lora in ctx.loras.items():
         ctx.progress(f"packing task '{name}'")
         # Only the task's own slots are stored; the runtime binds the shared zero (zero-point) tensors
         # for the others, so a task that adapts few layers costs few bytes.
-        modules = [m for m in slots if m in lora.layers]
-        own = {n for m in modules for n in (slots[m].down_input, slots[m].up_input)}
-        params = {k: v for k, v in pack_task(lora, slots).items() if k in own}
+        modules, params = _own_params(lora, slots)
         metadata = {"quadc.task": name, "quadc.layout": "slot"}
         stored = params
         extra: dict[str, Any] = {}
+        if name in saturations:
+            extra.update(saturations[name].manifest_entry())
+            if saturations[name].saturated:
+                ctx.progress(f"task '{name}' saturates {saturations[name].describe()} under the shared "
+                             "encodings")
         if quantized:
             assert plan is not None
             stored = quantize_task(params, plan)
             metadata["quadc.encodings"] = "shared"
-            extra["saturated"] = round(saturated_fraction(params, plan), 8)
         files = {
             "onnx_adapter": write_onnx_adapter(stored, lora_dir / f"{name}{ADAPTER_SUFFIX}"),
             "safetensors": write_safetensors(stored, lora_dir / f"{name}{SAFETENSORS_SUFFIX}", metadata),
