@@ -16,7 +16,8 @@ Example: a linear slot of rank 8 and a task of rank 4 with ``A [d_out, 4]``, ``B
 Quantized packing (:func:`quantize_task`) stores each tensor as the integers of the ONE encoding the plan
 gives its slot input (``plan.lora``): every task uses the very same encoding objects, so one compiled graph
 dequantizes every task's bytes identically. Values outside the shared range saturate; that is the method
-(QUAD aligns the LoRAs so little does). The manifest records each task's saturated fraction.
+(QUAD aligns the LoRAs so little does). :func:`saturation` counts them per slot; the manifest records each
+task's saturated fraction and its worst slot, and ``--max-saturation`` turns too much into an error.
 """
 
 from __future__ import annotations
@@ -267,9 +268,12 @@ def write_task_files(ctx: Any, out_dir: Path, *, quantized: bool = False,
 
     Manifest entries: ``lora_slots`` (the graph's LoRA inputs) and ``tasks`` (per task: files with bytes
     and sha256, source file and format, ``modules``: the slots the task stores (the runtime binds zeros
-    to the others), ``lora_rom_bytes``: the bytes of the adapter file the runtime loads). With ``quantized`` the tensors are stored as integers under the shared encodings of ``plan``
-    (default ``ctx.plan``): each slot input entry gains its ``dtype`` and ``zero_point`` and each
-    task its ``saturated`` fraction; no encoding is stored per task.
+    to the others), ``lora_rom_bytes``: the bytes of the adapter file the runtime loads). With
+    ``quantized`` the tensors are stored as integers under the shared encodings of ``plan`` (default
+    ``ctx.plan``): each slot input entry gains its ``dtype`` and ``zero_point``; no encoding is stored per
+    task. Whenever a plan with LoRA encodings exists (also for float LoRA inputs, which the graph's Q/DQ
+    clips alike) each task gains ``saturated`` and ``saturated_worst_slot`` (:meth:`Saturation.manifest_entry`)
+    and a progress line when any of its values saturate. Task names are checked to be safe file names.
     """
     from quadc.graph import file_sha256
     from quadc.paths import check_task_names
