@@ -26,8 +26,9 @@ from quadc.compiler import CompileOptions, compile_model
 from quadc.context import stderr_progress
 from quadc.export.configs import TEXT_TOKENS, get_config
 from quadc.graph import load_model, save_model
-from quadc.lora import fit_lora, random_lora, read_lora, write_diffusers
+from quadc.lora import fit_lora, read_lora
 from quadc.lora.merge import merge_lora
+from quadc.testing_lora import random_lora, write_diffusers
 
 MODULES = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 

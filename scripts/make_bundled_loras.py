@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from quadc import frontend
-from quadc.lora import random_lora, write_diffusers, write_kohya, write_peft
+from quadc.testing_lora import random_lora, write_diffusers, write_kohya, write_peft
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "quadc" / "data"

@@ -18,12 +18,13 @@ import onnx_graphsurgeon as gs
 from quadc.context import CompileContext
 from quadc.frontend.model_info import AttachPoint, ModelInfo
 from quadc.graph import to_model_bytes
+from quadc.options import parse_bool
 from quadc.passes import get_pass
 from quadc.quant.affine import Encoding
 from quadc.quant.plan import QuantPlan
 
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "golden_graphs"
-REGEN = os.environ.get("QUADC_REGEN_GOLDEN") == "1"
+REGEN = parse_bool(os.environ.get("QUADC_REGEN_GOLDEN", "0"), "QUADC_REGEN_GOLDEN")
 
 
 def golden_cases() -> list[tuple[str, Path]]:

@@ -15,7 +15,7 @@ from quadc import frontend
 from quadc.context import CompileContext
 from quadc.errors import QuadcError
 from quadc.graph import to_model_bytes
-from quadc.lora import LoRASet, random_lora
+from quadc.lora import LoRASet
 from quadc.lora.pack import pack_task
 from quadc.passes import parse_pipeline, run_pipeline
 from quadc.quant.affine import compute_encoding, fake_quant, sqnr_db
@@ -29,6 +29,7 @@ from quadc.quant.feeds import (
     schedule_timesteps,
 )
 from quadc.quant.qss import branch_output, lora_layer_captures
+from quadc.testing_lora import random_lora
 
 SD15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
             steps_offset=1)

@@ -19,19 +19,9 @@ import safetensors.numpy
 
 from quadc.errors import QuadcError
 from quadc.frontend.model_info import AttachPoint, ModelInfo
-from quadc.lora import (
-    LoRA,
-    LoRALayer,
-    LoRASet,
-    check_fits,
-    fit_lora,
-    random_lora,
-    read_lora,
-    write_diffusers,
-    write_kohya,
-    write_peft,
-)
+from quadc.lora import LoRA, LoRALayer, LoRASet, check_fits, fit_lora, read_lora
 from quadc.lora.kohya_format import kohya_to_module, module_to_kohya
+from quadc.testing_lora import random_lora, write_diffusers, write_kohya, write_peft
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

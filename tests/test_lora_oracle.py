@@ -16,8 +16,8 @@ peft = pytest.importorskip("peft")
 from quadc import frontend  # noqa: E402
 from quadc.compiler import CompileOptions, compile_model  # noqa: E402
 from quadc.export import build_unet, example_inputs  # noqa: E402
-from quadc.lora import random_lora, write_kohya  # noqa: E402
 from quadc.runtime.engine import Engine  # noqa: E402
+from quadc.testing_lora import random_lora, write_kohya  # noqa: E402
 
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 FF_PROJ = ["ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]

@@ -18,12 +18,12 @@ from test_qdq_insert import make_plan
 
 from quadc import frontend
 from quadc.compiler import CompileOptions, compile_model
-from quadc.lora import random_lora, write_kohya
 from quadc.lora.pack import pack_task, quantize_task, read_packed
 from quadc.quant.affine import dequantize, sqnr_db
 from quadc.quant.encodings import read_encodings
 from quadc.runtime.engine import Engine
 from quadc.targets import get_target
+from quadc.testing_lora import random_lora, write_kohya
 
 TASKS = ("alpha", "beta", "gamma")
 MODULES = ["attn1.to_q", "attn2.to_v", "ff.net.2", "resnets.0.conv1", "proj_in"]

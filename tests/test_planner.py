@@ -13,7 +13,7 @@ from quadc import frontend
 from quadc.analyze import analyze, format_analysis
 from quadc.context import CompileContext
 from quadc.errors import QuadcError
-from quadc.lora import LoRA, LoRALayer, LoRASet, random_lora
+from quadc.lora import LoRA, LoRALayer, LoRASet
 from quadc.passes import parse_pipeline, run_pipeline
 from quadc.quant.affine import QType
 from quadc.quant.calibrate import calibrate, float_tensors, measure_sqnr, static_tensors
@@ -29,6 +29,7 @@ from quadc.quant.planner import (
     weight_axes,
 )
 from quadc.quant.qss import shared_lora_encodings, task_encodings
+from quadc.testing_lora import random_lora
 
 MODULES = ["attn1.to_q", "attn2.to_k", "ff.net.2", "resnets.0.conv1", "proj_out"]
 
@@ -241,7 +242,7 @@ def test_analyze_bundled_model():
 
 
 def test_analyze_picks_heavy_lora(bundled_unet, tmp_path):
-    from quadc.lora import write_peft
+    from quadc.testing_lora import write_peft
 
     _, info = frontend.load(bundled_unet)
     smooth = random_lora(info, MODULES, rank=4, seed=1, name="smooth")

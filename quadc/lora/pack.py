@@ -100,7 +100,7 @@ def write_safetensors(params: Mapping[str, np.ndarray], path: str | os.PathLike[
                       metadata: Mapping[str, str] | None = None) -> Path:
     """Write the packed tensors as safetensors (deterministic: the safetensors library orders
     multi-key metadata differently from run to run, so quadc's own writer is used)."""
-    from quadc.lora.make import save_safetensors
+    from quadc.lora.safetensors_io import save_safetensors
 
     return save_safetensors(params, path, metadata)
 

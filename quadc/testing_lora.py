@@ -1,9 +1,9 @@
-"""Make LoRA fixtures: random adapters and deterministic writers for the peft, diffusers and kohya formats.
+"""LoRA fixtures for tests, scripts and benchmarks: random adapters and writers for the peft, diffusers and
+kohya formats. No library module imports this one (``tests/test_layering.py`` checks it).
 
 These build the bundled demo LoRAs and the test fixtures, with numpy only (no torch). Writers are
-byte-for-byte deterministic: the safetensors file is serialized here (header with sorted metadata and
-tensor names, compact JSON) because the ``safetensors`` library writes multi-key metadata in hash order.
-The files are standard safetensors that the library, peft and diffusers read.
+byte-for-byte deterministic (:func:`quadc.lora.safetensors_io.save_safetensors`); the files are standard
+safetensors that the library, peft and diffusers read.
 
 * :func:`write_peft` — a peft adapter directory: ``adapter_model.safetensors`` with
   ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight`` and ``adapter_config.json``.
@@ -30,73 +30,9 @@ from quadc.frontend.model_info import AttachPoint, ModelInfo
 from quadc.lora import peft_format
 from quadc.lora.kohya_format import module_to_kohya
 from quadc.lora.model import LoRA, LoRALayer
-
-_ST_DTYPES = {"float32": "F32", "float16": "F16", "float64": "F64", "bfloat16": "BF16"}
-#: Integer dtypes are written as they are (quantized LoRA files); ``dtype=`` casts only to floats.
-_ST_INT_DTYPES = {"uint8": "U8", "int8": "I8", "uint16": "U16", "int16": "I16", "int32": "I32", "int64": "I64"}
+from quadc.lora.safetensors_io import save_safetensors
 
 Shape = tuple[str, int, int] | tuple[str, int, int, tuple[int, int]]
-
-
-# ----------------------------------------------------------------------------------------------- safetensors
-def _to_bf16_bits(arr: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), round to nearest even."""
-    bits = np.ascontiguousarray(arr, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    return rounded.astype("<u2")
-
-
-def save_safetensors(
-    tensors: Mapping[str, np.ndarray],
-    path: str | os.PathLike[str],
-    metadata: Mapping[str, str] | None = None,
-    *,
-    dtype: str | None = None,
-) -> Path:
-    """Write ``tensors`` as a safetensors file, deterministically; ``dtype`` casts every tensor.
-
-    ``dtype`` is ``float32``, ``float16``, ``float64`` or ``bfloat16`` (None keeps each array's float
-    dtype; integer arrays are written as they are). Tensors are laid out by (itemsize descending, name)
-    so every tensor is aligned.
-    """
-    if dtype is not None and dtype not in _ST_DTYPES:
-        raise QuadcError(f"unknown tensor dtype '{dtype}'; use one of {', '.join(_ST_DTYPES)}")
-    prepared: list[tuple[str, str, list[int], bytes, int]] = []
-    for name, value in tensors.items():
-        arr = np.asarray(value)
-        kind = dtype or arr.dtype.name
-        if kind in _ST_INT_DTYPES and dtype is None:
-            cast = np.ascontiguousarray(arr, dtype=np.dtype(kind).newbyteorder("<"))
-            prepared.append((name, _ST_INT_DTYPES[kind], [int(d) for d in arr.shape], cast.tobytes(), cast.itemsize))
-            continue
-        if kind not in _ST_DTYPES:
-            raise QuadcError(f"tensor '{name}' has dtype {arr.dtype}; only float and integer tensors can be written")
-        if kind == "bfloat16":
-            raw, itemsize = _to_bf16_bits(arr).tobytes(), 2
-        else:
-            cast = np.ascontiguousarray(arr, dtype=np.dtype(kind).newbyteorder("<"))
-            raw, itemsize = cast.tobytes(), cast.itemsize
-        prepared.append((name, _ST_DTYPES[kind], [int(d) for d in arr.shape], raw, itemsize))
-    prepared.sort(key=lambda t: (-t[4], t[0]))
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(metadata[k]) for k in sorted(metadata)}
-    offset = 0
-    for name, code, shape, raw, _ in prepared:
-        header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + len(raw)]}
-        offset += len(raw)
-    head = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
-    head += b" " * (-len(head) % 8)
-    path = Path(os.fspath(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(len(head).to_bytes(8, "little"))
-        f.write(head)
-        for *_, raw, _ in prepared:
-            f.write(raw)
-    os.replace(tmp, path)
-    return path
 
 
 # ------------------------------------------------------------------------------------------------ random LoRA
