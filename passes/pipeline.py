@@ -33,6 +33,7 @@ import onnx_graphsurgeon as gs
 from quadc.context import CompileContext
 from quadc.errors import QuadcError
 from quadc.graph import export_proto, ort_session, save_model, to_model_bytes, weight_bytes
+from quadc.graph_inputs import random_inputs
 from quadc.passes.base import GraphPass, PassResult, get_pass, registered_passes
 from quadc.passes.presets import PRESETS, expand
 
@@ -162,32 +163,6 @@ def check_prerequisites(passes: Sequence[GraphPass], already: Iterable[str] = ()
         seen.add(p.name)
 
 
-def verify_inputs(graph: gs.Graph, seed: int = 0, dim_value: int = 1,
-                  zero_inputs: Iterable[str] = ()) -> dict[str, np.ndarray]:
-    """Random inputs for any graph (symbolic dims become ``dim_value``), for verify mode; U-Net calibration
-    inputs come from :func:`quadc.quant.feeds.random_feeds`."""
-    rng = np.random.default_rng(seed)
-    zeros = set(zero_inputs)
-    feeds: dict[str, np.ndarray] = {}
-    for inp in graph.inputs:
-        if inp.dtype is None or inp.shape is None:
-            raise QuadcError(f"graph input '{inp.name}' has no dtype or shape; cannot build verify inputs")
-        shape = tuple(d if isinstance(d, int) and d >= 0 else dim_value for d in inp.shape)
-        dtype = np.dtype(inp.dtype)
-        if inp.name in zeros:
-            feeds[inp.name] = np.zeros(shape, dtype)
-        elif np.issubdtype(dtype, np.floating):
-            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
-        elif np.issubdtype(dtype, np.integer):
-            info = np.iinfo(dtype)
-            feeds[inp.name] = rng.integers(max(info.min, 0), min(info.max, 1000), shape, endpoint=False).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[inp.name] = rng.random(shape) < 0.5
-        else:
-            raise QuadcError(f"graph input '{inp.name}' has dtype {dtype}, which verify cannot generate")
-    return feeds
-
-
 def run_graph(graph: gs.Graph, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """Outputs of the graph on ORT's CPU provider, in graph output order."""
     sess = ort_session(graph)
@@ -263,7 +238,7 @@ def run_pipeline(graph: gs.Graph, passes: Sequence[GraphPass] | PassPipeline | s
         if verify != "none":
             check_conditions(p, graph, ctx, "before")
         if verify == "numeric" and p.preserves_numerics:
-            feeds = verify_inputs(graph, seed=verify_seed)
+            feeds = random_inputs(graph, seed=verify_seed)
             reference = run_graph(graph, feeds)
         start = time.perf_counter()
         result, rounds = _run_once_or_to_fixed_point(p, graph, ctx)
@@ -276,8 +251,7 @@ def run_pipeline(graph: gs.Graph, passes: Sequence[GraphPass] | PassPipeline | s
             check_conditions(p, graph, ctx, "after")
         if reference is not None and feeds is not None:
             added = [i.name for i in graph.inputs if i.name not in before_inputs]
-            feeds.update({k: v for k, v in verify_inputs(graph, seed=verify_seed, zero_inputs=added).items()
-                          if k in added})
+            feeds.update(random_inputs(graph, seed=verify_seed, zero_inputs=added, names=added))
             after = run_graph(graph, feeds)
             record.max_abs_diff = _compare(reference, after, p.name, rtol)
         ctx.stats.append({"pass": p.name, "changed": result.changed, "counts": dict(result.counts),

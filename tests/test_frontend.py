@@ -10,7 +10,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from quadc.errors import QuadcError
-from quadc.frontend import AttachPoint, ModelInfo, analyze, format_inspect, load
+from quadc.frontend import AttachPoint, ModelInfo, format_inspect, load, recognize_unet
 from quadc.graph import load_model
 
 ATTN = "down_blocks.0.attentions.0.transformer_blocks.0"
@@ -208,7 +208,7 @@ def test_transposed_weight_and_wrapper_prefix(tiny_torchscript_onnx, tmp_path, t
     q = info.points[f"{ATTN}.attn1.to_q"]
     assert q.weight_layout == "out_in" and q.node.endswith("/to_q/MatMul")
     assert info.points["conv_in"].weight == "unet.conv_in.weight"
-    assert analyze(graph).points.keys() == info.points.keys()
+    assert recognize_unet(graph).points.keys() == info.points.keys()
 
 
 # ---------------------------------------------------------------------------------------------------

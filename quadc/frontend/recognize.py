@@ -1,4 +1,4 @@
-"""Recognize a U-Net graph: its inputs, every Linear/Conv layer by diffusers module path, attention blocks.
+"""Recognize a U-Net graph (:func:`recognize_unet`): its inputs, every Linear/Conv layer by diffusers module path, attention blocks.
 
 Works on graphs from both of torch's exporters without decoding any weight (shapes come from the lazy
 ``gs.Constant.shape``):
@@ -27,8 +27,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from quadc.errors import QuadcError
 from quadc.frontend.model_info import AttachPoint, AttentionBlock, ModelInfo
+from quadc.unet_inputs import unet_input_roles
 
 #: First components of diffusers UNet2DConditionModel module paths; anything before them is a wrapper.
 UNET_ROOTS = frozenset({
@@ -391,51 +391,14 @@ def find_attention(graph: gs.Graph, points: dict[str, AttachPoint]) -> list[Atte
 
 
 # ---------------------------------------------------------------------------------------------------
-# Inputs and exporter flavour
+# Exporter flavour
 # ---------------------------------------------------------------------------------------------------
-
-def _describe_inputs(graph: gs.Graph) -> str:
-    if not graph.inputs:
-        return "no inputs"
-    return ", ".join(f"{t.name} {_dtype_name(t.dtype)}{list(_shape_tuple(t))}" for t in graph.inputs)
-
 
 def _is_float_dtype(dtype: object) -> bool:
     try:
         return np.issubdtype(np.dtype(dtype), np.floating)  # type: ignore[arg-type]
     except TypeError:
         return str(dtype) == "bfloat16"
-
-
-def unet_roles(graph: gs.Graph, where: str = "model") -> dict[str, str]:
-    """Map ``sample``/``timestep``/``encoder_hidden_states`` to the graph's input names, or raise."""
-    inputs = list(graph.inputs)
-
-    def rank(t: gs.Tensor) -> int | None:
-        return len(t.shape) if t.shape is not None else None
-
-    def pick(cands: list[gs.Tensor], words: tuple[str, ...]) -> gs.Tensor | None:
-        for word in words:
-            for t in cands:
-                if word in t.name.lower():
-                    return t
-        return cands[0] if len(cands) == 1 else None
-
-    samples = [t for t in inputs if rank(t) == 4 and _is_float_dtype(t.dtype)]
-    sample = pick(samples, ("sample", "latent"))
-    rest = [t for t in inputs if t is not sample]
-    timesteps = [t for t in rest if rank(t) in (0, 1)]
-    timestep = pick(timesteps, ("timestep", "time", "t"))
-    rest = [t for t in rest if t is not timestep]
-    texts = [t for t in rest if rank(t) == 3 and _is_float_dtype(t.dtype)]
-    text = pick(texts, ("encoder_hidden_states", "hidden", "encoder", "context", "text"))
-    missing = [name for name, t in (("a 4-D float 'sample'", sample), ("a 0-D or 1-D 'timestep'", timestep),
-                                    ("a 3-D float 'encoder_hidden_states'", text)) if t is None]
-    if missing:
-        raise QuadcError(f"{where}: not a U-Net graph: it lacks {', '.join(missing)} input "
-                         f"(found {_describe_inputs(graph)}); export it with 'quadc export'")
-    assert sample is not None and timestep is not None and text is not None
-    return {"sample": sample.name, "timestep": timestep.name, "encoder_hidden_states": text.name}
 
 
 def detect_exporter(graph: gs.Graph) -> str:
@@ -462,16 +425,16 @@ def detect_exporter(graph: gs.Graph) -> str:
 # Entry point
 # ---------------------------------------------------------------------------------------------------
 
-def analyze(graph: gs.Graph, *, source: str | Path | None = None) -> ModelInfo:
+def recognize_unet(graph: gs.Graph, *, source: str | Path | None = None) -> ModelInfo:
     """Recognize a U-Net gs.Graph: inputs and their roles, attach points, attention blocks, statistics.
 
-    Raises a QuadcError when the graph lacks the U-Net inputs. ``source`` (default: the file
+    Raises a QuadcError when the graph lacks the U-Net inputs (:func:`quadc.unet_inputs.unet_input_roles`). ``source`` (default: the file
     :func:`quadc.graph.load_model` read) is consulted for dynamo name-scope metadata only when some
     layers cannot be named from initializer or node names.
     """
     source = source if source is not None else getattr(graph, "_quadc_source", None)
     where = str(source) if source else "model"
-    roles = unet_roles(graph, where)
+    roles = unet_input_roles(graph, where)
     layers = find_layers(graph)
     points, unresolved = _name_layers(layers, {})
     if unresolved and source and Path(source).is_file():

@@ -24,13 +24,14 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from quadc.errors import QuadcError
+from quadc.unet_inputs import LORA_DOWN_SUFFIX, LORA_UP_SUFFIX
 
 if TYPE_CHECKING:
     from quadc.frontend.model_info import ModelInfo
     from quadc.lora.model import LoRASet
 
-DOWN_SUFFIX = ".lora_down"
-UP_SUFFIX = ".lora_up"
+DOWN_SUFFIX = LORA_DOWN_SUFFIX
+UP_SUFFIX = LORA_UP_SUFFIX
 LAYOUTS = ("matmul", "channels", "conv")
 
 
