@@ -44,7 +44,8 @@ import onnx_graphsurgeon as gs
 from quadc.context import silent_progress
 from quadc.errors import QuadcError
 from quadc.graph import infer_shapes, ort_session, unique_name
-from quadc.quant.affine import Encoding, fake_quant
+from quadc.quant.affine import Encoding, fake_quant, sqnr_db_from_sums
+from quadc.unet_inputs import is_lora_input
 
 __all__ = [
     "Capture",
@@ -58,7 +59,6 @@ __all__ = [
 
 #: Name of the base-model run (all LoRA inputs zero) in progress messages and ``Ranges.samples``.
 BASE = None
-_LORA_SUFFIXES = (".lora_down", ".lora_up")
 _GRAPH_ATTRS = ("_quadc_registry", "_quadc_source", "opset_imports", "ir_version")
 
 
@@ -225,7 +225,7 @@ def _runs(graph: gs.Graph, feeds: Iterable[Mapping[str, np.ndarray]],
     graph input missing from a feed is a QuadcError.
     """
     specs = {t.name: t for t in graph.inputs}
-    lora_inputs = [n for n in specs if n.endswith(_LORA_SUFFIXES)]
+    lora_inputs = [n for n in specs if is_lora_input(n)]
     zeros: dict[str, np.ndarray] = {}
     for name in lora_inputs:
         t = specs[name]
@@ -451,15 +451,8 @@ def measure_sqnr(
             in_noise[name] += float(np.sum(np.square(err)))
     out: dict[str, float] = {}
     for i, name in enumerate(names):
-        out[name] = _sqnr(sig[i], noise[i])
+        out[name] = sqnr_db_from_sums(sig[i], noise[i])
     for name in in_names:
-        out[name] = _sqnr(in_sig[name], in_noise[name])
+        out[name] = sqnr_db_from_sums(in_sig[name], in_noise[name])
     return {name: out[name] for name in encodings}
 
-
-def _sqnr(signal: float, noise: float) -> float:
-    if noise == 0.0:
-        return math.inf
-    if signal == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)
