@@ -3,8 +3,10 @@ fallback) and every encoding — as a named step of the pipeline.
 
 It does not change the graph: it reads the float LoRA-as-input graph and the LoRA set, and writes
 ``ctx.plan`` (a :class:`~quadc.quant.plan.QuantPlan`) that ``qdq-insert``, packing and the quantized
-targets read. Its options are the planner's (:data:`quadc.quant.planner.PLAN_OPTIONS`: precision,
-a8_fraction, calibration feeds, LoRA policy, per-channel weights, an encodings file to compile against).
+targets read. It packs every task for the slots (:func:`quadc.lora.pack.pack_tasks`) and hands the
+tensors to :func:`quadc.quant.planner.build_plan`. Its options are the planner's
+(:data:`quadc.quant.plan_options.PLAN_OPTIONS`: precision, a8_fraction, calibration feeds, LoRA policy,
+per-channel weights, an encodings file to compile against).
 
 Given::
 
@@ -22,8 +24,10 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from quadc.context import CompileContext
+from quadc.lora.pack import pack_tasks
 from quadc.passes.base import GraphPass, PassResult, register_pass
-from quadc.quant.planner import PLAN_OPTIONS, PlanOptions, build_plan
+from quadc.quant.plan_options import PLAN_OPTIONS, PlanOptions
+from quadc.quant.planner import build_plan
 
 
 @register_pass
@@ -35,7 +39,8 @@ class QuantPlanStage(GraphPass):
     options = PLAN_OPTIONS
 
     def run(self, graph: gs.Graph, ctx: CompileContext) -> PassResult:
-        ctx.plan = build_plan(graph, ctx, PlanOptions(**self.opts))
+        tasks = pack_tasks(ctx.loras, ctx.lora_slots)
+        ctx.plan = build_plan(graph, ctx.lora_slots, tasks, PlanOptions(**self.opts), ctx.progress)
         s = ctx.plan.summary()
         return PassResult(False, {"activations": s["activation_encodings"], "weights": s["weight_encodings"],
                                   "lora_inputs": s["lora_encodings"], "a8": s["a8_tensors"]})

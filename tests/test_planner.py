@@ -14,21 +14,19 @@ from quadc.analyze import analyze, format_analysis
 from quadc.context import CompileContext
 from quadc.errors import QuadcError
 from quadc.lora import LoRA, LoRALayer, LoRASet
+from quadc.lora.pack import pack_tasks
 from quadc.passes import parse_pipeline, run_pipeline
+from quadc.quant.activations import select_a8
 from quadc.quant.affine import QType
 from quadc.quant.calibrate import calibrate, float_tensors, measure_sqnr, static_tensors
 from quadc.quant.encodings import read_encodings, write_encodings
 from quadc.quant.feeds import random_feeds
 from quadc.quant.plan import QuantPlan
-from quadc.quant.planner import (
-    PlanOptions,
-    build_plan,
-    encodings_file_of,
-    pack_tasks,
-    select_a8,
-    weight_axes,
-)
+from quadc.quant.plan_file import encodings_file_of
+from quadc.quant.plan_options import PlanOptions
+from quadc.quant.planner import build_plan
 from quadc.quant.qss import shared_lora_encodings, task_encodings
+from quadc.quant.weights import weight_axes
 from quadc.testing_lora import random_lora
 
 MODULES = ["attn1.to_q", "attn2.to_k", "ff.net.2", "resnets.0.conv1", "proj_out"]
@@ -63,8 +61,7 @@ def setup(bundled_unet):
 def _plan(setup, **options) -> QuantPlan:
     """The plan of the setup's graph with quant-plan ``options`` (parsed as the pass parses them)."""
     graph, base = setup
-    ctx = CompileContext(loras=base.loras, model_info=base.model_info, lora_slots=base.lora_slots)
-    return build_plan(graph, ctx, PlanOptions.from_options(options))
+    return build_plan(graph, base.lora_slots, pack_tasks(base.loras, base.lora_slots), PlanOptions.from_options(options))
 
 
 @pytest.fixture(scope="module")

@@ -84,6 +84,13 @@ def pack_task(lora: Any | None, slots: Mapping[str, Any]) -> dict[str, np.ndarra
     return params
 
 
+def pack_tasks(loras: Any | None, slots: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
+    """Every task of a LoRASet packed for ``slots`` (:func:`pack_task`); empty without LoRAs or slots."""
+    if loras is None or not slots:
+        return {}
+    return {name: pack_task(lora, slots) for name, lora in loras.items()}
+
+
 def write_onnx_adapter(params: Mapping[str, np.ndarray], path: str | os.PathLike[str]) -> Path:
     """Write an onnxruntime adapter file (``onnxruntime.AdapterFormat``)."""
     import onnxruntime as ort
