@@ -15,9 +15,9 @@ from quadc import frontend
 from quadc.compiler import CompileOptions, bundled_loras, bundled_model, compile_model
 from quadc.errors import QuadcError
 from quadc.export import example_inputs
-from quadc.lora import random_lora, write_kohya
 from quadc.lora.pack import read_packed, write_onnx_adapter
 from quadc.targets import get_target
+from quadc.testing_lora import random_lora, write_kohya
 
 GOOD_DB = 90.0  # float32 vs float32: the artifact and the merged model agree to ~1e-6 relative
 BAD_DB = 60.0

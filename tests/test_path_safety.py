@@ -90,9 +90,10 @@ def test_write_task_files_refuses_an_unsafe_name_given_directly(tmp_path):
     """A LoRASet built by hand (not through compile_model) is checked where files are written."""
     from quadc import frontend
     from quadc.context import CompileContext
-    from quadc.lora import LoRASet, random_lora
+    from quadc.lora import LoRASet
     from quadc.lora.pack import write_task_files
     from quadc.lora.slots import plan_slots
+    from quadc.testing_lora import random_lora
 
     _, info = frontend.load(bundled_model())
     lora = random_lora(info, ["to_q"], name="../escape")
