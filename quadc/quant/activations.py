@@ -2,10 +2,11 @@
 
 Activations are the graph's float inputs and node outputs except LoRA slot inputs (encoded by the LoRA
 decision) and tensors computed only from constants and shapes (an attention's ``sqrt(head_dim)``:
-:func:`quadc.quant.calibrate.static_tensors`). Each gets uint16 (``w8a16``) or uint8 (``w8a8``) from its
-calibrated range.
+:func:`quadc.quant.calibrate.static_tensors`). Each gets the scheme's 16-bit type (``w8a16``) or its
+8-bit type (``w8a8``) from its calibrated range (:meth:`quadc.quant.schemes.EncodingScheme.activation_encoding`;
+uint16/uint8 asymmetric under ``qnn-htp``).
 
-**A8 sensitivity** (``a8_fraction``, w8a16 only): each activation is fake-quantized with its own uint8
+**A8 sensitivity** (``a8_fraction``, w8a16 only): each activation is fake-quantized with its own 8-bit
 encoding over the whole calibration set (every feed x task) and its SQNR measured
 (:func:`quadc.quant.calibrate.measure_sqnr`); the highest-SQNR tensors (least harmed by 8 bits) are the
 ``round(a8_fraction * N)`` that get uint8 (:func:`select_a8`), ties broken by name.
@@ -21,8 +22,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from quadc.errors import QuadcError
-from quadc.quant.affine import Encoding, QType, compute_encoding
+from quadc.quant.affine import Encoding
 from quadc.quant.calibrate import measure_sqnr, static_tensors
+from quadc.quant.schemes import QNN_HTP, EncodingScheme
 from quadc.unet_inputs import is_lora_input
 
 __all__ = ["activation_encodings", "activation_names", "select_a8"]
@@ -45,21 +47,22 @@ def select_a8(sqnr: Mapping[str, float], fraction: float) -> list[str]:
 
 def activation_encodings(graph: gs.Graph, ranges: Mapping[str, tuple[float, float]],
                          feeds: Sequence[Mapping[str, np.ndarray]], tasks: Mapping[str, Mapping[str, np.ndarray]],
-                         precision: str, a8_fraction: float, progress: Callable[[str], None]
-                         ) -> tuple[dict[str, Encoding], list[str], dict[str, Any]]:
-    """``(encodings, a8 tensors, report)`` of the activations among the calibrated ``ranges``; SQNR is
-    measured (on ``feeds`` x ``tasks``) only when ``0 < a8_fraction < 1`` under w8a16."""
+                         precision: str, a8_fraction: float, progress: Callable[[str], None],
+                         scheme: EncodingScheme = QNN_HTP) -> tuple[dict[str, Encoding], list[str], dict[str, Any]]:
+    """``(encodings, a8 tensors, report)`` of the activations among the calibrated ``ranges``, in the
+    ``scheme``'s types; SQNR is measured (on ``feeds`` x ``tasks``) only when ``0 < a8_fraction < 1``
+    under w8a16."""
     acts = activation_names(graph, ranges)
-    a16 = QType.UINT8 if precision == "w8a8" else QType.UINT16
-    activations = {n: compute_encoding(*ranges[n], a16) for n in acts}
+    bits = 8 if precision == "w8a8" else 16
+    activations = {n: scheme.activation_encoding(*ranges[n], bits) for n in acts}
     report: dict[str, Any] = {"fraction": a8_fraction, "of": len(acts)}
     if precision == "w8a8":
         a8 = sorted(acts)
-        report["note"] = "w8a8: every activation is uint8 (a8_fraction ignored)"
+        report["note"] = f"w8a8: every activation is {scheme.activation8} (a8_fraction ignored)"
     elif a8_fraction <= 0.0 or not acts:
         a8 = []
     else:
-        enc8 = {n: compute_encoding(*ranges[n], QType.UINT8) for n in acts}
+        enc8 = {n: scheme.activation_encoding(*ranges[n], 8) for n in acts}
         if a8_fraction >= 1.0:
             a8 = sorted(acts)
         else:
@@ -68,7 +71,8 @@ def activation_encodings(graph: gs.Graph, ranges: Mapping[str, tuple[float, floa
             a8 = select_a8(sqnr, a8_fraction)
             chosen = [sqnr[n] for n in a8]
             report["threshold_sqnr_db"] = float(min(chosen)) if chosen and math.isfinite(min(chosen)) else None
-            report["sensitivity"] = "SQNR of uint8 fake-quant over all calibration runs; highest = least sensitive"
+            report["sensitivity"] = (f"SQNR of {scheme.activation8} fake-quant over all calibration runs; "
+                                     "highest = least sensitive")
         for n in a8:
             activations[n] = enc8[n]
     report["count"] = len(a8)

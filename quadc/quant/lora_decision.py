@@ -2,8 +2,10 @@
 
 :mod:`quadc.quant.qss` scores every task (QSS); :func:`decide_lora` picks the policy (the anchor, the
 most quantization-sensitive LoRA, whose own PTQ encodings become the shared ones, or the unified
-fallback, the merged ranges of all LoRAs, when no LoRA stands out) and gives each slot input one uint8
-encoding shared by every task. :meth:`LoRADecision.report` is the QSS table (per task: QSS, mean and
+fallback, the merged ranges of all LoRAs, when no LoRA stands out) and gives each slot input one
+encoding shared by every task. Everything is evaluated in the encoding scheme's LoRA type
+(:class:`quadc.quant.schemes.EncodingScheme`: uint8 asymmetric under ``qnn-htp``), so each scheme makes
+its own decision from the same calibration samples. :meth:`LoRADecision.report` is the QSS table (per task: QSS, mean and
 worst per-layer SQNR, SQNR under the shared encodings) and why the policy and anchor were chosen.
 """
 
@@ -17,7 +19,6 @@ from typing import Any
 import numpy as np
 
 from quadc.errors import QuadcError
-from quadc.quant.affine import QType
 from quadc.quant.plan_options import LORA_POLICY_OPTIONS
 from quadc.quant.qss import (
     LoRAEncodings,
@@ -27,15 +28,18 @@ from quadc.quant.qss import (
     shared_lora_encodings,
     shared_sqnr,
 )
+from quadc.quant.schemes import QNN_HTP, EncodingScheme
 
-__all__ = ["LORA_QTYPE", "QSS_DEFINITION", "LoRADecision", "decide_lora"]
+__all__ = ["LoRADecision", "decide_lora", "qss_definition"]
 
-LORA_QTYPE = QType.UINT8
-QSS_DEFINITION = (
-    "QSS = mean over the task's LoRA layers of mean over sampled inputs x of JS_base2(softmax(f(x;w)/tau) || "
-    "softmax(f(x;w~)/tau)), f = the LoRA branch x@down@up (packed, scale folded into up), w~ = its own "
-    "uint8 per-tensor PTQ, softmax over output channels per token/pixel, tau = RMS of f(x;w) over channels"
-)
+
+def qss_definition(scheme: EncodingScheme = QNN_HTP) -> str:
+    """How QSS is computed, naming the scheme's LoRA type."""
+    kind = f"{scheme.lora} {'symmetric' if scheme.lora_symmetric else 'asymmetric'}"
+    return ("QSS = mean over the task's LoRA layers of mean over sampled inputs x of JS_base2(softmax(f(x;w)/tau) || "
+            "softmax(f(x;w~)/tau)), f = the LoRA branch x@down@up (packed, scale folded into up), w~ = its own "
+            f"{kind} per-tensor PTQ (scheme {scheme.name}), softmax over output channels per token/pixel, "
+            "tau = RMS of f(x;w) over channels")
 
 
 @dataclass
@@ -50,6 +54,7 @@ class LoRADecision:
     tolerance: float
     encodings: LoRAEncodings
     shared_sqnr: dict[str, float] = field(default_factory=dict)
+    scheme: EncodingScheme = QNN_HTP
 
     @property
     def qss(self) -> dict[str, float]:
@@ -65,7 +70,8 @@ class LoRADecision:
             row["shared_sqnr_mean_db"] = float(shared) if shared is not None and math.isfinite(shared) else None
             tasks[name] = row
         return {
-            "definition": QSS_DEFINITION,
+            "definition": qss_definition(self.scheme),
+            "scheme": self.scheme.name,
             "tasks": tasks,
             "requested_policy": self.requested,
             "policy": self.policy,
@@ -79,11 +85,12 @@ class LoRADecision:
 
 def decide_lora(slots: Mapping[str, Any], tasks: Mapping[str, Mapping[str, np.ndarray]],
                 samples: Mapping[str | None, Mapping[str, np.ndarray]], requested: str = "auto",
-                tolerance: float = 0.05) -> LoRADecision:
-    """Score every task (QSS), choose anchor or unified per ``requested`` and build the shared encodings."""
+                tolerance: float = 0.05, scheme: EncodingScheme = QNN_HTP) -> LoRADecision:
+    """Score every task (QSS), choose anchor or unified per ``requested`` and build the shared encodings,
+    all in the ``scheme``'s LoRA type."""
     if requested not in LORA_POLICY_OPTIONS:
         raise QuadcError(f"LoRA policy '{requested}' is not one of {', '.join(LORA_POLICY_OPTIONS)}")
-    scores = compute_qss(slots, tasks, samples, LORA_QTYPE)
+    scores = compute_qss(slots, tasks, samples, scheme.lora, scheme.lora_symmetric)
     qss = {k: s.qss for k, s in scores.items()}
     ranked = sorted(qss, key=lambda k: -qss[k])
     if not tasks:
@@ -111,9 +118,11 @@ def decide_lora(slots: Mapping[str, Any], tasks: Mapping[str, Mapping[str, np.nd
             policy = "unified"
             reason = (f"QSS values are within {spread:.1%} of each other (tolerance {tolerance:.1%}): no LoRA is "
                       "distinctly most sensitive, so the merged ranges of all LoRAs are shared (unified fallback)")
-    encodings = shared_lora_encodings(slots, tasks, policy, anchor, LORA_QTYPE)
+    encodings = shared_lora_encodings(slots, tasks, policy, anchor, scheme.lora, scheme.lora_symmetric)
+    for name, enc in encodings.items():  # the scheme has the last word on the shared range's encoding
+        encodings[name] = scheme.lora_encoding(float(enc.tmin), float(enc.tmax))
     if encodings.fallback:
         reason += (f"; the anchor does not adapt {len(encodings.fallback)} LoRA input(s), which use the merged "
                    "range of all LoRAs")
     return LoRADecision(scores, requested, policy, anchor, reason, tolerance, encodings,
-                        shared_sqnr(slots, tasks, samples, encodings) if tasks else {})
+                        shared_sqnr(slots, tasks, samples, encodings) if tasks else {}, scheme)

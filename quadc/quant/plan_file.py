@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from quadc.errors import QuadcError
@@ -21,6 +22,7 @@ from quadc.quant.calibrate import float_tensors
 from quadc.quant.encodings import EncodingsFile, read_encodings
 from quadc.quant.plan import QuantPlan
 from quadc.quant.plan_options import PlanOptions
+from quadc.quant.schemes import EncodingScheme, get_scheme
 from quadc.quant.weights import weight_axes
 
 __all__ = ["encodings_file_of", "plan_from_encodings_file"]
@@ -39,6 +41,7 @@ def encodings_file_of(plan: QuantPlan) -> EncodingsFile:
         "dtype": "int",
         "per_channel_quantization": bool(plan.per_channel),
         "quant_scheme": "post_training_tf",
+        "quadc_scheme": plan.scheme,
         "lora_inputs": sorted(plan.lora),
         "lora_encodings": "shared by every task",
     }
@@ -46,9 +49,11 @@ def encodings_file_of(plan: QuantPlan) -> EncodingsFile:
 
 
 def plan_from_encodings_file(graph: gs.Graph, slots: Mapping[str, Any], opts: PlanOptions,
-                             progress: Callable[[str], None]) -> QuantPlan:
+                             progress: Callable[[str], None], scheme: EncodingScheme | None = None) -> QuantPlan:
     """The plan of ``opts.encodings_file``: every activation, weight and LoRA input of ``graph`` must have
-    an encoding there (a one-line QuadcError names the missing ones); no calibration runs."""
+    an encoding there (a one-line QuadcError names the missing ones) in the types of ``scheme`` (default:
+    ``opts.scheme``, else ``qnn-htp``); no calibration runs."""
+    scheme = scheme or get_scheme(opts.scheme)
     path = Path(str(opts.encodings_file))
     progress(f"reading encodings from {path}")
     ef = read_encodings(path)
@@ -72,11 +77,15 @@ def plan_from_encodings_file(graph: gs.Graph, slots: Mapping[str, Any], opts: Pl
     precision = _BITS_TO_PRECISION.get(bw, opts.precision) if isinstance(bw, int) else opts.precision
     if len(a8) < len(activations):
         precision = "w8a16"
+    lora = {n: ef.get(n) for n in lora_inputs}
     plan = QuantPlan(
         precision=precision,
+        scheme=scheme.name,
+        ranges={n: (float(np.min(e.tmin)), float(np.max(e.tmax))) for n, e in activations.items()},  # type: ignore[union-attr]
+        lora_ranges={n: (float(np.min(e.tmin)), float(np.max(e.tmax))) for n, e in lora.items()},  # type: ignore[union-attr]
         activations=activations,  # type: ignore[arg-type]
         weights={n: ef.get(n) for n in weights},  # type: ignore[misc]
-        lora={n: ef.get(n) for n in lora_inputs},  # type: ignore[misc]
+        lora=lora,  # type: ignore[arg-type]
         per_channel=any(ef.get(n).per_channel for n in weights),  # type: ignore[union-attr]
         lora_float_inputs=opts.lora_float_inputs,
         lora_policy="file",
@@ -94,4 +103,9 @@ def plan_from_encodings_file(graph: gs.Graph, slots: Mapping[str, Any], opts: Pl
     }
     if precision != opts.precision:
         plan.report["note"] = f"precision {precision} follows the encodings file (the option said {opts.precision})"
+    problems = scheme.check(plan)
+    if problems:
+        more = f" ({len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise QuadcError(f"encodings file '{path}' does not fit encoding scheme '{scheme.name}': {problems[0]}{more}; "
+                         "export the file for this target or calibrate instead")
     return plan

@@ -6,7 +6,7 @@ CLI flags map one to one, and strings such as ``"0.3"`` or ``"true"`` are accept
 =====================  ===========  ===================================================================
 option                 default      meaning
 =====================  ===========  ===================================================================
-``precision``          ``w8a16``    ``w8a16``: uint16 activations; ``w8a8``: uint8 activations
+``precision``          ``w8a16``    ``w8a16``: 16-bit activations; ``w8a8``: 8-bit activations
 ``a8_fraction``        ``0``        w8a16 only: this fraction of activations gets uint8 instead, least
                                     sensitive first (:mod:`quadc.quant.activations`)
 ``calib_dir``          none         folder of ``.npz`` feeds (:func:`quadc.quant.feeds.npz_feeds`)
@@ -17,9 +17,12 @@ option                 default      meaning
                                     ``qss_tolerance`` -> unified; ``anchor`` / ``unified`` force one
 ``qss_tolerance``      ``0.05``     relative QSS spread under which ``auto`` falls back to unified
 ``qss_rows``           ``256``      sampled rows per LoRA layer and task kept for QSS
-``per_channel``        ``false``    weights int8 symmetric per output channel instead of uint8 per-tensor
+``per_channel``        ``false``    weights int8 symmetric per output channel instead of per-tensor (where
+                                    the scheme leaves the choice)
 ``lora_float_inputs``  ``false``    LoRA inputs stay float (Q/DQ inside the graph), recorded in the plan
 ``encodings_file``     none         AIMET 1.0.0 encodings JSON: take every encoding from it, no calibration
+``scheme``             target's     encoding scheme the encodings are derived in
+                                    (:mod:`quadc.quant.schemes`); default: the target's, else ``qnn-htp``
 =====================  ===========  ===================================================================
 """
 
@@ -38,7 +41,7 @@ LORA_POLICY_OPTIONS = ("auto", "anchor", "unified")
 
 #: The planner's options: they are the options of the ``quant-plan`` pass (see the table above).
 PLAN_OPTIONS: tuple[PassOption, ...] = (
-    PassOption("precision", str, "w8a16", "w8a16: uint16 activations; w8a8: uint8 activations",
+    PassOption("precision", str, "w8a16", "w8a16: 16-bit activations; w8a8: 8-bit activations",
                choices=PRECISIONS),
     PassOption("a8_fraction", float, 0.0, "w8a16 only: this fraction of activations becomes uint8",
                low=0.0, high=1.0),
@@ -50,9 +53,12 @@ PLAN_OPTIONS: tuple[PassOption, ...] = (
     PassOption("qss_tolerance", float, 0.05, "relative QSS spread under which auto falls back to unified",
                low=0.0),
     PassOption("qss_rows", int, 256, "sampled rows per LoRA layer and task kept for QSS", low=1),
-    PassOption("per_channel", bool, False, "int8 symmetric per-channel weights instead of uint8 per-tensor"),
+    PassOption("per_channel", bool, False, "int8 symmetric per-channel weights instead of per-tensor (where the "
+               "scheme leaves the choice)"),
     PassOption("lora_float_inputs", bool, False, "keep LoRA inputs float (Q/DQ inside the graph)"),
     PassOption("encodings_file", str, None, "AIMET encodings JSON to take every encoding from"),
+    PassOption("scheme", str, None, "encoding scheme (quadc.quant.schemes) the encodings are derived in; "
+               "default: the target's, else qnn-htp"),
 )
 
 
@@ -71,6 +77,7 @@ class PlanOptions:
     per_channel: bool = False
     lora_float_inputs: bool = False
     encodings_file: str | None = None
+    scheme: str | None = None
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> PlanOptions:

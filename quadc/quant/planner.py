@@ -1,10 +1,13 @@
 """Build the :class:`~quadc.quant.plan.QuantPlan` of one compile: calibration, QSS, anchor, encodings.
 
 :func:`build_plan` is what the ``quant-plan`` stage of the pipeline runs, after the float passes
-(``lora-inputs``, ``const-fold``, ``dce``) and before ``qdq-insert``. It puts together modules that each do
-one job:
+(``lora-inputs``, ``const-fold``, ``dce``) and before ``qdq-insert``: it calibrates
+(:func:`quadc.quant.task_calibration.calibrate_tasks`, or takes a calibration already made for this graph)
+and :func:`derive_plan` turns the target-independent ranges into one encoding scheme's encodings. It puts
+together modules that each do one job:
 
 - :mod:`quadc.quant.plan_options`: the options (the ``quant-plan`` pass's), with their table;
+- :mod:`quadc.quant.schemes`: the encoding schemes (``qnn-htp``, and those targets register);
 - :mod:`quadc.quant.task_calibration`: calibration with every task bound, then the LoRA decision;
 - :mod:`quadc.quant.lora_decision`: QSS, anchor or unified fallback, ONE shared encoding per LoRA input;
 - :mod:`quadc.quant.activations`: activation encodings and the A8 selection (``a8_fraction``);
@@ -25,41 +28,61 @@ import onnx_graphsurgeon as gs
 from quadc.context import silent_progress
 from quadc.quant.activations import activation_encodings
 from quadc.quant.calibrate import static_tensors
+from quadc.quant.lora_decision import decide_lora
 from quadc.quant.plan import QuantPlan
 from quadc.quant.plan_file import plan_from_encodings_file
 from quadc.quant.plan_options import PlanOptions
-from quadc.quant.task_calibration import calibrate_and_decide
+from quadc.quant.schemes import EncodingScheme, get_scheme
+from quadc.quant.task_calibration import Calibration, calibrate_tasks
 from quadc.quant.weights import weight_encodings
 
-__all__ = ["build_plan"]
+__all__ = ["build_plan", "derive_plan"]
 
 
 def build_plan(graph: gs.Graph, slots: Mapping[str, Any], tasks: Mapping[str, Mapping[str, np.ndarray]],
-               opts: PlanOptions | None = None, progress: Callable[[str], None] = silent_progress) -> QuantPlan:
-    """Every encoding of the compile; ``graph`` is not modified.
+               opts: PlanOptions | None = None, progress: Callable[[str], None] = silent_progress, *,
+               scheme: str | EncodingScheme | None = None, calibration: Calibration | None = None) -> QuantPlan:
+    """Every encoding of the compile in ``scheme`` (default: ``opts.scheme``, else ``qnn-htp``);
+    ``graph`` is not modified.
 
     ``slots`` is the LoRA slot table (``ctx.lora_slots``), ``tasks`` every task packed for those slots
-    (:func:`quadc.lora.pack.pack_tasks`; empty without LoRAs).
+    (:func:`quadc.lora.pack.pack_tasks`; empty without LoRAs). ``calibration``, when given, is this
+    graph's calibration with these tasks and options (made once and shared by several schemes); without
+    it the graph is calibrated here.
     """
     opts = opts or PlanOptions()
+    chosen = get_scheme(scheme if scheme is not None else opts.scheme)
     if opts.encodings_file:
-        return plan_from_encodings_file(graph, slots, opts, progress)
-    cal = calibrate_and_decide(graph, slots, tasks, opts, progress, include_base=True)
-    ranges, decision = cal.ranges, cal.decision
+        return plan_from_encodings_file(graph, slots, opts, progress, chosen)
+    cal = calibration or calibrate_tasks(graph, slots, tasks, opts, progress, include_base=True)
+    return derive_plan(graph, slots, cal, chosen, opts, progress)
+
+
+def derive_plan(graph: gs.Graph, slots: Mapping[str, Any], cal: Calibration, scheme: EncodingScheme,
+                opts: PlanOptions, progress: Callable[[str], None] = silent_progress) -> QuantPlan:
+    """The plan of ``scheme`` from a calibration: the LoRA decision in the scheme's LoRA type (QSS, anchor
+    or unified fallback), then activation, weight and LoRA encodings in its types, then the scheme's
+    graph adjustments (:meth:`~quadc.quant.schemes.EncodingScheme.adjust`)."""
+    ranges, tasks = cal.ranges, cal.tasks
+    decision = decide_lora(slots, tasks, ranges.samples, opts.lora_policy, opts.qss_tolerance, scheme)
     if tasks:
-        progress(f"LoRA policy {decision.policy}" + (f", anchor '{decision.anchor}'" if decision.anchor else "")
-                 + f": {decision.reason}")
+        progress(f"[{scheme.name}] LoRA policy {decision.policy}"
+                 + (f", anchor '{decision.anchor}'" if decision.anchor else "") + f": {decision.reason}")
     activations, a8, a8_report = activation_encodings(graph, ranges, cal.feeds, tasks, opts.precision,
-                                                      opts.a8_fraction, progress)
-    progress("computing weight encodings" + (" (per-channel)" if opts.per_channel else ""))
-    weights = weight_encodings(graph, opts.per_channel)
+                                                      opts.a8_fraction, progress, scheme)
+    per_channel = scheme.weights_per_channel(opts.per_channel)
+    progress("computing weight encodings" + (" (per-channel)" if per_channel else ""))
+    weights = weight_encodings(graph, opts.per_channel, scheme)
     static = len(static_tensors(graph) & set(ranges))
     plan = QuantPlan(
         precision=opts.precision,
+        scheme=scheme.name,
+        ranges={n: ranges[n] for n in activations},
+        lora_ranges={n: (float(e.tmin), float(e.tmax)) for n, e in decision.encodings.items()},
         activations=activations,
         weights=weights,
         lora=dict(decision.encodings),
-        per_channel=opts.per_channel,
+        per_channel=per_channel,
         lora_float_inputs=opts.lora_float_inputs,
         lora_policy=decision.policy,
         anchor=decision.anchor,
@@ -69,6 +92,7 @@ def build_plan(graph: gs.Graph, slots: Mapping[str, Any], tasks: Mapping[str, Ma
     lora_report = decision.report()
     plan.report = {
         "source": "calibration",
+        "scheme": scheme.describe(),
         "calibration": {"feeds": ranges.feeds, "description": cal.feed_desc, "tasks": list(tasks), "runs": ranges.runs,
                         "tensors": len(ranges), "skipped": list(ranges.skipped),
                         "static_tensors_excluded": static},
@@ -76,7 +100,9 @@ def build_plan(graph: gs.Graph, slots: Mapping[str, Any], tasks: Mapping[str, Ma
                 "tasks": lora_report.pop("tasks")},
         "lora": lora_report,
         "a8": a8_report,
-        "weights": {"count": len(weights), "per_channel": opts.per_channel,
-                    "scheme": "int8 symmetric per output channel" if opts.per_channel else "uint8 asymmetric per-tensor"},
+        "weights": {"count": len(weights), "per_channel": per_channel,
+                    "scheme": f"{scheme.weight_channel} symmetric per output channel" if per_channel else
+                    f"{scheme.weight} {'symmetric' if scheme.weight_symmetric else 'asymmetric'} per-tensor"},
     }
+    scheme.adjust(graph, plan)
     return plan

@@ -2,8 +2,9 @@
 
 Weights are the constant weight inputs of MatMul, Gemm and Conv (other constants are never decoded),
 plus the scales of InstanceNormalization/LayerNormalization (Qualcomm's HTP backend only finalizes
-normalizations whose scale is quantized). Each is uint8 asymmetric per-tensor, or with ``per_channel``
-int8 symmetric along its output-channel axis: Conv ``[out, in, kh, kw]``: 0; MatMul ``x @ W`` with
+normalizations whose scale is quantized). Each gets the scheme's weight encoding
+(:meth:`quadc.quant.schemes.EncodingScheme.weight_encoding`; under ``qnn-htp`` uint8 asymmetric per-tensor,
+or with ``per_channel`` int8 symmetric) along its output-channel axis: Conv ``[out, in, kh, kw]``: 0; MatMul ``x @ W`` with
 ``W [.., in, out]``: last; MatMul ``W @ x``: second to last; Gemm ``B``: 0 with ``transB=1``, else 1;
 Gemm ``A``: 0, or 1 with ``transA=1``; normalization scales: 0.
 """
@@ -13,7 +14,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from quadc.quant.affine import Encoding, QType, encoding_from_tensor
+from quadc.quant.affine import Encoding
+from quadc.quant.schemes import QNN_HTP, EncodingScheme
 
 __all__ = ["weight_axes", "weight_encodings"]
 
@@ -51,15 +53,12 @@ def weight_axes(graph: gs.Graph) -> dict[str, int]:
     return axes
 
 
-def weight_encodings(graph: gs.Graph, per_channel: bool = False) -> dict[str, Encoding]:
-    """Encodings of the weights (:func:`weight_axes`): uint8 asymmetric per-tensor, or int8 symmetric per
-    output channel with ``per_channel`` (1-D weights stay per-tensor)."""
+def weight_encodings(graph: gs.Graph, per_channel: bool = False,
+                     scheme: EncodingScheme = QNN_HTP) -> dict[str, Encoding]:
+    """Encodings of the weights (:func:`weight_axes`) in the ``scheme``'s types: per-tensor, or per output
+    channel when the scheme (or, where it leaves the choice, ``per_channel``) says so; 1-D weights stay
+    per-tensor."""
     consts = {name: t for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
-    out: dict[str, Encoding] = {}
-    for name, axis in weight_axes(graph).items():
-        values = consts[name].values
-        if per_channel and np.ndim(values) >= 2:
-            out[name] = encoding_from_tensor(values, QType.INT8, symmetric=True, axis=axis)
-        else:
-            out[name] = encoding_from_tensor(values, QType.UINT8)
-    return out
+    channel = scheme.weights_per_channel(per_channel)
+    return {name: scheme.weight_encoding(np.asarray(consts[name].values), axis, channel)
+            for name, axis in weight_axes(graph).items()}
