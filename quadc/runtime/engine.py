@@ -1,5 +1,9 @@
 """Engine: one loaded graph; a task switch binds that task's LoRA tensors, never reloads the model.
 
+The executor is onnxruntime's CPU provider over the artifact's graph, or for an artifact with a QNN
+context (target ``qnn``) that context on the HTP backend when onnxruntime-qnn is installed
+(:mod:`quadc.runtime.qnn_engine`; ``executor="cpu"`` runs its QDQ graph on the CPU instead).
+
 Example::
 
     engine = Engine("out/quadc")
@@ -30,19 +34,26 @@ class Engine:
     def __init__(self, artifact_dir: str | os.PathLike[str], *,
                  providers: Sequence[str] = ("CPUExecutionProvider",),
                  provider_options: Sequence[dict[str, Any]] | None = None, cache_size: int = 4,
-                 session_options: Any = None):
+                 session_options: Any = None, executor: str = "auto"):
         import onnxruntime as ort
+
+        from quadc.runtime.qnn_engine import artifact_context_session, choose_executor
 
         self.dir = Path(artifact_dir)
         self.manifest = read_manifest(self.dir)
-        graph = self.graph_path
-        if not graph.is_file():
-            raise QuadcError(f"{self.dir}: graph file '{self.manifest['graph']}' is missing; compile again")
-        external_data_files(graph)  # its external data must lie inside the artifact too
-        so = session_options or ort.SessionOptions()
-        so.log_severity_level = 3
-        self.session = ort.InferenceSession(str(graph), so, providers=list(providers),
-                                            provider_options=provider_options)
+        explicit = session_options is not None or tuple(providers) != ("CPUExecutionProvider",)
+        self.executor = choose_executor(self.manifest, "cpu" if explicit and executor == "auto" else executor)
+        if self.executor == "qnn-htp":
+            self.session = artifact_context_session(self.dir, self.manifest)
+        else:
+            graph = self.graph_path
+            if not graph.is_file():
+                raise QuadcError(f"{self.dir}: graph file '{self.manifest['graph']}' is missing; compile again")
+            external_data_files(graph)  # its external data must lie inside the artifact too
+            so = session_options or ort.SessionOptions()
+            so.log_severity_level = 3
+            self.session = ort.InferenceSession(str(graph), so, providers=list(providers),
+                                                provider_options=provider_options)
         slots = self.manifest.get("lora_slots", [])
         tasks = self.manifest.get("tasks", {})
         self.store = LoRAStore({t: self.task_file(t) for t in tasks}, capacity=cache_size)
