@@ -28,13 +28,15 @@ def _kv_pairs(values: Sequence[str] | None, flag: str) -> dict[str, str]:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from quadc.compiler import CompileOptions, compile_model
+    from quadc.compiler import ALL_TARGETS, CompileOptions, compile_model
 
+    pass_options, target_options = _split_options(args)
     options = CompileOptions(
         target=args.target,
         loras=_kv_pairs(args.lora, "--lora"),
         passes=args.passes,
-        pass_options=_pass_options(args),
+        pass_options=pass_options,
+        target_options=target_options,
         verify=args.verify,
         print_after=[p for item in args.print_after or [] for p in item.split(",") if p],
         force=args.force,
@@ -42,8 +44,36 @@ def cmd_compile(args: argparse.Namespace) -> int:
     )
     progress = silent_progress if args.quiet else stderr_progress
     manifest = compile_model(args.model, args.output, options, progress=progress)
+    if args.target == ALL_TARGETS:
+        for name, entry in manifest["targets"].items():
+            print(f"wrote {Path(args.output) / entry['dir']} (target {name})")
+        for name, why in manifest.get("skipped", {}).items():
+            print(f"skipped target {name}: {why}")
+        print(f"{len(manifest['targets'])} target(s) from {manifest['calibrations']} calibration(s); "
+              f"shared passes: {','.join(manifest['shared_passes']) or 'none'}")
+        return 0
     tasks = ", ".join(manifest.get("tasks", {})) or "none"
     print(f"wrote {args.output} (target {manifest['target']}, tasks: {tasks})")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    import json
+
+    from quadc.eval.targets_summary import format_summary, verify_artifacts
+
+    feeds = [_load_npz(p) for p in args.inputs] if args.inputs else None
+    tasks = [t for item in args.task or [] for t in item.split(",") if t] or None
+    report = verify_artifacts(args.artifact, feeds=feeds, n_inputs=args.random, seed=args.seed, tasks=tasks,
+                              model=args.model, loras=_kv_pairs(args.lora, "--lora") or None)
+    print(format_summary(report))
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".partial")
+        tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        tmp.replace(out)
+        print(f"wrote {out}")
     return 0
 
 
@@ -100,7 +130,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from quadc.runtime.engine import Engine
 
-    engine = Engine(args.artifact)
+    engine = Engine(args.artifact, executor=args.executor)
     feeds = _load_npz(args.inputs)
     task = None if args.task == "none" else args.task
     outputs = engine.run(feeds, task=task)
@@ -110,7 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     np.savez(tmp, **outputs)
     tmp.replace(out)
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in outputs.items())
-    print(f"wrote {out} ({shapes}; task {args.task})")
+    print(f"wrote {out} ({shapes}; task {args.task}; executor {engine.executor})")
     return 0
 
 
@@ -148,6 +178,13 @@ _FLAG_OPTIONS = {
 }
 
 
+#: Convenience flags -> (target, option). Other target options: --set TARGET.OPTION=VALUE.
+_TARGET_FLAG_OPTIONS = {
+    "htp_arch": ("qnn", "htp_arch"),
+    "soc_model": ("qnn", "soc_model"),
+}
+
+
 def _pass_options(args: argparse.Namespace) -> dict[str, dict[str, object]]:
     """Pass options from the convenience flags given and from ``--set PASS.OPTION=VALUE``."""
     out: dict[str, dict[str, object]] = {}
@@ -162,6 +199,24 @@ def _pass_options(args: argparse.Namespace) -> dict[str, dict[str, object]]:
             raise QuadcError(f"--set expects PASS.OPTION=VALUE (see `quadc passes`), got '{item}'")
         out.setdefault(pass_name, {})[option] = value
     return out
+
+
+def _split_options(args: argparse.Namespace) -> tuple[dict[str, dict[str, object]], dict[str, dict[str, object]]]:
+    """``(pass options, target options)``: ``--set NAME.OPTION`` goes to the target called NAME when no pass
+    is (target names and pass names do not collide for the built-ins), and the target flags to theirs."""
+    from quadc.passes import registered_passes
+    from quadc.targets import discover_targets
+
+    options = _pass_options(args)
+    passes, targets = registered_passes(), discover_targets()
+    target_options: dict[str, dict[str, object]] = {}
+    for name in [n for n in options if n not in passes and n in targets]:
+        target_options[name] = options.pop(name)
+    for flag, (target, option) in _TARGET_FLAG_OPTIONS.items():
+        value = getattr(args, flag, None)
+        if value not in (None, False):
+            target_options.setdefault(target, {})[option] = value
+    return options, target_options
 
 
 def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
@@ -201,6 +256,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from quadc.eval.targets_summary import HELD_OUT_SEED
+
     parser = argparse.ArgumentParser(
         prog="quadc",
         description="QUAD compiler: one quantized SD1.5 U-Net graph per NPU, every LoRA a runtime input.",
@@ -212,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="ONNX U-Net (default: the bundled tiny U-Net and its demo LoRAs)")
     p.add_argument("--lora", action="append", metavar="NAME=PATH",
                    help="a LoRA file (or peft directory) for task NAME; repeat for more tasks")
-    p.add_argument("--target", default="onnx", help="target backend (see `quadc targets`; default: onnx)")
+    p.add_argument("--target", default="onnx",
+                   help="target backend (see `quadc targets`; default: onnx), or 'all': every available target "
+                        "from one calibration into OUTPUT/<target>/")
     p.add_argument("-o", "--output", default="out/quadc", help="artifact directory (default: out/quadc)")
     p.add_argument("--passes", help="override the target's pipeline with pass and preset names, e.g. float,qdq "
                    "(see `quadc passes`)")
@@ -240,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Conv/Gemm/norm biases as int32 (default, as QNN expects) or float")
     q.add_argument("--act-matmul-8bit", dest="qdq_act_matmul_8bit", action="store_true",
                    help="make the second input of activation x activation MatMuls 8-bit (what HTP does)")
+    q.add_argument("--htp-arch", metavar="N", help="target qnn: HTP architecture of the context binary, e.g. 73")
+    q.add_argument("--soc-model", metavar="N", help="target qnn: SoC model of the context binary, e.g. 57")
     q.add_argument("--max-saturation", type=float, metavar="F",
                    help="fail (writing nothing) when a task saturates more than fraction F of its LoRA values "
                         "under the shared encodings, e.g. 0.01; the manifest records every task's fraction")
@@ -259,7 +320,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="none", help="task name from the manifest, or 'none' for the base model")
     p.add_argument("--inputs", required=True, help=".npz with the model inputs (sample, timestep, ...)")
     p.add_argument("-o", "--output", required=True, help=".npz to write the outputs to")
+    p.add_argument("--executor", choices=["auto", "cpu", "qnn-htp"], default="auto",
+                   help="auto (default): a qnn artifact's QNN context on the HTP backend when onnxruntime-qnn is "
+                        "installed, else the ONNX graph on the CPU; cpu; qnn-htp")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("verify", help="run each target's verify for every task on held-out inputs; print a table")
+    p.add_argument("artifact", help="an artifact directory, or a --target all output directory")
+    p.add_argument("--task", action="append", metavar="NAME",
+                   help="task(s) to verify ('none' = base model; default: the base model and every task)")
+    p.add_argument("--inputs", action="append", metavar="NPZ", help=".npz model inputs (repeat); default: synthetic")
+    p.add_argument("--random", type=int, default=2, metavar="N",
+                   help="number of synthetic held-out inputs (default 2)")
+    p.add_argument("--seed", type=int, default=HELD_OUT_SEED,
+                   help="seed of the synthetic inputs (default: one calibration does not use)")
+    p.add_argument("--model", help="source ONNX model, for targets that compare against it (default: bundled)")
+    p.add_argument("--lora", action="append", metavar="NAME=PATH", help="source LoRA of task NAME; repeat")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("inspect", help="ops, parameters, LoRA attachment points and attention blocks of a model")
     p.add_argument("model", help="ONNX U-Net")
