@@ -6,12 +6,13 @@ HTP backend runs (onnxruntime-qnn refuses GroupNormalization on HTP).
     r = Reshape(x, [N, G, -1])
     n = InstanceNormalization(r, ones[G], zeros[G], epsilon)   # per (sample, group) over the group
     b = Reshape(n, shape(x))
-    y = Add(Mul(b, scale[C, 1, ...]), bias[C, 1, ...])
+    y = Add(bias[C, 1, ...], Mul(scale[C, 1, ...], b))
 
 the form the TorchScript exporter writes for ``torch.nn.GroupNorm``. ``y`` keeps the original output
-tensor. Opset 21 (and 18 to 20 via the checker's opset) takes a per-channel ``scale``/``bias`` ``[C]``;
-opset 18's per-group ``[G]`` form is expanded to channels. A GroupNormalization whose input shape is not
-static is left alone and counted (``skipped``); the ``qnn`` target then reports it.
+tensor. Opset 21 takes a per-channel ``scale``/``bias`` ``[C]``; opset 18's per-group ``[G]`` form is
+expanded to channels. The input shape comes from the graph or from onnx shape inference; a
+GroupNormalization whose input shape is not static, or whose scale or bias is not constant, is left
+alone and counted (``skipped``).
 
 The pass adds tensors that need their own calibrated ranges (the normalized values), so it belongs
 before ``quant-plan``. On graphs without GroupNormalization (the TorchScript exports) it changes nothing,
@@ -26,8 +27,8 @@ Result::
     r = Reshape(x, [1, 2, -1])
     n = InstanceNormalization<epsilon=1e-5>(r, [1, 1], [0, 0])
     u = Reshape(n, [1, 8, 4, 4])
-    m = Mul(u, s[8, 1, 1])
-    y = Add(m, b[8, 1, 1])
+    m = Mul(s[8, 1, 1], u)
+    y = Add(b[8, 1, 1], m)
 """
 
 from __future__ import annotations
@@ -50,6 +51,15 @@ def _static_shape(t: gs.Tensor) -> list[int] | None:
     return [int(d) for d in shape]
 
 
+def _inferred_shapes(graph: gs.Graph) -> dict[str, list[int]]:
+    """Static shapes of the graph's tensors from onnx shape inference on a copy (``graph`` unchanged)."""
+    from quadc.graph import infer_shapes
+    from quadc.quant.calibrate import clone_graph
+
+    return {name: shape for name, t in infer_shapes(clone_graph(graph)).tensors().items()
+            if (shape := _static_shape(t)) is not None}
+
+
 @register_pass
 class QnnGroupNorm(GraphPass):
     """Lower GroupNormalization to Reshape + InstanceNormalization + Reshape + Mul + Add (what HTP runs)."""
@@ -58,10 +68,14 @@ class QnnGroupNorm(GraphPass):
 
     def run(self, graph: gs.Graph, ctx: CompileContext) -> PassResult:
         counts = {"lowered": 0, "skipped": 0}
+        nodes = [n for n in graph.nodes if n.op == "GroupNormalization" and (n.domain or "") in ("", "ai.onnx")]
+        if not nodes:
+            return PassResult(False, counts)
         taken = set(graph.tensors()) | {n.name for n in graph.nodes}
-        for node in [n for n in graph.nodes if n.op == "GroupNormalization" and (n.domain or "") in ("", "ai.onnx")]:
+        inferred = _inferred_shapes(graph) if any(_static_shape(n.inputs[0]) is None for n in nodes) else {}
+        for node in nodes:
             x = node.inputs[0]
-            shape = _static_shape(x)
+            shape = _static_shape(x) or inferred.get(x.name)
             scale = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
             bias = const_value(node.inputs[2]) if len(node.inputs) > 2 else None
             groups = int(node.attrs.get("num_groups", 0))
@@ -108,9 +122,10 @@ class QnnGroupNorm(GraphPass):
             gs.Node("InstanceNormalization", f"{name}/qnn_gn/InstanceNormalization", attrs={"epsilon": eps},
                     inputs=[r, const("ones", np.ones(groups, fdtype)), const("zeros", np.zeros(groups, fdtype))], outputs=[n]),
             gs.Node("Reshape", f"{name}/qnn_gn/Reshape_back", inputs=[n, const("shape", np.array(shape, np.int64))], outputs=[u]),
-            gs.Node("Mul", f"{name}/qnn_gn/Mul", inputs=[u, const("scale", scale.astype(fdtype).reshape(per_channel))],
+            # Constants first, as qnn-const-first leaves them (HTP's preferred operand order).
+            gs.Node("Mul", f"{name}/qnn_gn/Mul", inputs=[const("scale", scale.astype(fdtype).reshape(per_channel)), u],
                     outputs=[m]),
-            gs.Node("Add", f"{name}/qnn_gn/Add", inputs=[m, const("bias", bias.astype(fdtype).reshape(per_channel))],
+            gs.Node("Add", f"{name}/qnn_gn/Add", inputs=[const("bias", bias.astype(fdtype).reshape(per_channel)), m],
                     outputs=[y]),
         ])
         node.outputs.clear()

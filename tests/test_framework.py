@@ -337,6 +337,87 @@ def test_a_plugin_package_registers_its_pass_and_target(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+SCHEME_PLUGIN_PY = '''
+from quadc.options import PassOption
+from quadc.quant.affine import QType
+from quadc.quant.schemes import EncodingScheme
+from quadc.targets.onnx_qdq import OnnxQdqTarget
+
+#: A vendor's integer types: int16 symmetric activations, int8 symmetric weights and LoRA inputs.
+SYM = EncodingScheme(name="demo-sym16", description="demo: int16 symmetric", activation16=QType.INT16,
+                     activation8=QType.INT8, activation_symmetric=True, weight=QType.INT8, weight_symmetric=True,
+                     per_channel=True, lora=QType.INT8, lora_symmetric=True)
+
+
+class SymTarget(OnnxQdqTarget):
+    """Quantized ONNX in the demo scheme."""
+
+    name = "demo-sym"
+    description = "demo quantized target with its own encoding scheme"
+    scheme = "demo-sym16"
+    options = (PassOption("flavour", str, "plain", "recorded in the manifest"),)
+
+    def emit(self, graph, ctx, out_dir):
+        entries = super().emit(graph, ctx, out_dir)
+        entries["flavour"] = self.opts["flavour"]
+        return entries
+'''
+
+SCHEME_PLUGIN_TOML = '''
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "quadc-demo-scheme"
+version = "0.0.1"
+
+[project.entry-points."quadc.schemes"]
+demo-sym16 = "quadc_demo_scheme:SYM"
+
+[project.entry-points."quadc.targets"]
+demo-sym = "quadc_demo_scheme:SymTarget"
+'''
+
+
+def test_a_plugin_target_with_its_own_scheme_joins_target_all(tmp_path):
+    import onnx
+
+    from quadc.quant.encodings import read_encodings
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "pyproject.toml").write_text(SCHEME_PLUGIN_TOML)
+    (src / "quadc_demo_scheme.py").write_text(textwrap.dedent(SCHEME_PLUGIN_PY))
+    site = tmp_path / "site"
+    _pip("--target", str(site), str(src))
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    out = tmp_path / "all"
+    run = subprocess.run([sys.executable, "-m", "quadc.cli", "compile", "-q", "--target", "all", "--calib-random", "1",
+                          "--set", "demo-sym.flavour=spicy", "-o", str(out)], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    index = json.loads((out / "targets.json").read_text())
+    assert "demo-sym" in index["targets"] and index["calibrations"] == 1  # shared with the built-in targets
+    manifest = json.loads((out / "demo-sym" / "manifest.json").read_text())
+    assert manifest["quant"]["scheme"] == "demo-sym16" and manifest["flavour"] == "spicy"
+    enc = read_encodings(out / "demo-sym" / "encodings.json")
+    assert {str(e.qtype) for n, e in enc.activations.items() if not n.endswith(("lora_down", "lora_up"))} == {"int16"}
+    assert all(int(e.zero_point) == 0 for e in enc.activations.values())
+    model = onnx.load(str(out / "demo-sym" / "model.onnx"), load_external_data=False)
+    lora = [i for i in model.graph.input if i.name.endswith(("lora_down", "lora_up"))]
+    assert lora and {i.type.tensor_type.elem_type for i in lora} == {onnx.TensorProto.INT8}
+    # The int16/int8 graph runs, binds its int8 task files and stays close to the float graph.
+    from quadc.quant.affine import sqnr_db
+    from quadc.runtime.engine import Engine
+
+    sym, flt = Engine(out / "demo-sym"), Engine(out / "onnx")
+    from quadc.eval.targets_summary import held_out_feeds
+
+    feed = held_out_feeds(flt.manifest, 1)[0]
+    task = next(iter(manifest["tasks"]))
+    assert sqnr_db(flt.run(feed, task)["out_sample"], sym.run(feed, task)["out_sample"]) > 20.0
+
+
 def test_a_plugin_pass_without_a_namespace_is_refused(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
