@@ -13,9 +13,10 @@ session that records where onnxruntime placed each node.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,28 @@ def qnn_devices() -> list[Any]:
     if not devices:
         raise QuadcError("the QNN execution provider offers no device on this machine")
     return devices
+
+
+@contextlib.contextmanager
+def _native_stdout_to_stderr() -> Iterator[None]:
+    """Send what native code prints to stdout (the HTP simulator announces its thread-local-storage
+    setup there) to stderr instead, so quadc's own stdout stays its results."""
+    import ctypes
+    import sys
+
+    if os.name != "posix":  # no C library handle to flush; leave stdout alone
+        yield
+        return
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def htp_provider_options(htp_arch: str | None = None, soc_model: str | None = None,
@@ -259,7 +282,8 @@ def context_session(context_model: str | os.PathLike[str], provider_options: Map
     check_context_files(Path(artifact_dir or context_model.parent), context_model)
     so = htp_session_options(provider_options, strict=True)
     try:
-        return ort.InferenceSession(str(context_model), so)
+        with _native_stdout_to_stderr():
+            return ort.InferenceSession(str(context_model), so)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise QuadcError(f"the QNN HTP backend could not load {context_model.name}: {first}") from None
