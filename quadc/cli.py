@@ -106,8 +106,13 @@ def cmd_targets(args: argparse.Namespace) -> int:
     if not targets:
         print("no targets installed")
     for name, cls in targets.items():
-        print(f"{name:<12} {cls.description}")
+        ok, why = cls.available()
+        print(f"{name:<12} {cls.description}" + ("" if ok else f"  [not available: {why}]"))
         print(f"{'':<12} passes: {','.join(cls.passes)} = {cls().pipeline()}")
+        if cls.scheme:
+            print(f"{'':<12} encoding scheme: {cls.scheme}")
+        for option in cls.options:
+            print(f"{'':<12} --set {name}.{option.describe()}")
     return 0
 
 

@@ -97,6 +97,9 @@ def compile_model(model: str | os.PathLike[str] | None, out_dir: str | os.PathLi
     check_output_dir(out_dir, force=options.force)
     _check_saturation_limit(options.max_saturation)
     target = get_target(options.target, dict(options.target_options.get(options.target, {})))
+    ok, why = target.available()
+    if not ok:
+        raise QuadcError(f"target '{target.name}' is not available here: {why}")
     _check_target_options(options, [target.name])
     # The pipeline is built and its options checked before loading, so mistakes fail before long work.
     pipeline = build_pipeline(target, options.passes, options.pass_options)

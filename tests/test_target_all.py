@@ -146,6 +146,15 @@ def test_unavailable_targets_are_skipped_with_the_reason(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["onnx", "onnx-qdq", "targets.json"]
 
 
+def test_an_unavailable_target_is_refused_before_any_work(tmp_path, monkeypatch, count_calibrations):
+    from quadc.targets.qnn import QnnTarget
+
+    monkeypatch.setattr(QnnTarget, "available", classmethod(lambda cls: (False, "onnxruntime-qnn is not installed")))
+    with pytest.raises(QuadcError, match="target 'qnn' is not available here: onnxruntime-qnn is not installed"):
+        compile_model(None, tmp_path / "o", CompileOptions(target="qnn"))
+    assert not (tmp_path / "o").exists() and not count_calibrations
+
+
 # ------------------------------------------------------------------------------------------ fingerprints
 def _tiny_graph(value: float = 2.0) -> gs.Graph:
     x = gs.Variable("x", np.float32, [2])

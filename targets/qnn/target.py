@@ -159,9 +159,10 @@ class QnnTarget(Target):
     def verify(self, artifact_dir: Path, feeds: dict[str, Any], task: str | None = None, *,
                model: str | os.PathLike[str] | None = None,
                loras: Mapping[str, str | os.PathLike[str]] | None = None,
-               executor: str = "qnn-htp", reference: Any = None) -> dict[str, Any]:
+               executor: str = "auto", reference: Any = None) -> dict[str, Any]:
         """Run the artifact with ``task`` bound (``executor`` ``qnn-htp``: its QNN context on the HTP
-        backend; ``cpu``: its QDQ graph on ORT CPU) and report per output ``max_abs``, ``max_abs_err`` and
+        backend; ``cpu``: its QDQ graph on ORT CPU; ``auto``: HTP when onnxruntime-qnn is installed) and
+        report the executor and per output ``max_abs``, ``max_abs_err`` and
         ``sqnr_db`` against the float LoRA-as-input graph with the task's float LoRA bound
         (:class:`~quadc.targets.qnn.reference.FloatReference`, rebuilt from ``model`` and ``loras``,
         which default to the bundled ones; built once per process for one source and reused)."""
