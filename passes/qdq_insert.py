@@ -36,9 +36,11 @@ up to a float16 the same way. Float biases of float16 layers are refused (``bias
 ``WeightBiasQuantization`` turns them into int32 at session start with the scale product taken in float16,
 which underflows (measured on the tiny fp16 U-Net: -11 dB SQNR instead of +22 dB). Tensors of other float
 types (bf16 weights behind a ``Cast``; ``const-fold`` folds those to float32 first) are left alone. Tensors
-without a recorded type get theirs from onnx shape inference.
+without a recorded type get theirs from onnx shape inference. 8-bit activations on float16 tensors
+(``w8a8``, ``a8_fraction``) are refused: onnxruntime 1.32 fuses 8-bit Q/DQ around a Concat into
+``QLinearConcat``, which rejects float16 scales, so such a graph does not load.
 
-16-bit Q/DQ needs opset 21 (per-axis Q/DQ needs 13). Option ``opset``: ``"21"`` (default) upgrades a
+16-bit Q/DQ needs opset 21 (per-axis Q/DQ needs 13, float16 Q/DQ 19). Option ``opset``: ``"21"`` (default) upgrades a
 graph below that with ``onnx.version_converter`` on the weight-free proto (initializers become unloaded references, so models
 over 2 GB convert too) and re-attaches the original constants; ``"contrib"`` keeps the opset and puts
 every Q/DQ node in the ``com.microsoft`` domain (onnxruntime's contrib ops, as its quantizer does with
@@ -91,6 +93,8 @@ BIAS_MODES = ("int32", "float")
 OPSET_16BIT = 21
 #: First standard opset with per-axis QuantizeLinear/DequantizeLinear.
 OPSET_PER_AXIS = 13
+#: First standard opset whose QuantizeLinear/DequantizeLinear take float16 tensors and scales.
+OPSET_FLOAT16 = 19
 #: IR version that opset 21 needs.
 IR_VERSION_21 = 10
 CONTRIB_DOMAIN = "com.microsoft"
@@ -333,6 +337,17 @@ class QdqInsert(GraphPass):
                   "lora_inputs": 0, "converts": 0, "already": 0, "missing": 0, "skipped": 0}
         encodings = _all_encodings(plan)
         needed = OPSET_16BIT if any(e.qtype.bits == 16 for e in encodings) else OPSET_PER_AXIS
+        tensors = graph.tensors()
+        types = _FloatTypes(graph)
+        if any(n in tensors and types.of(tensors[n]) == np.float16 for n in (*plan.lora, *plan.weights,
+                                                                                 *plan.activations)):
+            needed = max(needed, OPSET_FLOAT16)
+        a8_f16 = sorted(n for n, e in plan.activations.items() if e.qtype.bits == 8 and n not in plan.lora
+                        and n not in plan.weights and n in tensors and types.of(tensors[n]) == np.float16)
+        if a8_f16:
+            raise QuadcError(f"{len(a8_f16)} float16 activation(s) have 8-bit encodings (e.g. '{a8_f16[0]}'), which "
+                             "onnxruntime cannot load (its QLinearConcat fusion rejects float16 scales); quantize "
+                             "float16 models with --precision w8a16 and --a8-fraction 0")
         domain = None
         if encodings and graph.opset < needed:
             if opset_mode == "21":
@@ -343,8 +358,7 @@ class QdqInsert(GraphPass):
         elif opset_mode == "contrib" and graph.opset < OPSET_16BIT:
             domain = CONTRIB_DOMAIN
         build = _Builder(graph, domain)
-        tensors = graph.tensors()
-        types = _FloatTypes(graph)
+        tensors = graph.tensors()  # again: an opset upgrade re-imports the nodes (types stay keyed by name)
         bias_jobs = self._bias_jobs(graph, plan)
         if bias_mode == "float":
             f16 = next((n for n, _, _ in bias_jobs if _dtype_of(n.inputs[2]) == np.float16), None)

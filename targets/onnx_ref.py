@@ -37,7 +37,8 @@ class OnnxTarget(Target):
     def emit(self, graph: gs.Graph, ctx: CompileContext, out_dir: Path) -> dict[str, Any]:
         from quadc.lora.pack import write_task_files
 
-        entries = {**self.write_graph(graph, out_dir, GRAPH_FILE), "precision": "fp32"}
+        fp16 = any(t.dtype is not None and np.dtype(t.dtype) == np.float16 for t in graph.inputs)
+        entries = {**self.write_graph(graph, out_dir, GRAPH_FILE), "precision": "fp16" if fp16 else "fp32"}
         entries.update(write_task_files(ctx, out_dir))
         return entries
 

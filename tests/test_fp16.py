@@ -84,6 +84,7 @@ def test_fp16_export_is_the_fp32_model_rounded(tiny_fp16_onnx, tiny_torchscript_
 def test_fp16_float_artifact_matches_fp32_oracle(fp16_artifacts):
     oracle, flt, _, root = fp16_artifacts
     manifest = json.loads((root / "fp16_onnx" / "manifest.json").read_text())
+    assert manifest["precision"] == "fp16"
     slots = manifest["lora_slots"]
     assert slots and all(s[side]["dtype"] == "float16" for s in slots for side in ("down", "up"))
     inputs = _graph_inputs(root / "fp16_onnx")
@@ -150,10 +151,17 @@ def test_fp16_base_model_equals_the_exported_model(fp16_artifacts, tiny_fp16_onn
                                rtol=0, atol=2e-3 * float(np.abs(want).max()))
 
 
-def test_fp16_float_bias_option_is_refused(tmp_path, tiny_fp16_onnx):
+@pytest.mark.parametrize(("pass_options", "message"), [
+    ({"qdq-insert": {"bias": "float"}}, "float16 bias"),  # onnxruntime would requantize it in float16
+    ({"quant-plan": {"precision": "w8a8"}}, "8-bit encodings"),  # onnxruntime's QLinearConcat rejects it
+], ids=["bias-float", "w8a8"])
+def test_fp16_options_onnxruntime_cannot_run_are_refused(tmp_path, tiny_fp16_onnx, pass_options, message):
+    opts = {"quant-plan": {"calib_random": 1}}
+    for name, values in pass_options.items():
+        opts[name] = {**opts.get(name, {}), **values}
     options = CompileOptions(target="onnx-qdq", loras={k: str(v) for k, v in bundled_loras().items()},
-                             pass_options={"quant-plan": {"calib_random": 1}, "qdq-insert": {"bias": "float"}})
-    with pytest.raises(QuadcError, match="float16 bias") as err:
+                             pass_options=opts)
+    with pytest.raises(QuadcError, match=message) as err:
         compile_model(tiny_fp16_onnx, tmp_path / "out", options)
     assert "\n" not in str(err.value)
 
