@@ -229,3 +229,10 @@ def test_bf16_weight_model_quantizes(bf16_artifacts):
     for task in want:
         db = sqnr_db(np.concatenate(want[task]), np.concatenate(got[task]))
         assert db >= MIN_SQNR_DB, f"task {task}: {db:.1f} dB"
+
+
+def test_export_refuses_an_unknown_dtype(tmp_path):
+    from quadc.export import export_unet
+
+    with pytest.raises(QuadcError, match="unknown export dtype 'bf16'"):
+        export_unet(out=tmp_path / "unet.onnx", dtype="bf16")
