@@ -103,6 +103,17 @@ def test_fp16_float_artifact_matches_fp32_oracle(fp16_artifacts):
                 assert float(np.abs(w - base).max()) > 20 * FP16_TOL * scale, task
 
 
+def test_fp16_float_artifact_verifies_against_the_fp16_model_with_each_lora_merged(fp16_artifacts, tiny_fp16_onnx):
+    from quadc.targets import get_target
+
+    _, flt, _, root = fp16_artifacts
+    loras = {k: str(v) for k, v in bundled_loras().items()}
+    feed = _eval_feeds(flt, 1)[0]
+    for task in [None, *flt.tasks]:
+        report = get_target("onnx").verify(root / "fp16_onnx", feed, task, model=tiny_fp16_onnx, loras=loras)
+        assert report["outputs"]["out_sample"]["sqnr_db"] >= 45.0, (task, report)
+
+
 def test_fp16_quantized_artifact_reaches_sqnr_on_unseen_inputs(fp16_artifacts):
     _, flt, qdq, root = fp16_artifacts
     manifest = json.loads((root / "fp16_qdq" / "manifest.json").read_text())
