@@ -48,6 +48,8 @@ class LoRASlot:
     up_shape: tuple[int, ...]
     layout: str = ""  # "matmul" | "channels" | "conv"; empty means the kind's default
     out_scale: float = 1.0
+    #: Float type of both inputs: the layer's activation type (``float32`` or ``float16``), set by lora-inputs.
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if not self.layout:
@@ -71,8 +73,8 @@ class LoRASlot:
     def to_dict(self) -> dict[str, object]:
         return {"module": self.module, "kind": self.kind, "rank": self.rank, "layout": self.layout,
                 "out_scale": self.out_scale,
-                "down": {"name": self.down_input, "shape": list(self.down_shape)},
-                "up": {"name": self.up_input, "shape": list(self.up_shape)}}
+                "down": {"name": self.down_input, "shape": list(self.down_shape), "dtype": self.dtype},
+                "up": {"name": self.up_input, "shape": list(self.up_shape), "dtype": self.dtype}}
 
 
 def plan_slots(info: ModelInfo | None, loras: LoRASet | None, targets: str | None = None,
