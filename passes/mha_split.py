@@ -40,8 +40,9 @@ Channels-first q/k/v (``[B, C, 1, S]``) are split on axis 1 in NPU.md's N form: 
 Transpose for the scores, ``k_h^T`` is a Reshape, ``o_h = MatMul(v_h, Transpose(p_h))`` and the heads
 are concatenated on axis 1.
 
-TorchScript graphs carry no intermediate shapes; when the attention's shapes are unknown the pass runs
-onnx shape inference once (graph inputs and outputs keep their declared types). Counts:
+TorchScript graphs carry no intermediate shapes: when an attention's Softmax has no static shape, or an
+attention is left whole for want of one, the pass runs onnx shape inference (graph inputs and outputs
+keep their declared types). Counts:
 ``attentions_split``, ``heads`` (their sum) and ``softmax`` (Softmax nodes in the graph afterwards).
 """
 
@@ -418,7 +419,7 @@ def recognize(graph: gs.Graph, m: Match) -> Attention | str:
         side += scaled[2]
     sizes = {"B": q.layout.sizes.get("B", 1), "S": q.layout.sizes.get("S", 1), "H": q.heads,
              "E": v.layout.sizes["E"]}
-    seq, size = tuple(a for a in "S" if sizes[a] > 1), tuple(a for a in "E" if sizes[a] > 1)
+    seq, size = Layout([], sizes).want("S"), Layout([], sizes).want("E")
     start = Layout([*q.layout.axes[:-2], *((size, seq) if v_left else (seq, size))], sizes)
     merged = _merge_exits(pv, start, graph)
     if isinstance(merged, str):
@@ -608,16 +609,18 @@ def _shapes_missing(graph: gs.Graph) -> bool:
                for n in graph.nodes)
 
 
-def _ensure_shapes(graph: gs.Graph) -> bool:
-    """Run shape inference when an attention core's scores have no static shape; True if it ran.
-    Graph inputs and outputs keep their declared dtypes and shapes."""
-    if not _shapes_missing(graph):
-        return False
+def _whole_attention_left(graph: gs.Graph) -> bool:
+    """Whether an attention core still has a 4-D (all heads) Softmax."""
+    return any(n.op == "Softmax" and len(n.inputs[0].shape or ()) == 4 and match(n, CORE, graph)
+               for n in graph.nodes)
+
+
+def _infer_shapes(graph: gs.Graph) -> None:
+    """onnx shape inference onto the graph's tensors; graph inputs and outputs keep their declared types."""
     declared = [(t, t.dtype, t.shape) for t in [*graph.inputs, *graph.outputs]]
     infer_shapes(graph)
     for t, dtype, shape in declared:
         t.dtype, t.shape = dtype, shape
-    return True
 
 
 @register_pass
@@ -627,9 +630,15 @@ class MhaSplit(GraphPass):
     name = "mha-split"
 
     def run(self, graph: gs.Graph, ctx: CompileContext) -> PassResult:
-        _ensure_shapes(graph)
         splitter = _Splitter(graph)
-        apply_rules(graph, [Rule(RULE_NAME, CORE, splitter.rewrite, check=_check)])
+        rule = Rule(RULE_NAME, CORE, splitter.rewrite, check=_check)
+        inferred = _shapes_missing(graph)
+        if inferred:  # TorchScript graphs carry no intermediate shapes
+            _infer_shapes(graph)
+        apply_rules(graph, [rule])
+        if not inferred and _whole_attention_left(graph):  # another pass may have left a shape unset
+            _infer_shapes(graph)
+            apply_rules(graph, [rule])
         counts = {"attentions_split": splitter.attentions, "heads": splitter.heads,
                   "softmax": op_count(graph, "Softmax")}
         return PassResult(changed=splitter.attentions > 0, counts=counts)

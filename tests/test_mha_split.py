@@ -156,6 +156,13 @@ def test_channels_first_attention_with_two_exits_and_batch_of_two():
     assert {t.name for t in after.tensors().values()} >= {"o3", "on"}  # both exits keep their names
 
 
+def test_a_shape_left_unset_by_another_pass_is_inferred():
+    graph = infer_shapes(_graph(_text("dynamo_self_attention")))
+    graph.tensors()["q"].shape = None  # the Softmax has its shape, the head split's input not
+    result = get_pass("mha-split").run(graph, CompileContext())
+    assert result.counts["attentions_split"] == 1
+
+
 def test_scores_divided_by_sqrt_d_fold_into_q():
     text = _text("converter_cross_attention", **{"scores = Mul (raw, scale)": "scores = Div (raw, sqrt_d)",
                                                   "float scale = {0.70710677}": "float sqrt_d = {1.4142135}"})
