@@ -7,11 +7,14 @@ materializes 3.4 GB of weights that quadc's graph layer otherwise keeps on disk.
 the code is this module (about 200 lines).
 
 A pattern is a tree of :class:`Op` (an op type and its input patterns), :class:`Var` (any tensor; the
-same name must bind the same tensor), :class:`Const` (a constant, optionally checked by a predicate) and
-``None`` (anything). :func:`match` tries a pattern at a node and returns a :class:`Match` or a
+same name must bind the same tensor), :class:`Const` (a constant, optionally checked by a predicate),
+:class:`OneOf` (the first of several alternatives that matches) and ``None`` (anything). :func:`match` tries a pattern at a node and returns a :class:`Match` or a
 :class:`NoMatch` whose ``reason`` says what differed. A :class:`Rule` adds a check and a rewrite;
 :func:`apply_rules` runs rules over a graph until none applies, and :func:`explain` lists why a rule did
-not apply at each candidate node (for debugging a pass on a new exporter).
+not apply at each candidate node (for debugging a pass on a new exporter). :func:`static_value`
+evaluates a tensor computed from constants and static shapes (``Shape`` of a tensor whose shape is known,
+as TorchScript writes the attention scale), and :func:`outside_uses` says which tensors of a set of nodes
+are read elsewhere (what a rewrite that drops those nodes must not orphan).
 
 Example — SiLU written as ``x * sigmoid(x)``::
 
@@ -28,8 +31,8 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-__all__ = ["Const", "Match", "NoMatch", "Op", "Rule", "Var", "apply_rules", "const_value", "explain", "match",
-           "producer", "single_consumer"]
+__all__ = ["Const", "Match", "NoMatch", "OneOf", "Op", "Rule", "Var", "apply_rules", "const_value", "explain",
+           "match", "outside_uses", "producer", "single_consumer", "static_value"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,17 @@ class Op:
         object.__setattr__(self, "attrs", attrs)
         object.__setattr__(self, "commutative", commutative)
         object.__setattr__(self, "one_use", one_use)
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """The first of ``alternatives`` (patterns) that matches the tensor; e.g. an optional scale:
+    ``OneOf(Op("Mul", x, Const("c")), x)``."""
+
+    alternatives: tuple[Any, ...]
+
+    def __init__(self, *alternatives: Any) -> None:
+        object.__setattr__(self, "alternatives", tuple(alternatives))
 
 
 @dataclass
@@ -119,6 +133,17 @@ def const_value(tensor: gs.Tensor) -> np.ndarray | None:
 def _match_tensor(tensor: gs.Tensor, pattern: Any, m: Match, path: str) -> str | None:
     if pattern is None:
         return None
+    if isinstance(pattern, OneOf):
+        reasons = []
+        for alternative in pattern.alternatives:
+            trial = Match(m.root, dict(m.nodes), dict(m.tensors), m.graph_outputs)
+            reason = _match_tensor(tensor, alternative, trial, path)
+            if reason is None:
+                m.nodes.update(trial.nodes)
+                m.tensors.update(trial.tensors)
+                return None
+            reasons.append(reason)
+        return " / ".join(reasons)
     if isinstance(pattern, Var):
         bound = m.tensors.get(pattern.name)
         if bound is not None and bound is not tensor:
@@ -228,3 +253,88 @@ def explain(graph: gs.Graph, rule: Rule, nodes: Iterable[gs.Node] | None = None)
         if reason:
             out[node.name or f"<{node.op}>"] = reason
     return out
+
+
+def _static_shape(tensor: gs.Tensor) -> list[int] | None:
+    shape = tensor.shape
+    if shape is None or not all(isinstance(d, int | np.integer) and d >= 0 for d in shape):
+        return None
+    return [int(d) for d in shape]
+
+
+def static_value(tensor: gs.Tensor, opset: int, *, max_nodes: int = 32) -> tuple[np.ndarray, list[gs.Node]] | None:
+    """The value of ``tensor`` when it depends only on constants and on static shapes (``Shape`` of a
+    tensor whose ``shape`` is known), with the nodes that compute it; None otherwise. The nodes are
+    evaluated with onnx's reference evaluator at ``opset``; the graph is not changed."""
+    value = const_value(tensor)
+    if value is not None:
+        node = producer(tensor)
+        return value, [node] if node is not None else []
+    nodes: list[gs.Node] = []
+    leaves: dict[str, np.ndarray] = {}
+    seen: set[int] = set()
+
+    def visit(t: gs.Tensor) -> bool:
+        if not t.name or t.name in leaves:
+            return True
+        node = producer(t)
+        known = const_value(t)
+        if known is not None:
+            leaves[t.name] = known
+            if node is not None and id(node) not in seen:  # a Constant node
+                seen.add(id(node))
+                nodes.append(node)
+            return True
+        if node is None or any(isinstance(v, gs.Graph) for v in node.attrs.values()):
+            return False
+        if id(node) in seen:
+            return True
+        seen.add(id(node))
+        if len(seen) > max_nodes:
+            return False
+        if node.op == "Shape":
+            shape = _static_shape(node.inputs[0])
+            if shape is None:
+                return False
+            start, end = node.attrs.get("start", 0), node.attrs.get("end", None)
+            leaves[t.name] = np.asarray(shape[start:end], np.int64)
+            nodes.append(node)
+            return True
+        if not all(visit(i) for i in node.inputs):
+            return False
+        nodes.append(node)
+        return True
+
+    if not visit(tensor):
+        return None
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+    computed = [n for n in nodes if n.op not in ("Shape", "Constant")]
+    proto = helper.make_graph(
+        [OnnxExporter.export_node(n) for n in computed], "static_value", [],
+        [helper.make_value_info(tensor.name, helper.TypeProto())],
+        initializer=[numpy_helper.from_array(np.asarray(v), name) for name, v in leaves.items()])
+    model = helper.make_model(proto, opset_imports=[helper.make_opsetid("", opset)])
+    try:
+        result = ReferenceEvaluator(model).run(None, {})[0]
+    except Exception:  # an op the reference evaluator cannot run: not static for our purposes
+        return None
+    return np.asarray(result), nodes
+
+
+def outside_uses(nodes: Iterable[gs.Node], exits: Iterable[gs.Tensor] = (), graph: gs.Graph | None = None) -> list[str]:
+    """Names of the tensors produced by ``nodes`` that something else reads (a node not in ``nodes``, or
+    a graph output), ``exits`` excepted: what would be orphaned if a rewrite dropped ``nodes``."""
+    inside = {id(n) for n in nodes}
+    allowed = {id(t) for t in exits}
+    outputs = {id(t) for t in graph.outputs} if graph is not None else set()
+    names = []
+    for node in nodes:
+        for t in node.outputs:
+            if id(t) in allowed:
+                continue
+            if id(t) in outputs or any(id(user) not in inside for user in t.outputs):
+                names.append(t.name)
+    return names
