@@ -128,10 +128,15 @@ def test_analyze_prints_table_and_writes_json(tmp_path, capsys):
     assert main(["analyze", "-q", "--json", str(tmp_path / "qss.json")]) == 0
     out = capsys.readouterr().out
     report = json.loads((tmp_path / "qss.json").read_text())
-    for task in bundled_loras():
-        assert task in out
-    assert "policy:" in out and "why:" in out
-    assert json.dumps(report)  # JSON-safe
+    # The file holds the very analysis the table shows: same tasks, QSS values, policy and reason.
+    assert set(report["tasks"]) == set(bundled_loras())
+    rows = {line.split()[0]: line for line in out.splitlines() if line.split() and line.split()[0] in report["tasks"]}
+    assert set(rows) == set(report["tasks"])
+    for task, row in report["tasks"].items():
+        assert row["qss"] > 0 and f" {row['qss']:.4g} " in rows[task], (task, row["qss"], rows[task])
+        assert ("<- anchor" in rows[task]) == (task == report["anchor"])
+    assert f"policy: {report['policy']} (" in out and f"why: {report['reason']}" in out
+    assert len(report["lora_encodings"]) == 2 * report["slots"] > 0
     assert main(["analyze", "-q", "--lora-policy", "anchor"]) == 0
     assert "anchor:" in capsys.readouterr().out
 
