@@ -192,3 +192,19 @@ def test_task_files_hold_only_their_own_slots(tmp_path, target):
     for task in [*manifest["tasks"], "none"]:
         report = get_target(target).verify(tmp_path / "o", example_inputs("tiny"), task=task)
         assert "out_sample" in report["outputs"], task
+
+
+def test_run_with_a_missing_task_file_is_one_line(tmp_path, capsys):
+    assert main(["compile", "-q", "-o", str(tmp_path / "out")]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    task = sorted(manifest["tasks"])[0]
+    (tmp_path / "out" / manifest["tasks"][task]["files"]["onnx_adapter"]["path"]).unlink()
+    from quadc.export import example_inputs
+
+    np.savez(tmp_path / "feeds.npz", **example_inputs("tiny"))
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "out"), "--task", task, "--inputs", str(tmp_path / "feeds.npz"),
+                 "-o", str(tmp_path / "r.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("quadc: error: ") and "Traceback" not in err, err
+    assert f"task '{task}'" in err and "is missing" in err
