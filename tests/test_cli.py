@@ -173,10 +173,12 @@ def test_qdq_flags_reach_the_pass(tmp_path):
 
 @pytest.mark.parametrize("target", ["onnx", "onnx-qdq"])
 def test_task_files_hold_only_their_own_slots(tmp_path, target):
+    from quadc.export import example_inputs
     from quadc.lora.pack import read_packed
+    from quadc.quant.affine import sqnr_db
+    from quadc.runtime.engine import Engine
 
-    calib = ["--calib-random", "1"] if target == "onnx-qdq" else []
-    assert main(["compile", "-q", "--target", target, *calib, "-o", str(tmp_path / "o")]) == 0
+    assert main(["compile", "-q", "--target", target, "-o", str(tmp_path / "o")]) == 0
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     slots = {s["module"]: (s["down"]["name"], s["up"]["name"]) for s in manifest["lora_slots"]}
     sizes = []
@@ -185,13 +187,21 @@ def test_task_files_hold_only_their_own_slots(tmp_path, target):
         assert sorted(stored) == sorted(n for m in entry["modules"] for n in slots[m]), task
         sizes.append(len(entry["modules"]))
     assert min(sizes) < len(slots), "some bundled task adapts fewer layers than the graph has slots"
-    # Tasks that store only some slots still run and verify (the other slots get the shared zeros).
-    from quadc.export import example_inputs
-    from quadc.targets import get_target
-
-    for task in [*manifest["tasks"], "none"]:
-        report = get_target(target).verify(tmp_path / "o", example_inputs("tiny"), task=task)
-        assert "out_sample" in report["outputs"], task
+    # Tasks that store only some slots still run (the other slots get the shared zeros) and change the
+    # output; test_lora_merge checks the float outputs against the LoRA merged into the weights. The
+    # quantized ones are compared with the float artifact on a feed calibration did not see: a wrong
+    # "zero" in a slot the task does not store would add a LoRA branch there.
+    engine = Engine(tmp_path / "o")
+    feeds = example_inputs("tiny")
+    base = engine.run(feeds, task=None)["out_sample"]
+    if target == "onnx-qdq":
+        assert main(["compile", "-q", "-o", str(tmp_path / "f")]) == 0
+        reference = Engine(tmp_path / "f")
+    for task in manifest["tasks"]:
+        out = engine.run(feeds, task=task)["out_sample"]
+        assert np.all(np.isfinite(out)) and np.max(np.abs(out - base)) > 1e-3 * np.max(np.abs(base)), task
+        if target == "onnx-qdq":  # 27-29 dB measured with the default 4 calibration feeds
+            assert sqnr_db(reference.run(feeds, task)["out_sample"], out) > 24.0, task
 
 
 def test_run_with_a_missing_task_file_is_one_line(tmp_path, capsys):
