@@ -12,6 +12,7 @@ from quadc.passes import (  # noqa: F401  (registration)
     mha_split,
     qdq_insert,
     quant_plan,
+    scale_fold,
 )
 from quadc.passes.base import (
     GraphPass,

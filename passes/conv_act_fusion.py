@@ -210,6 +210,7 @@ class ConvActFusion(GraphPass):
     """Fuse Conv/linear + activation (no Q/DQ between them); SiLU -> quadc.SiLU, Erf-GELU -> Gelu."""
 
     name = "conv-act-fusion"
+    requires = ("lora-inputs",)  # LoRA branches added later would land inside what this pass rewrote
     options = (
         PassOption("gelu", str, "op", "Erf-GELU becomes the opset-20 Gelu op (upgrading the graph), a quadc.Gelu "
                    "local function, or stays", choices=GELU_MODES),
