@@ -40,8 +40,8 @@ Result::
     h = MatMul(x, Wq')                          # Wq' = 0.5946 * Wq
     d = MatMul(MatMul(x, to_q.lora_down), to_q.lora_up)
     q = Add(h, d)                               # ctx.lora_slots["...to_q"].out_scale == 0.5946
-    s = Transpose(Reshape(q, [1, 64, 4, 8]), perm=[0, 2, 1, 3])
-    o = Add(MatMul(a, Wo), bo)
+    t = Transpose(Reshape(q, [1, 64, 4, 8]), perm=[0, 2, 1, 3])   # s's readers read t
+    o = Add(MatMul(a, Wo), bo)                  # bo unchanged: the factor was 1
 """
 
 from __future__ import annotations

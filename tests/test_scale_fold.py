@@ -137,8 +137,9 @@ def test_compiled_tasks_match_through_the_engine(tiny_dynamo_onnx, tmp_path):
         assert np.max(np.abs(out - want)) <= 1e-5 * np.max(np.abs(want)), task
 
 
-def test_issue_pipeline_verifies_numerically_and_prints(tiny_dynamo_onnx, tmp_path, capsys):
-    passes = "lora-inputs,conv-act-fusion,scale-fold,const-fold,dce"
+@pytest.mark.parametrize("passes", ["lora-inputs,conv-act-fusion,scale-fold,const-fold,dce",
+                                    "lora-inputs,scale-fold,const-fold,conv-act-fusion,dce"])
+def test_issue_pipeline_verifies_numerically_and_prints(tiny_dynamo_onnx, tmp_path, capsys, passes):
     manifest = compile_model(tiny_dynamo_onnx, tmp_path / "out",
                              CompileOptions(loras=loras(), passes=passes, verify="numeric",
                                             print_after=("conv-act-fusion", "scale-fold")))
