@@ -1,6 +1,6 @@
 """conv-act-fusion on the tiny U-Net from both exporters and the bundled model: SiLU and Erf-GELU collapse
-to one node, layer+activation pairs are recorded as unquantized, numbers stay (random LoRA inputs and every
-bundled task), options, and the quantized path (no Q/DQ between a fused pair, Q/DQ around Gelu/SiLU)."""
+to one node, layer+activation pairs are recorded as unquantized, numbers stay (with every bundled task
+bound), options, and the quantized path (no Q/DQ between a fused pair, Q/DQ around Gelu/SiLU)."""
 
 from __future__ import annotations
 
