@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-__all__ = ["Const", "Match", "NoMatch", "OneOf", "Op", "Rule", "Var", "apply_rules", "const_value", "explain",
-           "match", "outside_uses", "producer", "single_consumer", "static_value"]
+__all__ = ["Const", "Match", "NoMatch", "OneOf", "Op", "Rule", "Var", "applicable", "apply_rules", "bypass",
+           "const_value", "explain", "match", "outside_uses", "producer", "replace_root", "single_consumer",
+           "static_value"]
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,8 @@ class Const:
 class Op:
     """A node of type ``op`` whose inputs match ``inputs`` (``None`` matches anything). ``commutative``
     also tries the two inputs swapped; ``one_use`` requires the node's output to have one consumer
-    (ignored for the pattern's root); ``attrs`` must equal the node's attributes where given."""
+    (ignored for the pattern's root); ``attrs`` must equal the node's attributes where given; ``domain``,
+    where given, must be the node's domain (``""`` for standard ONNX ops)."""
 
     op: str | tuple[str, ...]
     inputs: tuple[Any, ...] = ()
@@ -62,15 +64,18 @@ class Op:
     attrs: dict[str, Any] | None = None
     commutative: bool = False
     one_use: bool = True
+    domain: str | None = None
 
     def __init__(self, op: str | tuple[str, ...], *inputs: Any, name: str | None = None,
-                 attrs: dict[str, Any] | None = None, commutative: bool = False, one_use: bool = True) -> None:
+                 attrs: dict[str, Any] | None = None, commutative: bool = False, one_use: bool = True,
+                 domain: str | None = None) -> None:
         object.__setattr__(self, "op", op)
         object.__setattr__(self, "inputs", tuple(inputs))
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "attrs", attrs)
         object.__setattr__(self, "commutative", commutative)
         object.__setattr__(self, "one_use", one_use)
+        object.__setattr__(self, "domain", domain)
 
 
 @dataclass(frozen=True)
@@ -171,6 +176,8 @@ def _match_node(node: gs.Node, pattern: Op, m: Match, path: str) -> str | None:
     ops = (pattern.op,) if isinstance(pattern.op, str) else pattern.op
     if node.op not in ops:
         return f"{path}: {node.name or node.op} is {node.op}, wanted {'|'.join(ops)}"
+    if pattern.domain is not None and (node.domain or "") != pattern.domain:
+        return f"{path}: {node.name or node.op} is in domain {node.domain or '(onnx)'!r}, wanted {pattern.domain!r}"
     for key, want in (pattern.attrs or {}).items():
         got = node.attrs.get(key)
         if (list(got) if isinstance(got, list | tuple) else got) != (list(want) if isinstance(want, list | tuple) else want):
@@ -242,6 +249,16 @@ def apply_rules(graph: gs.Graph, rules: Sequence[Rule], *, max_rounds: int = 32)
             return counts
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
     raise RuntimeError(f"rules {[r.name for r in rules]} still apply after {max_rounds} rounds")
+
+
+def applicable(graph: gs.Graph, rule: Rule) -> list[Match]:
+    """Every match of ``rule`` whose check passes, without rewriting (e.g. to decide on work before it)."""
+    found = []
+    for node in _candidates(graph, rule):
+        m = match(node, rule.pattern, graph)
+        if m and rule.check(graph, m) is None:
+            found.append(m)
+    return found
 
 
 def explain(graph: gs.Graph, rule: Rule, nodes: Iterable[gs.Node] | None = None) -> dict[str, str]:
@@ -338,3 +355,40 @@ def outside_uses(nodes: Iterable[gs.Node], exits: Iterable[gs.Tensor] = (), grap
             if id(t) in outputs or any(id(user) not in inside for user in t.outputs):
                 names.append(t.name)
     return names
+
+
+def replace_root(graph: gs.Graph, m: Match, op: str, inputs: Sequence[gs.Tensor], *, name: str | None = None,
+                 attrs: dict[str, Any] | None = None, domain: str | None = None) -> gs.Node:
+    """Replace the matched subgraph by one node ``op(inputs)``: it takes over the root's output tensors
+    (names, consumers and graph-output places stay), the root is detached, and matched nodes nothing else
+    reads are dropped by the next cleanup. Returns the new node (named ``name``, else like the root)."""
+    outputs = list(m.root.outputs)
+    m.root.outputs.clear()
+    m.root.inputs.clear()
+    node = gs.Node(op, name if name is not None else m.root.name, attrs=dict(attrs or {}), inputs=list(inputs),
+                   outputs=outputs)
+    if domain:
+        node.domain = domain
+    graph.nodes.append(node)
+    return node
+
+
+def bypass(graph: gs.Graph, node: gs.Node, source: gs.Tensor) -> str | None:
+    """Remove ``node``, whose (only) output equals ``source``: its consumers read ``source`` instead. When the
+    output is a graph output, ``source`` takes its name, type and place, which needs ``source`` to be a
+    node output read only by ``node``. Returns why it cannot (``None``: done)."""
+    out = node.outputs[0]
+    if out in graph.outputs:
+        if producer(source) is None or len(source.outputs) != 1 or source in graph.outputs:
+            return f"{out.name} is a graph output and {source.name} is not a node output read only by {node.name}"
+        graph.outputs[graph.outputs.index(out)] = source
+        name = out.name
+        out.name = f"{name}/bypassed"
+        source.name, source.dtype, source.shape = name, out.dtype, out.shape
+    for consumer in list(out.outputs):
+        for i, t in enumerate(consumer.inputs):
+            if t is out:
+                consumer.inputs[i] = source
+    node.outputs.clear()
+    node.inputs.clear()
+    return None

@@ -5,7 +5,8 @@
 keep: graph inputs (except the new inputs the caller declares) and outputs (names, types, shapes), the
 onnx checker, the pass's postcondition, and — for passes that keep the numbers — outputs on
 onnxruntime before and after with **non-zero** random values on every input, LoRA slot inputs included,
-so a mis-wired LoRA branch changes the numbers and fails. Declared new inputs are fed zeros unless the
+so a mis-wired LoRA branch changes the numbers and fails (a pass that changes the slot table is checked
+with the slot inputs converted as packing would convert them). Declared new inputs are fed zeros unless the
 caller gives values.
 
 Example::
@@ -24,6 +25,7 @@ import onnx_graphsurgeon as gs
 
 from quadc.context import CompileContext
 from quadc.graph_inputs import random_inputs
+from quadc.lora.slots import rebind_feeds
 from quadc.passes.base import GraphPass, PassResult, get_pass
 from quadc.passes.pipeline import check_conditions, check_graph, run_graph
 
@@ -46,10 +48,10 @@ def assert_op_count_match(graph: gs.Graph, expected: Mapping[str, int]) -> None:
 
 
 def assert_same_outputs(before: gs.Graph, after: gs.Graph, feeds: Mapping[str, np.ndarray], *,
-                        rtol: float = 1e-5) -> float:
-    """Assert both graphs give the same outputs on ``feeds`` within ``rtol`` of each output's scale;
-    returns the largest absolute difference."""
-    ref, got = run_graph(before, feeds), run_graph(after, feeds)
+                        rtol: float = 1e-5, after_feeds: Mapping[str, np.ndarray] | None = None) -> float:
+    """Assert both graphs give the same outputs on ``feeds`` (``after`` on ``after_feeds`` when given)
+    within ``rtol`` of each output's scale; returns the largest absolute difference."""
+    ref, got = run_graph(before, feeds), run_graph(after, feeds if after_feeds is None else after_feeds)
     assert len(ref) == len(got), f"output count changed: {len(ref)} -> {len(got)}"
     worst = 0.0
     for name, r, g in zip([t.name for t in before.outputs], ref, got, strict=True):
@@ -75,6 +77,7 @@ def apply_pass_and_basic_check(graph: gs.Graph, pass_: str | GraphPass, ctx: Com
     after = graph.copy()
     problems = p.precondition(after, ctx)
     assert not problems, f"precondition of '{p.name}' does not hold on the input: {problems}"
+    slots_before = dict(ctx.lora_slots)
     result = p.run(after, ctx)
     check_graph(after, p.name)
     check_conditions(p, after, ctx, "after")
@@ -91,5 +94,7 @@ def apply_pass_and_basic_check(graph: gs.Graph, pass_: str | GraphPass, ctx: Com
         added = random_inputs(after, seed=seed, zero_inputs=new)
         feeds.update({k: v for k, v in added.items() if k in new})
         feeds.update(dict(new_input_values or {}))
-        assert_same_outputs(before, after, feeds, rtol=rtol)
+        # A pass that rescales or re-lays out LoRA inputs (slot table) gets them as packing would give them.
+        assert_same_outputs(before, after, feeds, rtol=rtol,
+                            after_feeds=rebind_feeds(feeds, slots_before, ctx.lora_slots))
     return after, result
