@@ -36,6 +36,10 @@ INT16_MAX = 32767
 INT8_MAX = 127
 #: Output scale LiteRT's int16 LOGISTIC, SOFTMAX and TANH kernels require.
 FIXED_OUTPUT_SCALE = 1.0 / 32768
+#: Factor by which calibrated activation ranges are widened before the int16 scale is set: inputs unlike
+#: the calibration feeds then do not saturate, at the cost of one of int16's 15 magnitude bits (weights,
+#: at 8 bits, stay the larger error).
+DEFAULT_HEADROOM = 2.0
 #: ONNX ops whose TFLite kernel fixes the output scale.
 FIXED_SCALE_OPS = ("Sigmoid", "Softmax", "Tanh")
 #: ONNX ops translated to TFLite ops that copy integers (output scale = input scale).
@@ -139,7 +143,7 @@ class TfliteScheme:
 
 
 def tflite_scheme(graph: gs.Graph, ranges: Mapping[str, tuple[float, float]],
-                  lora_ranges: Mapping[str, tuple[float, float]]) -> TfliteScheme:
+                  lora_ranges: Mapping[str, tuple[float, float]], headroom: float = DEFAULT_HEADROOM) -> TfliteScheme:
     """The 16x8 scheme of the legalized float ``graph`` from calibration ``ranges`` (ONNX tensor name ->
     (min, max)) and the shared LoRA ranges (slot input name -> (min, max)): int16 symmetric activations,
     shared groups widened to the union of their ranges, fixed output scales, int8 LoRA inputs."""
@@ -166,7 +170,10 @@ def tflite_scheme(graph: gs.Graph, ranges: Mapping[str, tuple[float, float]],
         for n in members:
             widened += merged[n] != (lo, hi)
             merged[n] = (lo, hi)
-    activations = {n: (fixed_encoding(fixed[n]) if n in fixed else int16_encoding(*r)) for n, r in merged.items()}
+    if headroom < 1.0:
+        raise QuadcError(f"activation headroom must be at least 1, got {headroom}")
+    activations = {n: (fixed_encoding(fixed[n]) if n in fixed else int16_encoding(r[0] * headroom, r[1] * headroom))
+                   for n, r in merged.items()}
     for n, s in fixed.items():
         activations.setdefault(n, fixed_encoding(s))
     lora = {n: int8_encoding(*r) for n, r in lora_ranges.items()}
@@ -175,11 +182,11 @@ def tflite_scheme(graph: gs.Graph, ranges: Mapping[str, tuple[float, float]],
     return TfliteScheme(activations, lora, report)
 
 
-def scheme_from_plan(graph: gs.Graph, plan: Any) -> TfliteScheme:
+def scheme_from_plan(graph: gs.Graph, plan: Any, headroom: float = DEFAULT_HEADROOM) -> TfliteScheme:
     """:func:`tflite_scheme` with the ranges a :class:`~quadc.quant.plan.QuantPlan` recorded: each activation
     encoding's calibrated ``tmin``/``tmax`` and each LoRA input's shared (anchor or unified) range."""
     def rng(enc: Encoding) -> tuple[float, float]:
         return float(np.min(enc.tmin)), float(np.max(enc.tmax))
 
     return tflite_scheme(graph, {n: rng(e) for n, e in plan.activations.items()},
-                         {n: rng(e) for n, e in plan.lora.items()})
+                         {n: rng(e) for n, e in plan.lora.items()}, headroom)
