@@ -182,7 +182,6 @@ class TfliteLegalize(GraphPass):
     preserves_numerics = True
 
     def run(self, graph: gs.Graph, ctx: CompileContext) -> PassResult:
-        before = len(graph.nodes)
         fold_static_shapes(graph)
         counts = lower_norms(graph)
         infer_shapes(graph)
