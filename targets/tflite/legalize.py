@@ -186,7 +186,6 @@ class TfliteLegalize(GraphPass):
         counts = lower_norms(graph)
         infer_shapes(graph)
         check_static(graph)
-
         return PassResult(changed=True, counts=counts)
 
     def postcondition(self, graph: gs.Graph, ctx: CompileContext) -> list[str]:
