@@ -282,7 +282,6 @@ class Converter:
     # ---------------------------------------------------------------------------------------------- run
     def run(self) -> Translation:
         consumers_conv_w = {n.inputs[1].name for n in self.g.nodes if n.op == "Conv" and len(n.inputs) > 1}
-        host_inputs = {t.name for t in self.host_outputs}
         host_only = self._host_only_inputs()
         for t in self.g.inputs:
             if t.name in host_only:
@@ -301,7 +300,6 @@ class Converter:
             perm = L.NHWC if len(t.shape) == 4 else L.identity(len(t.shape))
             self.t[t.name] = self._new(t.name, t.shape, perm)
             self._io(t.name, "host")
-        del host_inputs
         self._find_gelus()
         for node in self.g.nodes:
             if id(node) in self.gelu:
@@ -388,7 +386,6 @@ class Converter:
             raise QuadcError(f"grouped Conv '{node.name}' has no TFLite 16x8 lowering in quadc")
         x = self.get(node.inputs[0], L.NHWC)
         wt = node.inputs[1]
-        n, _, h, w_ = x.shape
         out_c, _, kh, kw = wt.shape
         strides = list(node.attrs.get("strides", [1, 1]))
         dil = list(node.attrs.get("dilations", [1, 1]))
@@ -421,7 +418,6 @@ class Converter:
             opts.quantizedBiasType = schema.TensorType.INT32  # without it the int16 kernel misreads int32 biases
         self._op("CONV_2D", [x.index, w_idx, b_idx], [y.index], opts)
         self.t[out.name] = y
-        del n, h, w_
 
     def _conv_padding(self, node: gs.Node, x: _T, pads: list[int], kernel: tuple[int, int], strides: list[int],
                       dil: list[int]) -> tuple[int, _T]:

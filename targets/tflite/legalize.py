@@ -182,11 +182,12 @@ class TfliteLegalize(GraphPass):
     preserves_numerics = True
 
     def run(self, graph: gs.Graph, ctx: CompileContext) -> PassResult:
+        before = sorted(n.op for n in graph.nodes)
         fold_static_shapes(graph)
         counts = lower_norms(graph)
         infer_shapes(graph)
         check_static(graph)
-        return PassResult(changed=True, counts=counts)
+        return PassResult(changed=sorted(n.op for n in graph.nodes) != before, counts=counts)
 
     def postcondition(self, graph: gs.Graph, ctx: CompileContext) -> list[str]:
         left = [n.name for n in graph.nodes if n.op in NORM_OPS]
