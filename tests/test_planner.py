@@ -163,6 +163,16 @@ def default_plan(setup, feeds) -> QuantPlan:
     return _plan(setup, calib_dir=feeds[1])
 
 
+def test_headroom_widens_16bit_ranges_only(setup, feeds, observed):
+    ranges, _ = observed
+    exact = _plan(setup, headroom=1.0, calib_dir=feeds[1])
+    for name, enc in exact.activations.items():
+        _assert_encoding(enc, *ranges[name], bits=16, what=name)
+    w8a8 = _plan(setup, precision="w8a8", calib_dir=feeds[1])  # the default headroom leaves 8-bit ranges as calibrated
+    for name, enc in w8a8.activations.items():
+        _assert_encoding(enc, *ranges[name], bits=8, what=name)
+
+
 def test_default_plan(setup, default_plan, observed):
     graph, base = setup
     plan = default_plan
@@ -172,11 +182,13 @@ def test_default_plan(setup, default_plan, observed):
     # LoRA inputs: ONE uint8 encoding each, shared by every task.
     assert list(plan.lora) == lora_inputs
     # Activations: every float tensor whose values change with the inputs, except LoRA inputs; uint16
-    # from the min/max over every feed x (base + every task) as onnxruntime computes them.
+    # from the min/max over every feed x (base + every task) as onnxruntime computes them, widened by the
+    # default headroom of 2 around zero.
     assert set(plan.activations) == varies - set(lora_inputs)
     assert plan.a8_tensors == []
     for name, enc in plan.activations.items():
-        _assert_encoding(enc, *ranges[name], bits=16, what=name)
+        lo, hi = ranges[name]
+        _assert_encoding(enc, 2 * lo, 2 * hi, bits=16, what=name)
     assert not any("Sqrt" in n for n in plan.activations)  # sqrt(head_dim) from Shape is not an activation
     # Weights: the constant weights of MatMul/Gemm/Conv and normalization scales, uint8 per-tensor.
     consumers = {n: {(node.op, i) for node in graph.nodes for i, t in enumerate(node.inputs) if t.name == n}

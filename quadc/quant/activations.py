@@ -47,12 +47,20 @@ def select_a8(sqnr: Mapping[str, float], fraction: float) -> list[str]:
 def activation_encodings(graph: gs.Graph, ranges: Mapping[str, tuple[float, float]],
                          feeds: Sequence[Mapping[str, np.ndarray]], tasks: Mapping[str, Mapping[str, np.ndarray]],
                          precision: str, a8_fraction: float, progress: Callable[[str], None],
-                         unquantized: Collection[str] = ()) -> tuple[dict[str, Encoding], list[str], dict[str, Any]]:
+                         unquantized: Collection[str] = (), headroom: float = 1.0,
+                         ) -> tuple[dict[str, Encoding], list[str], dict[str, Any]]:
     """``(encodings, a8 tensors, report)`` of the activations among the calibrated ``ranges``; SQNR is
-    measured (on ``feeds`` x ``tasks``) only when ``0 < a8_fraction < 1`` under w8a16."""
+    measured (on ``feeds`` x ``tasks``) only when ``0 < a8_fraction < 1`` under w8a16.
+
+    16-bit ranges are widened by ``headroom`` around zero: a few calibration feeds never show the extremes
+    of every input, and clipping an unseen input costs far more than the resolution given up (on the
+    bundled model, held-out SQNR went from 24-30 dB to 33-37 dB at 2x; a 2x wider uint16 grid still has
+    about 90 dB of resolution). 8-bit ranges are kept as calibrated: there every bit counts.
+    """
     acts = activation_names(graph, ranges, unquantized)
     a16 = QType.UINT8 if precision == "w8a8" else QType.UINT16
-    activations = {n: compute_encoding(*ranges[n], a16) for n in acts}
+    h = headroom if a16.bits == 16 else 1.0
+    activations = {n: compute_encoding(ranges[n][0] * h, ranges[n][1] * h, a16) for n in acts}
     report: dict[str, Any] = {"fraction": a8_fraction, "of": len(acts)}
     if precision == "w8a8":
         a8 = sorted(acts)

@@ -53,7 +53,8 @@ def build_plan(graph: gs.Graph, slots: Mapping[str, Any], tasks: Mapping[str, Ma
         progress(f"LoRA policy {decision.policy}" + (f", anchor '{decision.anchor}'" if decision.anchor else "")
                  + f": {decision.reason}")
     activations, a8, a8_report = activation_encodings(graph, ranges, cal.feeds, tasks, opts.precision,
-                                                      opts.a8_fraction, progress, unquantized)
+                                                      opts.a8_fraction, progress, unquantized,
+                                                      headroom=opts.headroom)
     progress("computing weight encodings" + (" (per-channel)" if opts.per_channel else ""))
     weights = weight_encodings(graph, opts.per_channel)
     static = len(static_tensors(graph) & set(ranges))
