@@ -157,7 +157,7 @@ def test_each_task_gets_its_own_output(outputs):
     # On a held-out feed (8 calibration feeds: some activations of a fresh feed leave their ranges) and with
     # the anchor policy saturating a few values of the other tasks, 28-38 dB were measured here.
     for task, (want, got) in outputs.items():
-        assert sqnr_db(want, got) > (33.0 if task is None else 26.0), task
+        assert sqnr_db(want, got) > (33.0 if task is None else 26.0), task  # beta saturates under the anchor gamma
     # Tasks differ from each other and from the base far more than quantization moves any of them.
     for a, b in [("alpha", "beta"), ("beta", "gamma"), ("alpha", None)]:
         assert sqnr_db(outputs[a][1], outputs[b][1]) < 15.0, (a, b)
@@ -194,7 +194,7 @@ def test_verify_reports_activation_error(compiled):
     root, _ = compiled
     report = get_target("onnx-qdq").verify(root / "q", EVAL[1], "beta")
     out = report["outputs"]["out_sample"]
-    assert report["task"] == "beta" and out["sqnr_db"] > 26.0 and out["max_abs"] > 0
+    assert report["task"] == "beta" and out["sqnr_db"] > 30.0 and out["max_abs"] > 0
 
 
 def test_float_lora_inputs_variant(compiled, outputs):
@@ -207,7 +207,7 @@ def test_float_lora_inputs_variant(compiled, outputs):
     feed = EVAL[0]
     for task in ("alpha", None):
         got = engine.run(feed, task)["out_sample"]
-        assert sqnr_db(outputs[task][0], got) > 26.0
+        assert sqnr_db(outputs[task][0], got) > 30.0
         # Same shared encodings, quantized in the graph instead of in the file: the same numbers.
         np.testing.assert_allclose(got, outputs[task][1], rtol=0, atol=1e-5)
 
@@ -272,4 +272,4 @@ def test_htp_runs_the_tiny_unet_artifact(compiled, outputs):
     for task in ("beta", None):
         got = engine.run(feed, task)["out_sample"]
         assert sqnr_db(outputs[task][1], got) > 27.0, task  # 30-37 dB measured on this held-out feed
-        assert sqnr_db(outputs[task][0], got) > 25.0, task
+        assert sqnr_db(outputs[task][0], got) > 27.0, task
