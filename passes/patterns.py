@@ -11,7 +11,9 @@ same name must bind the same tensor), :class:`Const` (a constant, optionally che
 :class:`OneOf` (the first of several alternatives that matches) and ``None`` (anything). :func:`match` tries a pattern at a node and returns a :class:`Match` or a
 :class:`NoMatch` whose ``reason`` says what differed. A :class:`Rule` adds a check and a rewrite;
 :func:`apply_rules` runs rules over a graph until none applies, and :func:`explain` lists why a rule did
-not apply at each candidate node (for debugging a pass on a new exporter). :func:`static_value`
+not apply at each candidate node (for debugging a pass on a new exporter). :func:`apply_rules_worklist`
+is the same loop for rules that move things along the graph (a Transpose sinking op by op): it revisits
+only the nodes around each rewrite, so a pass stays linear in the graph size. :func:`static_value`
 evaluates a tensor computed from constants and static shapes (``Shape`` of a tensor whose shape is known,
 as TorchScript writes the attention scale), and :func:`outside_uses` says which tensors of a set of nodes
 are read elsewhere (what a rewrite that drops those nodes must not orphan).
@@ -24,6 +26,7 @@ Example — SiLU written as ``x * sigmoid(x)``::
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,9 +34,9 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-__all__ = ["Const", "Match", "NoMatch", "OneOf", "Op", "Rule", "Var", "applicable", "apply_rules", "bypass",
-           "const_value", "explain", "match", "outside_uses", "producer", "replace_root", "single_consumer",
-           "static_value"]
+__all__ = ["Const", "Match", "NoMatch", "OneOf", "Op", "Rule", "Var", "applicable", "apply_rules",
+           "apply_rules_worklist", "bypass", "const_value", "explain", "is_removed", "match", "outside_uses",
+           "producer", "remove_node", "replace_root", "single_consumer", "static_value"]
 
 
 @dataclass(frozen=True)
@@ -91,12 +94,14 @@ class OneOf:
 
 @dataclass
 class Match:
-    """What a pattern bound: nodes by ``Op.name``, tensors by ``Var``/``Const`` name."""
+    """What a pattern bound: nodes by ``Op.name``, tensors by ``Var``/``Const`` name; ``data`` is where
+    a rule's check leaves what it worked out for its rewrite (so the rewrite does not redo it)."""
 
     root: gs.Node
     nodes: dict[str, gs.Node] = field(default_factory=dict)
     tensors: dict[str, gs.Tensor] = field(default_factory=dict)
     graph_outputs: frozenset[int] = frozenset()
+    data: dict[str, Any] = field(default_factory=dict)
 
     def value(self, name: str) -> np.ndarray:
         """The value of a bound constant."""
@@ -123,6 +128,17 @@ def producer(tensor: gs.Tensor) -> gs.Node | None:
 def single_consumer(tensor: gs.Tensor, graph: gs.Graph | None = None) -> bool:
     """Whether ``tensor`` has exactly one consumer and is not a graph output."""
     return len(tensor.outputs) == 1 and (graph is None or tensor not in graph.outputs)
+
+
+def is_removed(node: gs.Node) -> bool:
+    """Whether a rewrite disconnected ``node`` (see :func:`remove_node`); cleanup drops it later."""
+    return not node.inputs and not node.outputs
+
+
+def remove_node(node: gs.Node) -> None:
+    """Disconnect ``node`` from its input and output tensors (``graph.cleanup`` drops it later)."""
+    node.inputs.clear()
+    node.outputs.clear()
 
 
 def const_value(tensor: gs.Tensor) -> np.ndarray | None:
@@ -216,11 +232,12 @@ def match(node: gs.Node, pattern: Op, graph: gs.Graph | None = None) -> Match | 
 @dataclass
 class Rule:
     """A rewrite: ``pattern`` (rooted at the node tried), ``check(graph, match)`` returning why it must
-    not apply (``None``: apply) and ``rewrite(graph, match)`` that edits the graph in place."""
+    not apply (``None``: apply) and ``rewrite(graph, match)`` that edits the graph in place (and may
+    return the nodes it created or touched, for :func:`apply_rules_worklist`)."""
 
     name: str
     pattern: Op
-    rewrite: Callable[[gs.Graph, Match], None]
+    rewrite: Callable[[gs.Graph, Match], Iterable[gs.Node] | None]
     check: Callable[[gs.Graph, Match], str | None] = lambda graph, m: None
 
 
@@ -237,7 +254,7 @@ def apply_rules(graph: gs.Graph, rules: Sequence[Rule], *, max_rounds: int = 32)
         applied = 0
         for rule in rules:
             for node in _candidates(graph, rule):
-                if not node.outputs and not node.inputs:
+                if is_removed(node):
                     continue  # removed by an earlier rewrite this round
                 m = match(node, rule.pattern, graph)
                 if not m or rule.check(graph, m) is not None:
@@ -259,6 +276,56 @@ def applicable(graph: gs.Graph, rule: Rule) -> list[Match]:
         if m and rule.check(graph, m) is None:
             found.append(m)
     return found
+
+
+def _neighbours(node: gs.Node) -> list[gs.Node]:
+    """``node``, the producers of its inputs, its consumers, and the producers of their other inputs."""
+    out = [node]
+    out.extend(p for t in node.inputs if (p := producer(t)) is not None)
+    for t in node.outputs:
+        for consumer in t.outputs:
+            out.append(consumer)
+            out.extend(p for u in consumer.inputs if (p := producer(u)) is not None)
+    return out
+
+
+def apply_rules_worklist(graph: gs.Graph, rules: Sequence[Rule], *, max_steps: int | None = None) -> dict[str, int]:
+    """Apply ``rules`` until none applies, visiting nodes from a worklist: every node once in graph order,
+    then the nodes around each rewrite again. A rewrite may return the nodes it created or touched (else
+    the root's neighbourhood is revisited). Rules are tried in order at each node; the first that
+    applies wins. Removed nodes are disconnected, not deleted: the caller cleans the graph up. Returns
+    how often each rule applied; raises if more than ``max_steps`` rewrites (default 50 per node) happen."""
+    by_op: dict[str, list[Rule]] = {}
+    for rule in rules:
+        for op in (rule.pattern.op,) if isinstance(rule.pattern.op, str) else rule.pattern.op:
+            by_op.setdefault(op, []).append(rule)
+    counts = {r.name: 0 for r in rules}
+    queue = deque(graph.nodes)
+    queued = {id(n) for n in queue}
+    limit = max_steps if max_steps is not None else 50 * max(len(graph.nodes), 1)
+    steps = 0
+    while queue:
+        node = queue.popleft()
+        queued.discard(id(node))
+        if is_removed(node):
+            continue
+        for rule in by_op.get(node.op, ()):
+            m = match(node, rule.pattern, graph)
+            if not m or rule.check(graph, m) is not None:
+                continue
+            around = _neighbours(node)
+            touched = rule.rewrite(graph, m)
+            counts[rule.name] += 1
+            steps += 1
+            if steps > limit:
+                raise RuntimeError(f"rules {[r.name for r in rules]} still apply after {limit} rewrites")
+            for n in [*around, *(touched or ())]:
+                for near in _neighbours(n) if not is_removed(n) else ():
+                    if id(near) not in queued and not is_removed(near):
+                        queued.add(id(near))
+                        queue.append(near)
+            break
+    return counts
 
 
 def explain(graph: gs.Graph, rule: Rule, nodes: Iterable[gs.Node] | None = None) -> dict[str, str]:
