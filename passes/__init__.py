@@ -8,11 +8,13 @@ from quadc.passes import (  # noqa: F401  (registration)
     const_fold,
     conv_act_fusion,
     dce,
+    linear_to_conv,
     lora_inputs,
     mha_split,
     qdq_insert,
     quant_plan,
     scale_fold,
+    transpose_cancel,
 )
 from quadc.passes.base import (
     GraphPass,
