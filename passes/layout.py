@@ -309,6 +309,25 @@ class Editor:
     def is_output(self, tensor: gs.Tensor) -> bool:
         return id(tensor) in self.outputs
 
+    def can_bypass(self, x: gs.Tensor, out: gs.Tensor) -> bool:
+        """Whether a node computing ``out = x`` can go: ``out`` is no graph output, or only that node reads
+        ``x`` and ``x``'s producer can write the graph output instead."""
+        if not self.is_output(out):
+            return True
+        return producer(x) is not None and len(x.outputs) == 1 and not self.is_output(x)
+
+    def bypass(self, node: gs.Node, x: gs.Tensor, out: gs.Tensor) -> list[gs.Node]:
+        """Remove ``node`` (which computes ``out = x``; :meth:`can_bypass` holds); returns what to revisit."""
+        consumers = _consumers(out)
+        self.remove(node)
+        if not self.is_output(out):
+            self.replace_uses(out, x)
+            return consumers
+        source = producer(x)
+        assert source is not None
+        source.outputs[source.outputs.index(x)] = out
+        return [source, *consumers]
+
     def transpose(self, x: gs.Tensor, perm: Sequence[int], name: str, out: gs.Tensor | None = None) -> gs.Tensor:
         """``Transpose(x, perm)`` written into ``out`` (a new tensor if None)."""
         shape = _permute(static_shape(x) or [], perm)
@@ -496,8 +515,8 @@ def _plan_transpose_into(ed: Editor, c: gs.Node, y: gs.Tensor, x: gs.Tensor, per
             if _is_identity(composed) and not ed.is_output(out):
                 ed.replace_uses(out, x)
                 return []
-            if _is_identity(composed):
-                return [ed.node("Identity", name, [x], [out])]
+            if _is_identity(composed):  # a graph output: an identity Reshape that merge-reshapes may drop
+                return [producer(ed.reshape(x, static_shape(out) or [], name, out=out))]
             ed.transpose(x, composed, name, out=out)
             return [producer(out)]
         return plan_t
@@ -1045,10 +1064,7 @@ def _merge_transposes_check(graph: gs.Graph, m: Match, ed: Editor) -> str | None
     p1, p2 = _perm(inner), _perm(outer)
     if p1 is None or p2 is None:
         return "shapes are not static"
-    composed = _compose(p1, p2)
-    if _is_identity(composed) and ed.is_output(outer.outputs[0]):
-        return "the merged transpose is the identity on a graph output"
-    m.data["perm"] = composed
+    m.data["perm"] = _compose(p1, p2)
     return None
 
 
@@ -1057,9 +1073,11 @@ def _merge_transposes(ed: Editor, m: Match) -> list[gs.Node]:
     x, mid, out = inner.inputs[0], outer.inputs[0], outer.outputs[0]
     perm = m.data["perm"]
     ed.remove(outer)
-    if _is_identity(perm):
+    if _is_identity(perm) and not ed.is_output(out):
         touched = _consumers(out)
         ed.replace_uses(out, x)
+    elif _is_identity(perm):  # a graph output: an identity Reshape that merge-reshapes may drop
+        touched = [producer(ed.reshape(x, static_shape(out) or [], outer.name or "Reshape", out=out))]
     else:
         touched = [producer(ed.transpose(x, perm, outer.name or "Transpose", out=out))]
     ed.prune([mid])
@@ -1071,7 +1089,7 @@ def _drop_transpose_check(graph: gs.Graph, m: Match, ed: Editor) -> str | None:
     perm, shape = _perm(t), static_shape(t.inputs[0])
     if perm is None or shape is None:
         return "shapes are not static"
-    if _is_identity(perm) and ed.is_output(t.outputs[0]):
+    if _is_identity(perm) and not ed.can_bypass(t.inputs[0], t.outputs[0]):
         return "an identity on a graph output"
     kept = [a for a in perm if shape[a] != 1]
     if kept != sorted(kept):
@@ -1083,11 +1101,9 @@ def _drop_transpose(ed: Editor, m: Match) -> list[gs.Node]:
     """An identity Transpose goes; one that only moves unit axes becomes a Reshape."""
     t = m.root
     x, out = t.inputs[0], t.outputs[0]
+    if static_shape(x) == static_shape(out) and ed.can_bypass(x, out):
+        return ed.bypass(t, x, out)
     ed.remove(t)
-    if static_shape(x) == static_shape(out) and not ed.is_output(out):
-        consumers = _consumers(out)
-        ed.replace_uses(out, x)
-        return consumers
     return [producer(ed.reshape(x, static_shape(out) or [], t.name or "Reshape", out=out))]
 
 
@@ -1101,7 +1117,7 @@ def _merge_reshapes_check(graph: gs.Graph, m: Match, ed: Editor) -> str | None:
     if inner is not None and inner.op in RESHAPES and static_shape(inner.inputs[0]) is not None:
         m.data["source"] = inner.inputs[0]
         return None
-    if shape == x_shape and not ed.is_output(out):
+    if shape == x_shape and ed.can_bypass(x, out):
         m.data["source"] = None
         return None
     return "neither after another reshape nor an identity"
@@ -1111,11 +1127,9 @@ def _merge_reshapes(ed: Editor, m: Match) -> list[gs.Node]:
     r = m.root
     x, out = r.inputs[0], r.outputs[0]
     source = m.data["source"]
-    ed.remove(r)
     if source is None:
-        consumers = _consumers(out)
-        ed.replace_uses(out, x)
-        return consumers
+        return ed.bypass(r, x, out)
+    ed.remove(r)
     if static_shape(source) == static_shape(out) and not ed.is_output(out):
         touched = _consumers(out)
         ed.replace_uses(out, source)
@@ -1126,16 +1140,12 @@ def _merge_reshapes(ed: Editor, m: Match) -> list[gs.Node]:
 
 
 def _drop_identity_check(graph: gs.Graph, m: Match, ed: Editor) -> str | None:
-    return "it writes a graph output" if ed.is_output(m.root.outputs[0]) else None
+    node = m.root
+    return None if ed.can_bypass(node.inputs[0], node.outputs[0]) else "it writes a graph output"
 
 
 def _drop_identity(ed: Editor, m: Match) -> list[gs.Node]:
-    node = m.root
-    x, out = node.inputs[0], node.outputs[0]
-    consumers = _consumers(out)
-    ed.remove(node)
-    ed.replace_uses(out, x)
-    return consumers
+    return ed.bypass(m.root, m.root.inputs[0], m.root.outputs[0])
 
 
 def _dedupe(ed: Editor) -> int:

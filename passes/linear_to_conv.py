@@ -21,16 +21,21 @@ head reshapes act on channels: ``k`` is ``Reshape(k_n, [B, H, d, S])`` (no trans
 ``MatMul(Reshape(v_n, [B, H, d, S]), Transpose(p))``. Counts: ``matmul_to_conv`` (layers converted),
 ``lora_to_channels`` (LoRA branches moved), ``transposes_left`` (Transpose nodes in the graph after it).
 
-Given (one feed-forward layer between two LayerNorm-free converted neighbours, T layout)::
+Given (golden case ``linear_bias``)::
 
-    h = MatMul(x, W[8, 16])                      # x: [1, 6, 8]
-    y = Add(h, b[16])
+    h = MatMul(x, w[4, 6])                       # x: [1, 3, 4]
+    y = Add(b[6], h)
 
 Result::
 
-    xc = Reshape(Transpose(x, [0, 2, 1]), [1, 8, 1, 6])
-    yc = Conv(xc, W'[16, 8, 1, 1], b[16])        # W' = W^T
-    y  = Transpose(Reshape(yc, [1, 16, 6]), [0, 2, 1])
+    xt = Transpose(x, [0, 2, 1])
+    xn = Reshape(xt, [1, 4, 1, 3])
+    yn = Conv(xn, w[6, 4, 1, 1], b_conv[6])      # w transposed, same name
+    y  = Transpose(Reshape(yn, [1, 6, 3]), [0, 2, 1])
+
+Between two converted layers the converters cancel (golden ``layernorm_residual``): a LayerNorm there becomes
+``ReduceMean/Sub/Mul/ReduceMean/Add/Sqrt/Div`` over axis 1 with ``gamma``/``beta`` as ``[C, 1, 1]``, and the
+residual ``Add`` reads both Convs' outputs directly.
 """
 
 from __future__ import annotations

@@ -9,12 +9,12 @@ the last axis of a token-layout tensor becomes a Split/Concat on the channel axi
 MatMul, and the value product comes out channels first (``MatMul(v_h[B, d, S], Transpose(p_h))``).
 Counts: ``rewrites`` (engine rules applied) and ``transposes_left``.
 
-Given::
+Given (golden case ``sink_elementwise``; ``a``: ``[1, 4, 1, 3]``)::
 
-    t = Transpose(Reshape(a, [1, 8, 6]), [0, 2, 1])        # a: [1, 8, 1, 6]
+    t = Transpose(Reshape(a, [1, 4, 3]), [0, 2, 1])        # N -> T
     g = Sigmoid(t)
     y = Mul(t, g)
-    z = Reshape(Transpose(y, [0, 2, 1]), [1, 8, 1, 6])
+    z = Reshape(Transpose(y, [0, 2, 1]), [1, 4, 1, 3])     # T -> N
 
 Result::
 
