@@ -249,6 +249,25 @@ class LazyArray(LazyValues):
         return f"LazyArray(shape={self.shape}, dtype={self.dtype})"
 
 
+class _DimsOnly(LazyValues):
+    """Stands in for a :class:`LazyArray` while shapes are inferred: exports as a data-less external tensor,
+    so inference never computes the values."""
+
+    def __init__(self, lazy: LazyArray) -> None:
+        self.shape, self.dtype, self.nbytes = lazy.shape, lazy.dtype, lazy.nbytes
+
+    def load(self) -> np.ndarray:  # pragma: no cover - only exported, never read
+        raise RuntimeError("dims-only stand-in read")
+
+    @property
+    def tensor(self) -> onnx.TensorProto:
+        t = onnx.TensorProto(data_type=onnx.helper.np_dtype_to_tensor_dtype(self.dtype), dims=list(self.shape))
+        t.data_location = onnx.TensorProto.EXTERNAL
+        entry = t.external_data.add()
+        entry.key, entry.value = "location", "__quadc_stripped__"
+        return t
+
+
 # ------------------------------------------------------------------------------------------ graph edits
 @dataclass
 class Editor:
@@ -1211,7 +1230,15 @@ def ensure_static_shapes(graph: gs.Graph, fold: Callable[[gs.Graph], Any] | None
     missing = any(static_shape(t) is None for n in graph.nodes for t in n.outputs)
     if not missing:
         return
-    infer_shapes(graph)
-    if fold is not None and any(n.op == "Shape" for n in graph.nodes):
-        fold(graph)
+    lazy = [t for t in graph.tensors().values() if isinstance(t, gs.Constant) and isinstance(t._values, LazyArray)]
+    saved = [t._values for t in lazy]
+    try:  # converted weights stay uncomputed: inference needs their dims only
+        for t in lazy:
+            t._values = _DimsOnly(t._values)
         infer_shapes(graph)
+        if fold is not None and any(n.op == "Shape" for n in graph.nodes):
+            fold(graph)
+            infer_shapes(graph)
+    finally:
+        for t, values in zip(lazy, saved, strict=True):
+            t._values = values
