@@ -119,10 +119,11 @@ def _sink(t: gs.Tensor) -> gs.Tensor:
     return t
 
 
-def split_heads(graph: gs.Graph) -> int:
+def split_heads(graph: gs.Graph, slices: bool = False) -> int:
     """What mha-split produces (NPU.md), built around each Softmax of the graph: the q/k/v projection outputs
     (token layout, or channels first behind a converter when linear-to-conv ran first) split per head on the
-    channel axis, per-head scores/softmax/value products, one Concat; returns the number of heads."""
+    channel axis (one Split, or one Slice per head), per-head scores/softmax/value products, one Concat;
+    returns the number of heads."""
     made = itertools.count()
 
     def var(shape):
@@ -155,15 +156,17 @@ def split_heads(graph: gs.Graph) -> int:
         (b, s, c), sk_len = q.shape, k.shape[1]
         h = c // d
         qs = node("Mul", [q, gs.Constant(f"mha/scale{next(made)}", np.array(sq * sk, np.float32))], [var([b, s, c])])
-        qh, kh, vh = (node("Split", [t, ints([d] * h)], [var([b, n, d]) for _ in range(h)], {"axis": -1})
+        qh, kh, vh = ([node("Slice", [t, ints([i * d]), ints([i * d + d]), ints([-1])], [var([b, n, d])])
+                       for i in range(h)] if slices else
+                      node("Split", [t, ints([d] * h)], [var([b, n, d]) for _ in range(h)], {"axis": -1})
                       for t, n in ((qs, s), (k, sk_len), (v, sk_len)))
-        per_head = []
+        outs = []
         for i in range(h):
             kt = node("Transpose", [kh[i]], [var([b, d, sk_len])], {"perm": [0, 2, 1]})
             p = node("Softmax", [node("MatMul", [qh[i], kt], [var([b, s, sk_len])])], [var([b, s, sk_len])],
                      {"axis": -1})
-            per_head.append(node("MatMul", [p, vh[i]], [var([b, s, d])]))
-        o = node("Concat", per_head, [var([b, s, c])], {"axis": -1})
+            outs.append(node("MatMul", [p, vh[i]], [var([b, s, d])]))
+        o = node("Concat", outs, [var([b, s, c])], {"axis": -1})
         if len(out.shape) == 4:
             t = node("Transpose", [o], [var([b, c, s])], {"perm": [0, 2, 1]})
             o = node("Reshape", [t, ints(list(out.shape))], [var(out.shape)])
@@ -249,3 +252,15 @@ def test_graph_outputs_keep_their_names_and_shapes():
     graph = gs.import_onnx(onnx.parser.parse_model(text))
     after, _ = apply_pass_and_basic_check(graph, "transpose-cancel", CompileContext())
     assert [o.name for o in after.outputs] == ["t", "z"]
+
+
+def test_per_head_slices_move_to_the_channel_axis(tiny_dynamo_onnx):
+    graph, ctx = _lora_graph(tiny_dynamo_onnx)
+    graph, _ = run_pipeline(graph, "linear-to-conv", ctx)
+    heads = split_heads(graph, slices=True)
+    graph, records = run_pipeline(graph, "transpose-cancel", ctx, verify="numeric")
+    head_slices = [n for n in graph.nodes if n.op == "Slice" and n.inputs[0].shape and len(n.inputs[0].shape) == 4]
+    assert len(head_slices) == 3 * heads
+    assert all(list(np.asarray(n.inputs[3].values)) == [1] for n in head_slices)
+    transposes = [n for n in graph.nodes if n.op == "Transpose"]
+    assert all(len(n.attrs["perm"]) == 3 for n in transposes) and len(transposes) == 2 * heads + 1
