@@ -61,6 +61,7 @@ from quadc.passes.layout import (
     static_shape,
     to_channels,
     to_tokens,
+    transpose_2d,
 )
 from quadc.passes.patterns import producer
 
@@ -196,7 +197,8 @@ def _conv_weight(layer: LinearLayer) -> LazyValues | np.ndarray:
             return (w * alpha if alpha != 1.0 else w).reshape(shape)
     else:
         def fn(w: np.ndarray) -> np.ndarray:
-            return (w.T * alpha if alpha != 1.0 else w.T).reshape(shape)
+            wt = transpose_2d(w)
+            return (wt * alpha if alpha != 1.0 else wt).reshape(shape)
     return LazyArray(src, fn, shape, dtype)
 
 

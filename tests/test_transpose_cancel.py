@@ -15,6 +15,7 @@ from quadc.lora.slots import feeds_in_layout, slot_inputs
 from quadc.passes import get_pass, run_pipeline
 from quadc.passes.layout import (
     ensure_static_shapes,
+    transpose_2d,
     transpose_after_reshape,
     transpose_before_reshape,
     unit_axis_map,
@@ -82,6 +83,14 @@ def test_the_converters_and_attention_reshapes_are_movable():
     assert transpose_before_reshape([1, 8, 6], [0, 2, 1], [1, 6, 2, 4]) == ([1, 2, 4, 6], [0, 3, 1, 2])
     # but a reshape that mixes axes the transpose separates is refused.
     assert transpose_before_reshape([2, 3], [1, 0], [2, 3]) is None
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 3), (64, 7), (130, 129)])
+def test_blocked_transpose(shape):
+    w = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    t = transpose_2d(w, rows=64)
+    assert t.flags.c_contiguous
+    np.testing.assert_array_equal(t, w.T)
 
 
 def test_unit_axis_map():
