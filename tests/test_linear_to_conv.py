@@ -12,11 +12,12 @@ from golden import GOLDEN_DIR, parse_text
 from quadc.compiler import CompileOptions, bundled_loras, compile_model, prepare
 from quadc.context import CompileContext
 from quadc.graph import ExternalValues, load_model, save_model
+from quadc.graph_inputs import random_inputs
 from quadc.lora.slots import LoRASlot, feeds_in_layout, slot_inputs
 from quadc.passes import PassPipeline, get_pass, run_pipeline
 from quadc.passes.layout import LazyArray
-from quadc.passes.pipeline import run_graph, verify_inputs
-from quadc.testing import apply_pass_and_basic_check, assert_same_outputs
+from quadc.passes.pipeline import run_graph
+from quadc.testing import apply_pass_and_basic_check, assert_same_outputs, lora_feeds
 
 MODELS = ["tiny_torchscript_onnx", "tiny_dynamo_onnx", "bundled_unet"]
 
@@ -188,7 +189,7 @@ def test_weights_stay_lazy_until_saved_and_other_weights_are_not_decoded(tiny_to
     assert all(n.outputs[0].shape for n in _ops(graph, "Softmax")) and not computed
     out = save_model(graph, tmp_path / "out" / "unet.onnx")
     assert sorted(computed) == sorted(w.name for w in lazy)  # each computed once, when written
-    feeds = verify_inputs(reference, seed=3)
+    feeds = random_inputs(reference, seed=3)
     assert_same_outputs(reference, load_model(out), feeds)
 
 
@@ -238,6 +239,6 @@ def test_pipeline_numeric_verify_feeds_moved_slots_in_their_new_layout(bundled_u
     slots = dict(ctx.lora_slots)
     graph, records = run_pipeline(graph, "linear-to-conv", ctx, verify="numeric")
     assert records[0].max_abs_diff is not None and records[0].max_abs_diff < 1e-5
-    feeds = verify_inputs(before, seed=1, small_inputs=slot_inputs(slots))
+    feeds = lora_feeds(before, slots, seed=1)
     ref, got = run_graph(before, feeds)[0], run_graph(graph, feeds_in_layout(feeds, slots, ctx.lora_slots))[0]
     assert np.max(np.abs(ref - got)) <= 1e-5 * np.max(np.abs(ref))
