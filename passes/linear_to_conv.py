@@ -84,10 +84,12 @@ class LinearLayer:
     c_out: int
     alpha: float = 1.0
     beta: float = 1.0
+    cast: gs.Node | None = None  # a Cast from the stored type (bf16, fp16) to the compute type, if any
 
 
 def _constant_weight(t: gs.Tensor) -> tuple[gs.Constant, bool, gs.Node | None] | None:
-    """``(constant, out_in, transpose node)`` when ``t`` is a rank-2 constant or its 2-D Transpose."""
+    """``(constant, out_in, transpose node)`` when ``t`` is a rank-2 constant or its 2-D Transpose (the
+    Cast of a stored weight is looked through by :func:`find_linear_layers`)."""
     if isinstance(t, gs.Constant) and t.shape is not None and len(t.shape) == 2:
         return t, False, None
     node = producer(t)
@@ -104,7 +106,8 @@ def _bias_value(t: gs.Tensor, c_out: int) -> np.ndarray | None:
     shape = [int(d) for d in t.shape]
     if int(np.prod(shape, dtype=np.int64)) not in (1, c_out) or any(d != 1 for d in shape[:-1]):
         return None
-    return np.broadcast_to(np.asarray(t.values, np.float32).reshape(-1), (c_out,))
+    value = np.asarray(t.values)
+    return np.broadcast_to(value.reshape(-1), (c_out,)).astype(value.dtype)
 
 
 def find_linear_layers(graph: gs.Graph) -> list[LinearLayer]:
@@ -116,7 +119,9 @@ def find_linear_layers(graph: gs.Graph) -> list[LinearLayer]:
             continue
         x = node.inputs[0]
         shape = static_shape(x)
-        found = _constant_weight(node.inputs[1])
+        w_in = node.inputs[1]
+        cast = producer(w_in) if producer(w_in) is not None and producer(w_in).op == "Cast" else None
+        found = _constant_weight(cast.inputs[0] if cast is not None else w_in)
         if isinstance(x, gs.Constant) or shape is None or found is None:
             continue
         weight, out_in, via = found
@@ -129,9 +134,11 @@ def find_linear_layers(graph: gs.Graph) -> list[LinearLayer]:
         w_shape = [int(d) for d in weight.shape]
         if w_shape[1 if out_in else 0] != shape[-1]:
             continue
+        if cast is not None and via is not None:
+            continue
         layer = LinearLayer(node, x, weight, out_in, via, None, None, node.outputs[0], shape[-1],
                             w_shape[0 if out_in else 1], float(node.attrs.get("alpha", 1.0)),
-                            float(node.attrs.get("beta", 1.0)))
+                            float(node.attrs.get("beta", 1.0)), cast)
         if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name:
             if _bias_value(node.inputs[2], layer.c_out) is None:
                 continue
@@ -207,8 +214,9 @@ def _weight_constant(ed: Editor, layer: LinearLayer) -> gs.Constant:
     stays), else a new one."""
     values = _conv_weight(layer)
     w = layer.weight
-    readers = [n for n in w.outputs if n is not layer.node and n is not layer.weight_via]
-    via_only = layer.weight_via is None or len(layer.weight_via.outputs[0].outputs) == 1
+    between = layer.weight_via or layer.cast
+    readers = [n for n in w.outputs if n is not layer.node and n is not between]
+    via_only = between is None or len(between.outputs[0].outputs) == 1
     if not readers and via_only:
         w._values = values
         return w
@@ -227,14 +235,19 @@ def _convert(ed: Editor, layer: LinearLayer, branch: LoRABranch | None, graph: g
     if layer.bias is not None:
         value = _bias_value(layer.bias, layer.c_out)
         assert value is not None
-        bias = ed.const(f"{layer.bias.name}_conv" if layer.bias.name else f"{name}/bias",
-                        np.asarray(value * layer.beta, np.float32))
+        scaled = value if layer.beta == 1.0 else (value * layer.beta).astype(value.dtype)
+        bias = ed.const(f"{layer.bias.name}_conv" if layer.bias.name else f"{name}/bias", scaled)
     weight = _weight_constant(ed, layer)
     for node in (layer.node, layer.bias_node, *((branch.down, branch.up, branch.add) if branch else ())):
         if node is not None:
             ed.remove(node)
-    if layer.weight_via is not None and not layer.weight_via.outputs[0].outputs:
-        ed.remove(layer.weight_via)
+    for between in (layer.weight_via, layer.cast):
+        if between is not None and not between.outputs[0].outputs:
+            ed.remove(between)
+    if layer.cast is not None:  # the weight stays in its stored type, cast as before
+        stored = weight
+        weight = ed.var(f"{stored.name}/cast", [layer.c_out, layer.c_in, 1, 1], dtype)
+        ed.node("Cast", f"{name}/weight_cast", [stored], [weight], dict(layer.cast.attrs))
     x_n, x_cs = to_channels(ed, layer.x, name)
     y = ed.var(f"{name}/conv_out", [b, layer.c_out, 1, s], dtype)
     ed.node("Conv", name, [x_n, weight, *([bias] if bias is not None else [])], [y],

@@ -242,3 +242,31 @@ def test_pipeline_numeric_verify_feeds_moved_slots_in_their_new_layout(bundled_u
     feeds = lora_feeds(before, slots, seed=1)
     ref, got = run_graph(before, feeds)[0], run_graph(graph, feeds_in_layout(feeds, slots, ctx.lora_slots))[0]
     assert np.max(np.abs(ref - got)) <= 1e-5 * np.max(np.abs(ref))
+
+
+def test_weight_stored_in_another_type_keeps_its_cast():
+    x, y = gs.Variable("x", np.float32, [1, 3, 4]), gs.Variable("y", np.float32, [1, 3, 2])
+    w = gs.Constant("w", np.array([[0.1, -0.2], [0.3, -0.4], [0.5, -0.6], [0.2, 0.1]], np.float16))
+    wf, h = gs.Variable("wf", np.float32, [4, 2]), gs.Variable("h", np.float32, [1, 3, 2])
+    graph = gs.Graph(nodes=[gs.Node("Cast", "cast", {"to": onnx.TensorProto.FLOAT}, [w], [wf]),
+                            gs.Node("MatMul", "mm", inputs=[x, wf], outputs=[h]),
+                            gs.Node("Add", "add", inputs=[h, gs.Constant("b", np.array([0.5, -0.5], np.float32))],
+                                    outputs=[y])], inputs=[x], outputs=[y], opset=17)
+    after, result = apply_pass_and_basic_check(graph, "linear-to-conv", CompileContext())
+    conv = next(n for n in after.nodes if n.op == "Conv")
+    cast = conv.inputs[1].inputs[0]
+    assert result.counts["matmul_to_conv"] == 1 and cast.op == "Cast"
+    assert cast.inputs[0].dtype == np.float16 and list(cast.inputs[0].shape) == [2, 4, 1, 1]
+
+
+def test_fp16_model(tiny_fp16_onnx):
+    graph, ctx = _float_graph(tiny_fp16_onnx)
+    feeds = lora_feeds(graph, ctx.lora_slots)
+    before = graph.copy()
+    slots = dict(ctx.lora_slots)
+    graph, _ = run_pipeline(graph, "linear-to-conv,transpose-cancel", ctx, verify="check")
+    assert not _constant_linears(graph)
+    ref = run_graph(before, feeds)[0].astype(np.float32)
+    got = run_graph(graph, feeds_in_layout(feeds, slots, ctx.lora_slots))[0].astype(np.float32)
+    # fp16 rounds at 1e-3: a pass that reorders arithmetic keeps the numbers to about that.
+    assert np.max(np.abs(got - ref)) <= 2e-3 * np.max(np.abs(ref))
