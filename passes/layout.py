@@ -11,18 +11,20 @@ ONNX (:func:`to_channels`, :func:`to_tokens`)::
 The engine knows nothing about converters: it rewrites Transposes and reshape-like ops (Reshape,
 Squeeze, Unsqueeze, Flatten with a static result) with these rules, each keeping the numbers exactly:
 
-- ``merge-transposes`` / ``merge-reshapes``: consecutive ones become one; identities go; a Transpose that
-  only moves unit axes becomes a Reshape;
+- ``merge-transposes`` / ``merge-reshapes`` / ``drop-transpose`` / ``drop-identity``: consecutive ones
+  become one; identities go (on a graph output, when the producer can write the output instead); a
+  Transpose that only moves unit axes becomes a Reshape;
 - ``sink-transpose``: a Transpose moves below its consumers when all of them can take it: elementwise ops
   (constants are transposed, other inputs must be the same Transpose), Slice/Split/Concat/Softmax/
   reductions (their axes are mapped; Softmax only while its axis stays where it is), a Reshape that
   splits or merges whole axes (the Transpose then acts on the reshaped axes), and LayerNormalization
   (when the Transpose moves the normalized axis and only Transposes read the result, the norm is
   written over the new axis: ReduceMean, Sub, Mul, ReduceMean, Add, Sqrt, Div, Mul, Add);
-- ``sink-reshape``: a Reshape moves below consumers that can take it: any Reshape below unary
-  elementwise ops; one that only inserts or removes unit axes also below binary elementwise ops,
-  Slice/Split/Concat/Softmax/reductions (axes mapped) when the other inputs are constants or the same
-  Reshape;
+- ``sink-reshape``: a Reshape moves below consumers that can take it, one consumer at a time: any
+  Reshape below elementwise ops whose other inputs are scalars or Reshapes of same-size tensors (those
+  are reshaped into its frame when it ranks higher: more axes, then more unit axes, so ``[B, C, 1, S]``
+  wins over ``[B, C, H, W]`` and ``[B, C, S]``); one that only inserts or removes unit axes also with
+  constants (reshaped) and below Slice/Split/Concat/Softmax/reductions (axes mapped);
 - ``hoist-transpose``: a Transpose moves above its producer when that removes Transposes: through
   elementwise ops, Concat, a Reshape that splits or merges whole axes, and ``MatMul`` for a swap of the
   last two axes (``(A B)^T = B^T A^T``), down to a Transpose it merges with or a constant.
