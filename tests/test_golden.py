@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from golden import GOLDEN_DIR, REGEN, case_context, case_pass, golden_cases, parse_text, run_case
 
-from quadc.lora.slots import feeds_in_layout
+from quadc.lora.slots import rebind_feeds
 from quadc.passes import registered_passes
 
 CASES = golden_cases()
@@ -56,7 +56,7 @@ def test_golden_keeps_numbers(pass_name, in_path):
         # Inputs a pass adds (LoRA slots) are fed zeros: the base model must come out unchanged.
         feeds.setdefault(inp.name, np.zeros(shape, np.float32) if added else rng.standard_normal(shape).astype(np.float32))
     # A slot the pass moved to another layout takes the same LoRA factors in its new layout.
-    after_feeds = feeds_in_layout(feeds, slots_before, ctx.lora_slots)
+    after_feeds = rebind_feeds(feeds, slots_before, ctx.lora_slots)
     run = lambda m, f: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(  # noqa: E731
         None, {k: v for k, v in f.items() if k in {i.name for i in m.graph.input}})
     for a, b in zip(run(before, feeds), run(after, after_feeds), strict=True):

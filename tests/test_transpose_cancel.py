@@ -11,7 +11,7 @@ import pytest
 
 from quadc.compiler import bundled_loras, prepare
 from quadc.context import CompileContext
-from quadc.lora.slots import feeds_in_layout
+from quadc.lora.slots import rebind_feeds
 from quadc.passes import get_pass, run_pipeline
 from quadc.passes.layout import (
     ensure_static_shapes,
@@ -221,7 +221,7 @@ def test_per_head_attention_ends_with_3d_per_head_transposes_only(model, how, mh
         graph, more = run_pipeline(graph, "transpose-cancel", ctx, verify="numeric")
         records += more
     assert heads == expected_heads
-    got = run_graph(graph, feeds_in_layout(feeds, slots, ctx.lora_slots))[0]
+    got = run_graph(graph, rebind_feeds(feeds, slots, ctx.lora_slots))[0]
     assert np.max(np.abs(got - reference)) <= 1e-5 * np.max(np.abs(reference))
     # Softmax count = sum of heads; per-head Split/Concat on the channel axis.
     assert sum(n.op == "Softmax" for n in graph.nodes) == expected_heads
