@@ -17,13 +17,13 @@ from quadc import frontend  # noqa: E402
 from quadc.compiler import prepare  # noqa: E402
 from quadc.errors import QuadcError  # noqa: E402
 from quadc.graph import ort_session  # noqa: E402
-from quadc.lora import random_lora, write_kohya  # noqa: E402
 from quadc.passes import PassPipeline, run_pipeline  # noqa: E402
 from quadc.quant.calibrate import clone_graph  # noqa: E402
 from quadc.targets.tflite import layout as L  # noqa: E402
 from quadc.targets.tflite.convert import FloatPolicy, translate  # noqa: E402
 from quadc.targets.tflite.host import HostEmbedding, host_graph, split_host  # noqa: E402
 from quadc.targets.tflite.writer import BUFFER_ALIGNMENT, Quant, TfliteWriter, read_model  # noqa: E402
+from quadc.testing_lora import random_lora, write_kohya  # noqa: E402
 
 MODULES = ["attn1.to_q", "attn2.to_k", "ff.net.2", "resnets.0.conv1", "proj_in"]
 
