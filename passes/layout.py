@@ -251,25 +251,6 @@ class LazyArray(LazyValues):
         return f"LazyArray(shape={self.shape}, dtype={self.dtype})"
 
 
-class _DimsOnly(LazyValues):
-    """Stands in for a :class:`LazyArray` while shapes are inferred: exports as a data-less external tensor,
-    so inference never computes the values."""
-
-    def __init__(self, lazy: LazyArray) -> None:
-        self.shape, self.dtype, self.nbytes = lazy.shape, lazy.dtype, lazy.nbytes
-
-    def load(self) -> np.ndarray:  # pragma: no cover - only exported, never read
-        raise RuntimeError("dims-only stand-in read")
-
-    @property
-    def tensor(self) -> onnx.TensorProto:
-        t = onnx.TensorProto(data_type=onnx.helper.np_dtype_to_tensor_dtype(self.dtype), dims=list(self.shape))
-        t.data_location = onnx.TensorProto.EXTERNAL
-        entry = t.external_data.add()
-        entry.key, entry.value = "location", "__quadc_stripped__"
-        return t
-
-
 def transpose_2d(w: np.ndarray, rows: int = 64) -> np.ndarray:
     """``w.T`` as a contiguous array, copied in blocks of ``rows`` rows: about 2.5x faster than
     ``np.ascontiguousarray(w.T)`` on a memory-mapped weight (26 MB: 24 ms vs 64 ms)."""
@@ -1236,20 +1217,13 @@ def count_ops(graph: gs.Graph, op: str) -> int:
 def ensure_static_shapes(graph: gs.Graph, fold: Callable[[gs.Graph], Any] | None = None) -> None:
     """Give every tensor a static shape if it can have one: onnx shape inference (weights untouched),
     then, when shape computations remain (``Shape`` nodes), ``fold`` (const-fold) and inference again."""
-    from quadc.graph import infer_shapes
+    from quadc.graph import computed_weights_as_dims, infer_shapes
 
     missing = any(static_shape(t) is None for n in graph.nodes for t in n.outputs)
     if not missing:
         return
-    lazy = [t for t in graph.tensors().values() if isinstance(t, gs.Constant) and isinstance(t._values, LazyArray)]
-    saved = [t._values for t in lazy]
-    try:  # converted weights stay uncomputed: inference needs their dims only
-        for t in lazy:
-            t._values = _DimsOnly(t._values)
+    with computed_weights_as_dims(graph):  # converted weights stay uncomputed: inference needs their dims only
         infer_shapes(graph)
         if fold is not None and any(n.op == "Shape" for n in graph.nodes):
             fold(graph)
             infer_shapes(graph)
-    finally:
-        for t, values in zip(lazy, saved, strict=True):
-            t._values = values

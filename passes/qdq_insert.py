@@ -82,7 +82,7 @@ import onnx_graphsurgeon as gs
 
 from quadc.context import CompileContext
 from quadc.errors import QuadcError
-from quadc.graph import export_proto
+from quadc.graph import computed_weights_as_dims, export_proto
 from quadc.passes.base import GraphPass, PassOption, PassResult, register_pass
 from quadc.quant.affine import Encoding, QType, compute_encoding, quantize
 from quadc.quant.plan import QuantPlan
@@ -147,7 +147,8 @@ def upgrade_opset(graph: gs.Graph, version: int = OPSET_16BIT) -> None:
     protos over 2 GB), then the converted nodes are imported and every original constant is put back,
     so external weights stay lazy.
     """
-    model, _ = export_proto(graph)
+    with computed_weights_as_dims(graph):  # a pass's lazily computed weights stay uncomputed
+        model, _ = export_proto(graph)
     for init in model.graph.initializer:
         if init.data_location == onnx.TensorProto.EXTERNAL and len(init.raw_data) == 0:
             continue

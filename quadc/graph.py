@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -215,6 +216,44 @@ def _external_value_of(const: gs.Constant, registry: Mapping[int, Any]) -> Exter
     if entry is not None and entry[0]() is values and values.shape == tuple(entry[1].shape):
         return entry[1]
     return None
+
+
+class _DimsOnly(LazyValues):
+    """Stands in for lazily computed values while a graph is exported for its structure only: exports as a
+    data-less external tensor, so nothing computes the values."""
+
+    def __init__(self, lazy: LazyValues) -> None:
+        self.shape, self.dtype = tuple(lazy.shape), np.dtype(lazy.dtype)
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def load(self) -> np.ndarray:  # pragma: no cover - only exported, never read
+        raise RuntimeError("dims-only stand-in read")
+
+    @property
+    def tensor(self) -> onnx.TensorProto:
+        t = onnx.TensorProto(data_type=onnx.helper.np_dtype_to_tensor_dtype(self.dtype), dims=list(self.shape))
+        t.data_location = onnx.TensorProto.EXTERNAL
+        entry = t.external_data.add()
+        entry.key, entry.value = "location", "__quadc_stripped__"
+        return t
+
+
+@contextlib.contextmanager
+def computed_weights_as_dims(graph: gs.Graph) -> Iterator[None]:
+    """Within the block, constants whose values a pass computes lazily (a ``LazyValues`` other than
+    :class:`ExternalValues`, e.g. linear-to-conv's transposed weights) export with their dims only, so
+    shape inference or an opset conversion never computes them."""
+    lazy = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)  # gs's own LazyValues read a proto
+            and isinstance(t._values, LazyValues) and type(t._values) is not LazyValues
+            and not isinstance(t._values, ExternalValues | _DimsOnly)]
+    saved = [t._values for t in lazy]
+    try:
+        for t in lazy:
+            t._values = _DimsOnly(t._values)
+        yield
+    finally:
+        for t, values in zip(lazy, saved, strict=True):
+            t._values = values
 
 
 def weight_bytes(graph: gs.Graph) -> int:

@@ -81,7 +81,7 @@ class EnnTarget(TfliteTarget):
         from quadc.passes import get_pass
         from quadc.quant.calibrate import clone_graph
         from quadc.quant.encodings import write_encodings
-        from quadc.targets.onnx_qdq import plan_encodings_file
+        from quadc.quant.plan_file import encodings_file_of
         from quadc.targets.tflite.scheme import scheme_from_plan
 
         scheme = scheme_from_plan(graph, ctx.plan)
@@ -97,7 +97,7 @@ class EnnTarget(TfliteTarget):
                                     "outputs": {t.name: {"dtype": str(t.dtype), "shape": list(t.shape or [])}
                                                 for t in qgraph.outputs}}
         manifest.update(self.write_graph(qgraph, qdir, "model.onnx"))
-        write_encodings(qdir / "encodings.json", plan_encodings_file(qctx.plan))
+        write_encodings(qdir / "encodings.json", encodings_file_of(qctx.plan))
         manifest.update({"opset": int(qgraph.opset), "precision": "a16w8", "encodings": "encodings.json",
                          "quant": qctx.plan.summary()})
         manifest.update(write_task_files(qctx, qdir, quantized=True, plan=qctx.plan))
