@@ -50,7 +50,7 @@ ENN_OPS: tuple[str, ...] = (
 def qdq_plan(graph: gs.Graph, ctx: CompileContext, scheme: TfliteScheme) -> Any:
     """A :class:`~quadc.quant.plan.QuantPlan` holding the TFLite scheme's encodings, for ``qdq-insert``."""
     from quadc.quant.plan import QuantPlan
-    from quadc.quant.planner import weight_axes
+    from quadc.quant.weights import weight_axes
 
     consts = {n: t for n, t in graph.tensors().items() if isinstance(t, gs.Constant)}
     weights = {n: weight_encoding(np.asarray(consts[n].values), axis) for n, axis in weight_axes(graph).items()
