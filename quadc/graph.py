@@ -239,10 +239,10 @@ class _DimsOnly(LazyValues):
 
 
 @contextlib.contextmanager
-def computed_weights_as_dims(graph: gs.Graph) -> Iterator[None]:
+def computed_weights_as_dims(graph: gs.Graph) -> Iterator[dict[str, LazyValues]]:
     """Within the block, constants whose values a pass computes lazily (a ``LazyValues`` other than
     :class:`ExternalValues`, e.g. linear-to-conv's transposed weights) export with their dims only, so
-    shape inference or an opset conversion never computes them."""
+    shape inference or an opset conversion never computes them. Yields tensor name -> the lazy values."""
     lazy = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)  # gs's own LazyValues read a proto
             and isinstance(t._values, LazyValues) and type(t._values) is not LazyValues
             and not isinstance(t._values, ExternalValues | _DimsOnly)]
@@ -250,7 +250,7 @@ def computed_weights_as_dims(graph: gs.Graph) -> Iterator[None]:
     try:
         for t in lazy:
             t._values = _DimsOnly(t._values)
-        yield
+        yield {t.name: v for t, v in zip(lazy, saved, strict=True)}
     finally:
         for t, values in zip(lazy, saved, strict=True):
             t._values = values
@@ -333,13 +333,18 @@ def save_model(graph: gs.Graph, path: str | os.PathLike[str], *, external: bool 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model, sources = export_proto(graph)
+    # Weights a pass computes lazily are written one at a time, never all held in the proto at once.
+    with computed_weights_as_dims(graph) as computed:
+        model, sources = export_proto(graph)
     if external is None:
         external = bool(sources) or weight_bytes(graph) > EMBED_MAX_BYTES
     data_name = path.name + ".data"
     data_path = path.parent / data_name
     if not external:
         _inline_external(model, sources)
+        for init in model.graph.initializer:
+            if init.name in computed:
+                _inline_values(init, computed[init.name])
         _write_proto(model, path)
         if data_path.exists():
             data_path.unlink()
@@ -347,9 +352,10 @@ def save_model(graph: gs.Graph, path: str | os.PathLike[str], *, external: bool 
     with open(data_path, "wb") as data:
         for init in model.graph.initializer:
             src = sources.get(init.name)
-            if src is None and init.data_location == onnx.TensorProto.EXTERNAL:
+            lazy = computed.get(init.name)
+            if src is None and lazy is None and init.data_location == onnx.TensorProto.EXTERNAL:
                 raise QuadcError(f"initializer '{init.name}' references external data quadc did not load")
-            if src is None and len(init.raw_data) < EXTERNAL_MIN_BYTES:
+            if src is None and lazy is None and len(init.raw_data) < EXTERNAL_MIN_BYTES:
                 continue
             pad = (-data.tell()) % EXTERNAL_ALIGN
             if pad:
@@ -358,6 +364,11 @@ def save_model(graph: gs.Graph, path: str | os.PathLike[str], *, external: bool 
             if src is not None:
                 _copy_range(src.path, src.offset, src.length, data)
                 length = src.length
+            elif lazy is not None:
+                raw = np.ascontiguousarray(lazy.load()).tobytes()
+                data.write(raw)
+                length = len(raw)
+                del raw
             else:
                 data.write(init.raw_data)
                 length = len(init.raw_data)
@@ -369,6 +380,13 @@ def save_model(graph: gs.Graph, path: str | os.PathLike[str], *, external: bool 
                 entry.key, entry.value = key, value
     _write_proto(model, path)
     return path
+
+
+def _inline_values(init: onnx.TensorProto, lazy: LazyValues) -> None:
+    """Put a lazily computed weight's bytes into its (data-less) initializer."""
+    init.raw_data = np.ascontiguousarray(lazy.load()).tobytes()
+    del init.external_data[:]
+    init.data_location = onnx.TensorProto.DEFAULT
 
 
 def _inline_external(model: onnx.ModelProto, sources: Mapping[str, ExternalSource]) -> None:
