@@ -6,13 +6,18 @@ Importing this package registers the built-in passes. Use :func:`registered_pass
 
 from quadc.passes import (  # noqa: F401  (registration)
     const_fold,
+    conv_act_fusion,
     dce,
+    linear_to_conv,
     lora_inputs,
+    mha_split,
     qdq_insert,
     qnn_const_first,
     qnn_gelu,
     qnn_groupnorm,
     quant_plan,
+    scale_fold,
+    transpose_cancel,
 )
 from quadc.passes.base import (
     GraphPass,

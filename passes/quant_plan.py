@@ -53,7 +53,7 @@ class QuantPlanStage(GraphPass):
             calibration = ctx.calibrations.get(graph, ctx.lora_slots, lambda: pack_tasks(ctx.loras, ctx.lora_slots),
                                                names, opts, ctx.progress)
         ctx.plan = build_plan(graph, ctx.lora_slots, calibration.tasks if calibration else {}, opts, ctx.progress,
-                              scheme=scheme, calibration=calibration)
+                              scheme=scheme, calibration=calibration, unquantized=ctx.unquantized)
         s = ctx.plan.summary()
         return PassResult(False, {"activations": s["activation_encodings"], "weights": s["weight_encodings"],
                                   "lora_inputs": s["lora_encodings"], "a8": s["a8_tensors"]})

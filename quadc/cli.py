@@ -125,7 +125,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     progress = silent_progress if args.quiet else stderr_progress
     path = export_unet(config=args.config, weights=args.weights, exporter=args.exporter, out=Path(args.output),
-                       opset=args.opset, batch=args.batch, seed=args.seed, progress=progress)
+                       opset=args.opset, batch=args.batch, seed=args.seed, progress=progress, dtype=args.dtype)
     print(f"wrote {path}")
     return 0
 
@@ -360,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
                    help="torch.onnx exporter (default: torchscript)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
+                   help="float type of the exported weights, inputs and output (default: fp32)")
     p.add_argument("--batch", type=int, default=1, help="static batch size (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights (default: 0)")
     p.add_argument("-o", "--output", required=True, help="output .onnx path")

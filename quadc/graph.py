@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -217,6 +218,44 @@ def _external_value_of(const: gs.Constant, registry: Mapping[int, Any]) -> Exter
     return None
 
 
+class _DimsOnly(LazyValues):
+    """Stands in for lazily computed values while a graph is exported for its structure only: exports as a
+    data-less external tensor, so nothing computes the values."""
+
+    def __init__(self, lazy: LazyValues) -> None:
+        self.shape, self.dtype = tuple(lazy.shape), np.dtype(lazy.dtype)
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def load(self) -> np.ndarray:  # pragma: no cover - only exported, never read
+        raise RuntimeError("dims-only stand-in read")
+
+    @property
+    def tensor(self) -> onnx.TensorProto:
+        t = onnx.TensorProto(data_type=onnx.helper.np_dtype_to_tensor_dtype(self.dtype), dims=list(self.shape))
+        t.data_location = onnx.TensorProto.EXTERNAL
+        entry = t.external_data.add()
+        entry.key, entry.value = "location", "__quadc_stripped__"
+        return t
+
+
+@contextlib.contextmanager
+def computed_weights_as_dims(graph: gs.Graph) -> Iterator[dict[str, LazyValues]]:
+    """Within the block, constants whose values a pass computes lazily (a ``LazyValues`` other than
+    :class:`ExternalValues`, e.g. linear-to-conv's transposed weights) export with their dims only, so
+    shape inference or an opset conversion never computes them. Yields tensor name -> the lazy values."""
+    lazy = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)  # gs's own LazyValues read a proto
+            and isinstance(t._values, LazyValues) and type(t._values) is not LazyValues
+            and not isinstance(t._values, ExternalValues | _DimsOnly)]
+    saved = [t._values for t in lazy]
+    try:
+        for t in lazy:
+            t._values = _DimsOnly(t._values)
+        yield {t.name: v for t, v in zip(lazy, saved, strict=True)}
+    finally:
+        for t, values in zip(lazy, saved, strict=True):
+            t._values = values
+
+
 def weight_bytes(graph: gs.Graph) -> int:
     """Bytes held by the graph's constants (external or in memory)."""
     total = 0
@@ -294,13 +333,18 @@ def save_model(graph: gs.Graph, path: str | os.PathLike[str], *, external: bool 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model, sources = export_proto(graph)
+    # Weights a pass computes lazily are written one at a time, never all held in the proto at once.
+    with computed_weights_as_dims(graph) as computed:
+        model, sources = export_proto(graph)
     if external is None:
         external = bool(sources) or weight_bytes(graph) > EMBED_MAX_BYTES
     data_name = path.name + ".data"
     data_path = path.parent / data_name
     if not external:
         _inline_external(model, sources)
+        for init in model.graph.initializer:
+            if init.name in computed:
+                _inline_values(init, computed[init.name])
         _write_proto(model, path)
         if data_path.exists():
             data_path.unlink()
@@ -308,9 +352,10 @@ def save_model(graph: gs.Graph, path: str | os.PathLike[str], *, external: bool 
     with open(data_path, "wb") as data:
         for init in model.graph.initializer:
             src = sources.get(init.name)
-            if src is None and init.data_location == onnx.TensorProto.EXTERNAL:
+            lazy = computed.get(init.name)
+            if src is None and lazy is None and init.data_location == onnx.TensorProto.EXTERNAL:
                 raise QuadcError(f"initializer '{init.name}' references external data quadc did not load")
-            if src is None and len(init.raw_data) < EXTERNAL_MIN_BYTES:
+            if src is None and lazy is None and len(init.raw_data) < EXTERNAL_MIN_BYTES:
                 continue
             pad = (-data.tell()) % EXTERNAL_ALIGN
             if pad:
@@ -319,6 +364,11 @@ def save_model(graph: gs.Graph, path: str | os.PathLike[str], *, external: bool 
             if src is not None:
                 _copy_range(src.path, src.offset, src.length, data)
                 length = src.length
+            elif lazy is not None:
+                raw = np.ascontiguousarray(lazy.load()).tobytes()
+                data.write(raw)
+                length = len(raw)
+                del raw
             else:
                 data.write(init.raw_data)
                 length = len(init.raw_data)
@@ -330,6 +380,13 @@ def save_model(graph: gs.Graph, path: str | os.PathLike[str], *, external: bool 
                 entry.key, entry.value = key, value
     _write_proto(model, path)
     return path
+
+
+def _inline_values(init: onnx.TensorProto, lazy: LazyValues) -> None:
+    """Put a lazily computed weight's bytes into its (data-less) initializer."""
+    init.raw_data = np.ascontiguousarray(lazy.load()).tobytes()
+    del init.external_data[:]
+    init.data_location = onnx.TensorProto.DEFAULT
 
 
 def _inline_external(model: onnx.ModelProto, sources: Mapping[str, ExternalSource]) -> None:

@@ -37,7 +37,8 @@ class OnnxTarget(Target):
     def emit(self, graph: gs.Graph, ctx: CompileContext, out_dir: Path) -> dict[str, Any]:
         from quadc.lora.pack import write_task_files
 
-        entries = {**self.write_graph(graph, out_dir, GRAPH_FILE), "precision": "fp32"}
+        fp16 = any(t.dtype is not None and np.dtype(t.dtype) == np.float16 for t in graph.inputs)
+        entries = {**self.write_graph(graph, out_dir, GRAPH_FILE), "precision": "fp16" if fp16 else "fp32"}
         entries.update(write_task_files(ctx, out_dir))
         return entries
 
@@ -81,8 +82,11 @@ class OnnxTarget(Target):
         missing = sorted(names - set(feeds))
         if missing:
             raise QuadcError(f"verify needs model input(s) {', '.join(missing)} in feeds")
-        ref = dict(zip([o.name for o in session.get_outputs()],
-                       session.run(None, {k: v for k, v in feeds.items() if k in names}), strict=True))
+        types = {i.name: {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(i.type)
+                 for i in session.get_inputs()}
+        ref_feeds = {k: np.asarray(v).astype(types[k]) if types[k] and np.asarray(v).dtype.kind == "f" else v
+                     for k, v in feeds.items() if k in names}  # float feeds in the model's float type
+        ref = dict(zip([o.name for o in session.get_outputs()], session.run(None, ref_feeds), strict=True))
         for name, value in out.items():
             if name not in ref:
                 raise QuadcError(f"artifact output '{name}' is not an output of the source model; "

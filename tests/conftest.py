@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny U-Net exported once per session with each exporter, and the bundled model."""
+"""Shared fixtures: the tiny U-Net exported once per session with each exporter (and in fp16), and the bundled
+model."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ import pytest
 BUNDLED_UNET = Path(__file__).resolve().parents[1] / "quadc" / "data" / "tiny_unet.onnx"
 
 
-def _export(tmp_path_factory: pytest.TempPathFactory, exporter: str) -> Path:
+def _export(tmp_path_factory: pytest.TempPathFactory, exporter: str, dtype: str = "fp32") -> Path:
     pytest.importorskip("torch")
     pytest.importorskip("diffusers")
     from quadc.export import export_unet
 
-    out = tmp_path_factory.mktemp(f"tiny_{exporter}") / "unet.onnx"
-    return export_unet(config="tiny", weights="random", exporter=exporter, out=out, seed=0)
+    out = tmp_path_factory.mktemp(f"tiny_{exporter}_{dtype}") / "unet.onnx"
+    return export_unet(config="tiny", weights="random", exporter=exporter, out=out, seed=0, dtype=dtype)
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +29,13 @@ def tiny_torchscript_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_dynamo_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny U-Net (random weights, seed 0) exported with the dynamo exporter, opset 18."""
     return _export(tmp_path_factory, "dynamo")
+
+
+@pytest.fixture(scope="session")
+def tiny_fp16_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny U-Net (random weights, seed 0: the weights of ``tiny_torchscript_onnx`` and of the bundled
+    model, rounded) exported in fp16 with the TorchScript exporter, opset 17."""
+    return _export(tmp_path_factory, "torchscript", dtype="fp16")
 
 
 @pytest.fixture(scope="session")

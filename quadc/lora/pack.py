@@ -6,6 +6,9 @@ zero-padded to the slot's rank (a task that does not touch a slot gets zeros the
 written as an onnxruntime adapter file (``.onnx_adapter``, bound with ``RunOptions.add_active_adapter``)
 and as safetensors.
 
+Tensors take the slot's float type (``LoRASlot.dtype``: ``float32``, or ``float16`` for an fp16 model's
+layers), so float task files bind to the graph's inputs as they are.
+
 Example: a linear slot of rank 8 and a task of rank 4 with ``A [d_out, 4]``, ``B [4, d_in]``, scale s::
 
     lora_down = pad(Bᵀ, [d_in, 8])        lora_up = pad((s·A)ᵀ, [8, d_out])
@@ -47,15 +50,21 @@ def _pad_axis(arr: np.ndarray, axis: int, size: int) -> np.ndarray:
     return np.pad(arr, pad)
 
 
+def slot_dtype(slot: Any) -> np.dtype:
+    """The float type of a slot's inputs (``LoRASlot.dtype``: the layer's activation type)."""
+    return np.dtype(getattr(slot, "dtype", "float32"))
+
+
 def pack_task(lora: Any | None, slots: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Input name -> float32 tensor for every slot (zeros where ``lora`` has no layer; None = base)."""
+    """Input name -> tensor in the slot's float type for every slot (zeros where ``lora`` has no layer;
+    None = base). The scale is folded in float32 and the result rounded once to the slot's type."""
     params: dict[str, np.ndarray] = {}
     layers = lora.layers if lora is not None else {}
     for module, slot in slots.items():
         layer = layers.get(module)
         if layer is None:
-            params[slot.down_input] = np.zeros(slot.down_shape, np.float32)
-            params[slot.up_input] = np.zeros(slot.up_shape, np.float32)
+            params[slot.down_input] = np.zeros(slot.down_shape, slot_dtype(slot))
+            params[slot.up_input] = np.zeros(slot.up_shape, slot_dtype(slot))
             continue
         if layer.rank > slot.rank:
             raise QuadcError(f"task '{lora.name}' has rank {layer.rank} at '{module}', above the compiled slot "
@@ -80,7 +89,7 @@ def pack_task(lora: Any | None, slots: Mapping[str, Any]) -> dict[str, np.ndarra
             if params[name].shape != tuple(expected):
                 raise QuadcError(f"task '{lora.name}': '{name}' packs to {params[name].shape}, the graph expects "
                                  f"{tuple(expected)}; the LoRA does not fit layer '{module}'")
-            params[name] = np.ascontiguousarray(params[name], dtype=np.float32)
+            params[name] = np.ascontiguousarray(params[name], dtype=slot_dtype(slot))
     return params
 
 
@@ -335,7 +344,7 @@ def write_task_files(ctx: Any, out_dir: Path, *, quantized: bool = False,
             "format": lora.format,
             "layers": len(lora.layers),
             "modules": modules,
-            "dtype": str(next(iter(stored.values())).dtype) if stored else "float32",
+            "dtype": str(next(iter(stored.values())).dtype) if stored else str(slot_dtype(next(iter(slots.values())))),
             "files": {kind: {"path": str(p.relative_to(out_dir)), "bytes": p.stat().st_size,
                              "sha256": file_sha256(p)} for kind, p in files.items()},
             "lora_rom_bytes": files["onnx_adapter"].stat().st_size,

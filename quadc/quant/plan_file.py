@@ -9,7 +9,7 @@ lists the LoRA inputs. Writing a plan's file and compiling against it gives the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,8 @@ def encodings_file_of(plan: QuantPlan) -> EncodingsFile:
 
 
 def plan_from_encodings_file(graph: gs.Graph, slots: Mapping[str, Any], opts: PlanOptions,
-                             progress: Callable[[str], None], scheme: EncodingScheme | None = None) -> QuantPlan:
+                             progress: Callable[[str], None], unquantized: Collection[str] = (),
+                             scheme: EncodingScheme | None = None) -> QuantPlan:
     """The plan of ``opts.encodings_file``: every activation, weight and LoRA input of ``graph`` must have
     an encoding there (a one-line QuadcError names the missing ones) in the types of ``scheme`` (default:
     ``opts.scheme``, else ``qnn-htp``); no calibration runs."""
@@ -58,7 +59,7 @@ def plan_from_encodings_file(graph: gs.Graph, slots: Mapping[str, Any], opts: Pl
     progress(f"reading encodings from {path}")
     ef = read_encodings(path)
     inputs, outputs = float_tensors(graph)
-    acts = activation_names(graph, inputs + outputs)
+    acts = activation_names(graph, inputs + outputs, unquantized)
     weights = list(weight_axes(graph))
     lora_inputs = [n for s in slots.values() for n in (s.down_input, s.up_input)]
     missing = [n for n in [*acts, *weights, *lora_inputs] if ef.get(n) is None]

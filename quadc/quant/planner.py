@@ -19,7 +19,7 @@ together modules that each do one job:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -41,35 +41,39 @@ __all__ = ["build_plan", "derive_plan"]
 
 def build_plan(graph: gs.Graph, slots: Mapping[str, Any], tasks: Mapping[str, Mapping[str, np.ndarray]],
                opts: PlanOptions | None = None, progress: Callable[[str], None] = silent_progress, *,
-               scheme: str | EncodingScheme | None = None, calibration: Calibration | None = None) -> QuantPlan:
+               scheme: str | EncodingScheme | None = None, calibration: Calibration | None = None,
+               unquantized: Collection[str] = ()) -> QuantPlan:
     """Every encoding of the compile in ``scheme`` (default: ``opts.scheme``, else ``qnn-htp``);
     ``graph`` is not modified.
 
     ``slots`` is the LoRA slot table (``ctx.lora_slots``), ``tasks`` every task packed for those slots
     (:func:`quadc.lora.pack.pack_tasks`; empty without LoRAs). ``calibration``, when given, is this
     graph's calibration with these tasks and options (made once and shared by several schemes); without
-    it the graph is calibrated here.
+    it the graph is calibrated here. ``unquantized`` (``ctx.unquantized``) names tensors that get no
+    activation encoding: they stay float inside a fused operation (``conv-act-fusion``).
     """
     opts = opts or PlanOptions()
     chosen = get_scheme(scheme if scheme is not None else opts.scheme)
     if opts.encodings_file:
-        return plan_from_encodings_file(graph, slots, opts, progress, chosen)
+        return plan_from_encodings_file(graph, slots, opts, progress, unquantized, chosen)
     cal = calibration or calibrate_tasks(graph, slots, tasks, opts, progress, include_base=True)
-    return derive_plan(graph, slots, cal, chosen, opts, progress)
+    return derive_plan(graph, slots, cal, chosen, opts, progress, unquantized)
 
 
 def derive_plan(graph: gs.Graph, slots: Mapping[str, Any], cal: Calibration, scheme: EncodingScheme,
-                opts: PlanOptions, progress: Callable[[str], None] = silent_progress) -> QuantPlan:
+                opts: PlanOptions, progress: Callable[[str], None] = silent_progress,
+                unquantized: Collection[str] = ()) -> QuantPlan:
     """The plan of ``scheme`` from a calibration: the LoRA decision in the scheme's LoRA type (QSS, anchor
-    or unified fallback), then activation, weight and LoRA encodings in its types, then the scheme's
-    graph adjustments (:meth:`~quadc.quant.schemes.EncodingScheme.adjust`)."""
+    or unified fallback), then activation (less ``unquantized``), weight and LoRA encodings in its types,
+    then the scheme's graph adjustments (:meth:`~quadc.quant.schemes.EncodingScheme.adjust`)."""
     ranges, tasks = cal.ranges, cal.tasks
     decision = decide_lora(slots, tasks, ranges.samples, opts.lora_policy, opts.qss_tolerance, scheme)
     if tasks:
         progress(f"[{scheme.name}] LoRA policy {decision.policy}"
                  + (f", anchor '{decision.anchor}'" if decision.anchor else "") + f": {decision.reason}")
     activations, a8, a8_report = activation_encodings(graph, ranges, cal.feeds, tasks, opts.precision,
-                                                      opts.a8_fraction, progress, scheme)
+                                                      opts.a8_fraction, progress, unquantized,
+                                                      headroom=opts.headroom, scheme=scheme)
     per_channel = scheme.weights_per_channel(opts.per_channel)
     progress("computing weight encodings" + (" (per-channel)" if per_channel else ""))
     weights = weight_encodings(graph, opts.per_channel, scheme)

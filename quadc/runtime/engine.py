@@ -29,7 +29,18 @@ BASE_TASKS = (None, "none")
 
 
 class Engine:
-    """One onnxruntime session over an artifact's graph plus a :class:`LoRAStore` for its tasks."""
+    """One onnxruntime session over an artifact's graph plus a :class:`LoRAStore` for its tasks.
+
+    A TFLite artifact (manifest ``runtime: litert``) gets a
+    :class:`~quadc.runtime.tflite_engine.TfliteEngine` instead (same ``run``/``lora_inputs`` API).
+    """
+
+    def __new__(cls, artifact_dir: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
+        if cls is Engine and read_manifest(Path(artifact_dir)).get("runtime") == "litert":
+            from quadc.runtime.tflite_engine import TfliteEngine
+
+            return TfliteEngine(artifact_dir, cache_size=kwargs.get("cache_size", 4))
+        return super().__new__(cls)
 
     def __init__(self, artifact_dir: str | os.PathLike[str], *,
                  providers: Sequence[str] = ("CPUExecutionProvider",),
@@ -61,6 +72,8 @@ class Engine:
         self._zeros = {i.name: _zero_lora(i.shape, _np_type(i.type), specs[i.name])
                        for i in self.session.get_inputs() if i.name in specs}
         self.model_inputs = [i.name for i in self.session.get_inputs() if i.name not in self._zeros]
+        self._float_inputs = {i.name: _FLOAT_TYPES[i.type] for i in self.session.get_inputs()
+                              if i.name in self.model_inputs and i.type in _FLOAT_TYPES}
         slot_names = {s["module"]: (s["down"]["name"], s["up"]["name"]) for s in slots}
         self._task_inputs = {t: {n for m in e.get("modules", slot_names) for n in slot_names[m]}
                              for t, e in tasks.items()}
@@ -84,13 +97,15 @@ class Engine:
         return artifact_file(self.dir, files[kind].get("path"), what=f"task '{task}' {kind} file")
 
     def run(self, feeds: Mapping[str, np.ndarray], task: str | None = None) -> dict[str, np.ndarray]:
-        """Run one forward pass with ``task``'s LoRA bound (``None``/"none": the base model)."""
+        """Run one forward pass with ``task``'s LoRA bound (``None``/"none": the base model).
+
+        Float feeds are cast to the graph's float type, so an fp16 artifact takes float32 inputs too."""
         import onnxruntime as ort
 
         missing = [n for n in self.model_inputs if n not in feeds]
         if missing:
             raise QuadcError(f"missing model input(s) {', '.join(missing)}; the graph needs {', '.join(self.model_inputs)}")
-        inputs = {k: v for k, v in feeds.items() if k in self.model_inputs}
+        inputs = {k: _as_float_type(v, self._float_inputs.get(k)) for k, v in feeds.items() if k in self.model_inputs}
         options = ort.RunOptions()
         inputs.update(self._unbound_zeros(task))
         if task not in BASE_TASKS:
@@ -124,9 +139,24 @@ class Engine:
         self.store.preload(tasks)
 
 
+_FLOAT_TYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16)}
+
+
+def _as_float_type(value: Any, dtype: np.dtype | None) -> Any:
+    """``value`` cast to the graph input's float type when both are floats of different widths."""
+    arr = np.asarray(value)
+    if dtype is None or arr.dtype == dtype or arr.dtype.kind != "f":
+        return value
+    return arr.astype(dtype)
+
+
 def _zero_lora(shape: Sequence[Any], dtype: Any, spec: Mapping[str, Any]) -> np.ndarray:
-    """The base model's value of a LoRA input: float zeros, or for a quantized input (uint8 under a shared
+    """The base model's value of a LoRA input: zeros of the input's float type (float32 or float16, as the
+    slot's packed task files), or for a quantized input (uint8 under a shared
     encoding) its zero point, which dequantizes to exactly 0."""
+    if "dtype" in spec and np.dtype(spec["dtype"]) != np.dtype(dtype):
+        raise QuadcError(f"LoRA input '{spec.get('name')}' is {np.dtype(dtype)} in the graph but {spec['dtype']} in "
+                         "the manifest; the artifact is inconsistent, compile it again")
     zero = np.zeros(shape, dtype)
     if np.dtype(dtype).kind not in "iu":
         return zero
