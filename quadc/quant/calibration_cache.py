@@ -8,8 +8,9 @@ once and every scheme derives its encodings from the same ranges.
 
 The graph part of the key is :func:`graph_fingerprint`: the structure (nodes, attributes, tensor names,
 types and shapes) and every constant's content. A constant still lazily backed by the source model's
-external data file is identified by its place in that file (path, offset, length), which does not
-change while the model is compiled; other constants are hashed. Two graphs with one fingerprint compute
+external data file is identified by its place in that file (file name, offset, length), which does not
+change while the model is compiled; other constants are hashed. The key is recorded in the plan
+(``calibration`` in the manifest's ``quant``), so artifacts show which targets share a calibration. Two graphs with one fingerprint compute
 the same numbers, so sharing their calibration gives the bytes a separate compile gives.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,7 +42,9 @@ def _constant_identity(const: gs.Constant, registry: Mapping[int, Any], h: Any) 
     external = _external_value_of(const, registry)
     if external is not None:
         src = external.source
-        h.update(f"ext|{src.path}|{src.offset}|{src.length}".encode())
+        # The data file's name, not its path: within one compile every external constant comes from the
+        # one source model, and the key (recorded in manifests) must not depend on where it is stored.
+        h.update(f"ext|{Path(src.path).name}|{src.offset}|{src.length}".encode())
         return
     arr = np.ascontiguousarray(np.asarray(const.values))
     h.update(arr.view(np.uint8).reshape(-1).tobytes() if arr.size else b"")
@@ -102,6 +106,7 @@ class CalibrationCache:
             progress(f"reusing the calibration of this graph ({cal.feed_desc}, {cal.ranges.runs} runs)")
             return cal
         cal = calibrate_tasks(graph, slots, tasks(), opts, progress, include_base=True)
+        cal.key = key
         self.entries[key] = cal
         self.runs += 1
         return cal

@@ -31,6 +31,8 @@ class QuantPlan:
 
     precision: str = "w8a16"
     scheme: str = "qnn-htp"
+    #: The calibration the ranges come from (a key shared by every plan derived from it), when known.
+    calibration: str | None = None
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     lora_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     activations: dict[str, Encoding] = field(default_factory=dict)
@@ -59,7 +61,7 @@ class QuantPlan:
     def summary(self) -> dict[str, Any]:
         """JSON-ready description for the manifest (no encodings; those go to the encodings file)."""
         lora_type = str(next(iter(self.lora.values())).qtype) if self.lora else "uint8"
-        return {
+        out = {
             "scheme": self.scheme,
             "precision": self.precision,
             "per_channel_weights": self.per_channel,
@@ -72,3 +74,6 @@ class QuantPlan:
             "weight_encodings": len(self.weights),
             "lora_encodings": len(self.lora),
         }
+        if self.calibration:
+            out["calibration"] = self.calibration
+        return out

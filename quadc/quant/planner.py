@@ -81,6 +81,7 @@ def derive_plan(graph: gs.Graph, slots: Mapping[str, Any], cal: Calibration, sch
     plan = QuantPlan(
         precision=opts.precision,
         scheme=scheme.name,
+        calibration=cal.key[:16] or None,
         ranges={n: ranges[n] for n in activations},
         lora_ranges={n: (float(e.tmin), float(e.tmax)) for n, e in decision.encodings.items()},
         activations=activations,

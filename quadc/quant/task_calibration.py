@@ -59,6 +59,8 @@ class Calibration:
     tasks: Mapping[str, Mapping[str, np.ndarray]]
     feeds: list[dict[str, np.ndarray]]
     feed_desc: str
+    #: What the calibration depends on (:func:`quadc.quant.calibration_cache.calibration_key`), when known.
+    key: str = ""
 
 
 @dataclass
@@ -87,4 +89,4 @@ def calibrate_and_decide(graph: gs.Graph, slots: Mapping[str, Any], tasks: Mappi
     ``scheme``."""
     cal = calibrate_tasks(graph, slots, tasks, opts, progress, include_base=include_base)
     decision = decide_lora(slots, tasks, cal.ranges.samples, opts.lora_policy, opts.qss_tolerance, scheme)
-    return Calibrated(cal.ranges, cal.tasks, cal.feeds, cal.feed_desc, decision)
+    return Calibrated(cal.ranges, cal.tasks, cal.feeds, cal.feed_desc, decision=decision)
