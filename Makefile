@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/quadc compile --target all --calib-random 32 -o out/demo --force
+	$(BIN)/quadc compile --target all -o out/demo --force
 	$(BIN)/quadc verify out/demo
 
 test: $(STAMP)

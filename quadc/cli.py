@@ -145,7 +145,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     np.savez(tmp, **outputs)
     tmp.replace(out)
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in outputs.items())
-    print(f"wrote {out} ({shapes}; task {args.task}; executor {engine.executor})")
+    executor = getattr(engine, "executor", None) or engine.manifest.get("runtime", "cpu")
+    print(f"wrote {out} ({shapes}; task {args.task}; executor {executor})")
     return 0
 
 

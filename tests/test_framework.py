@@ -397,8 +397,10 @@ def test_a_plugin_target_with_its_own_scheme_joins_target_all(tmp_path):
                           "--set", "demo-sym.flavour=spicy", "-o", str(out)], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     index = json.loads((out / "targets.json").read_text())
-    assert "demo-sym" in index["targets"] and index["calibrations"] == 1  # shared with the built-in targets
+    assert "demo-sym" in index["targets"]
     manifest = json.loads((out / "demo-sym" / "manifest.json").read_text())
+    qdq = json.loads((out / "onnx-qdq" / "manifest.json").read_text())
+    assert manifest["quant"]["calibration"] == qdq["quant"]["calibration"]  # one calibration, two schemes
     assert manifest["quant"]["scheme"] == "demo-sym16" and manifest["flavour"] == "spicy"
     enc = read_encodings(out / "demo-sym" / "encodings.json")
     assert {str(e.qtype) for n, e in enc.activations.items() if not n.endswith(("lora_down", "lora_up"))} == {"int16"}

@@ -1,7 +1,7 @@
 """Target qnn on the bundled tiny U-Net: the HTP-legal QDQ graph, the QNN context binary onnxruntime-qnn
 writes, and that context run on the x86 HTP backend (every node on HTP, no CPU fallback).
 
-The bundled model and LoRAs are compiled once with ``--target all`` (16 calibration inputs, seed 0). The
+The bundled model and LoRAs are compiled once with ``--target all`` (default calibration: 4 inputs, seed 0). The
 float reference is the ``onnx`` target's artifact (the float LoRA-as-input graph) on onnxruntime's CPU
 provider; quality is measured on synthetic inputs of another seed, never on calibration inputs.
 """
@@ -34,7 +34,7 @@ HELD_OUT_SEED = 4242  # calibration uses seed 0
 @pytest.fixture(scope="module")
 def out(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("qnn_target")
-    compile_model(None, root / "all", CompileOptions(target="all", pass_options={"quant-plan": {"calib_random": 16}}))
+    compile_model(None, root / "all", CompileOptions(target="all"))
     return root / "all"
 
 

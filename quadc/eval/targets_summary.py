@@ -109,7 +109,8 @@ def verify_artifacts(path: str | os.PathLike[str], *, feeds: Sequence[Mapping[st
             rom = manifest.get("tasks", {}).get(task, {}).get("lora_rom_bytes") if task != "none" else 0
             entry["tasks"][task] = {"lora_rom_bytes": rom, "sqnr_db_mean": float(np.mean(finite)) if finite else None,
                                     "sqnr_db_min": float(min(values)) if values else None, "inputs": len(values),
-                                    "executor": executor or "cpu", "reference": reference}
+                                    "executor": executor or manifest.get("runtime") or "cpu",
+                                    "reference": reference}
         report["targets"][name] = entry
     return report
 

@@ -19,7 +19,9 @@ Pipeline (:attr:`QnnTarget.passes`)::
 
 The NPU passes (preset ``npu``) go before ``qnn-groupnorm`` (they change the graph, so calibration
 must see their result): ``passes = ("float", "npu", "qnn-groupnorm", "quant-plan", "qnn-gelu",
-"qnn-const-first", "qdq-insert")``.
+"qnn-const-first", "qdq-insert")``; :meth:`QnnTarget.pipeline` then keeps SiLU as Sigmoid*Mul
+(``conv-act-fusion.silu=keep``). Measured that way on the bundled model (16 calibration inputs): every
+node on HTP, 36 dB against the float graph and 43 dB against the same QDQ graph on the CPU.
 
 Artifact::
 
@@ -91,7 +93,12 @@ class QnnTarget(Target):
         return qnn_available()
 
     def pipeline(self) -> PassPipeline:
-        return super().pipeline().set_options("qdq-insert", act_matmul_8bit=True, opset="21")
+        pipeline = super().pipeline().set_options("qdq-insert", act_matmul_8bit=True, opset="21")
+        if "conv-act-fusion" in pipeline:
+            # SiLU as a quadc.SiLU local function makes onnxruntime abort while compiling the context
+            # ("Processed 100 nodes. Expected to process 1486"); left as Sigmoid*Mul it runs on HTP.
+            pipeline.set_options("conv-act-fusion", silu="keep")
+        return pipeline
 
     def provider_options(self) -> dict[str, str]:
         """The QNN provider options of this target's context binary."""
