@@ -40,7 +40,8 @@ class QuantPlanStage(GraphPass):
 
     def run(self, graph: gs.Graph, ctx: CompileContext) -> PassResult:
         tasks = pack_tasks(ctx.loras, ctx.lora_slots)
-        ctx.plan = build_plan(graph, ctx.lora_slots, tasks, PlanOptions(**self.opts), ctx.progress)
+        ctx.plan = build_plan(graph, ctx.lora_slots, tasks, PlanOptions(**self.opts), ctx.progress,
+                              unquantized=ctx.unquantized)
         s = ctx.plan.summary()
         return PassResult(False, {"activations": s["activation_encodings"], "weights": s["weight_encodings"],
                                   "lora_inputs": s["lora_encodings"], "a8": s["a8_tensors"]})

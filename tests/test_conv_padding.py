@@ -21,7 +21,7 @@ from onnx.reference import ReferenceEvaluator
 
 from quadc.context import CompileContext
 from quadc.errors import QuadcError
-from quadc.frontend.recognize import analyze, find_layers
+from quadc.frontend.recognize import find_layers, recognize_unet
 from quadc.graph import to_model_bytes
 from quadc.passes import get_pass
 
@@ -96,7 +96,7 @@ def _unet_like(convs: list[tuple[str, np.ndarray, dict]]) -> onnx.ModelProto:
 
 def _with_lora_inputs(model: onnx.ModelProto, rank: int) -> tuple[bytes, CompileContext]:
     graph = gs.import_onnx(model)
-    ctx = CompileContext(model_info=analyze(graph))
+    ctx = CompileContext(model_info=recognize_unet(graph))
     get_pass("lora-inputs", {"targets": "down_blocks.*", "rank": rank}).run(graph, ctx)
     return to_model_bytes(graph), ctx
 

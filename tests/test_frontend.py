@@ -75,7 +75,7 @@ def test_point_details(info, tiny_torchscript_onnx, tiny_dynamo_onnx):
     for point in info.points.values():
         node = nodes[point.node]
         weight = tensors[point.weight]
-        assert node.op == {"conv": "Conv", "linear": node.op if node.op in ("MatMul", "Gemm") else "?"}[point.kind]
+        assert node.op in ({"Conv"} if point.kind == "conv" else {"MatMul", "Gemm"}), (point, node.op)
         expected = {"in_out": (point.d_in, point.d_out), "out_in": (point.d_out, point.d_in),
                     "conv": (point.d_out, point.d_in, *point.kernel)}[point.weight_layout]
         assert tuple(weight.shape) == expected, point

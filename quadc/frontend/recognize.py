@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from quadc.errors import QuadcError
 from quadc.frontend.model_info import AttachPoint, AttentionBlock, ModelInfo
 from quadc.unet_inputs import unet_input_roles
 

@@ -9,7 +9,7 @@ lists the LoRA inputs. Writing a plan's file and compiling against it gives the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +46,14 @@ def encodings_file_of(plan: QuantPlan) -> EncodingsFile:
 
 
 def plan_from_encodings_file(graph: gs.Graph, slots: Mapping[str, Any], opts: PlanOptions,
-                             progress: Callable[[str], None]) -> QuantPlan:
+                             progress: Callable[[str], None], unquantized: Collection[str] = ()) -> QuantPlan:
     """The plan of ``opts.encodings_file``: every activation, weight and LoRA input of ``graph`` must have
     an encoding there (a one-line QuadcError names the missing ones); no calibration runs."""
     path = Path(str(opts.encodings_file))
     progress(f"reading encodings from {path}")
     ef = read_encodings(path)
     inputs, outputs = float_tensors(graph)
-    acts = activation_names(graph, inputs + outputs)
+    acts = activation_names(graph, inputs + outputs, unquantized)
     weights = list(weight_axes(graph))
     lora_inputs = [n for s in slots.values() for n in (s.down_input, s.up_input)]
     missing = [n for n in [*acts, *weights, *lora_inputs] if ef.get(n) is None]

@@ -9,6 +9,8 @@ option                 default      meaning
 ``precision``          ``w8a16``    ``w8a16``: uint16 activations; ``w8a8``: uint8 activations
 ``a8_fraction``        ``0``        w8a16 only: this fraction of activations gets uint8 instead, least
                                     sensitive first (:mod:`quadc.quant.activations`)
+``headroom``           ``2``        16-bit activation ranges are widened by this factor around zero, so
+                                    inputs unlike the calibration feeds do not clip
 ``calib_dir``          none         folder of ``.npz`` feeds (:func:`quadc.quant.feeds.npz_feeds`)
 ``calib_random``       ``4``        without ``calib_dir``: number of synthetic feeds
                                     (:func:`quadc.quant.feeds.random_feeds`)
@@ -42,6 +44,8 @@ PLAN_OPTIONS: tuple[PassOption, ...] = (
                choices=PRECISIONS),
     PassOption("a8_fraction", float, 0.0, "w8a16 only: this fraction of activations becomes uint8",
                low=0.0, high=1.0),
+    PassOption("headroom", float, 2.0, "widen 16-bit activation ranges by this factor around zero so inputs "
+               "unlike the calibration feeds do not clip", low=1.0),
     PassOption("calib_dir", str, None, "folder of .npz calibration feeds"),
     PassOption("calib_random", int, 4, "number of synthetic calibration feeds (without calib_dir)", low=1),
     PassOption("calib_seed", int, 0, "seed of the synthetic feeds and of QSS row sampling", low=0),
@@ -62,6 +66,7 @@ class PlanOptions:
 
     precision: str = "w8a16"
     a8_fraction: float = 0.0
+    headroom: float = 2.0
     calib_dir: str | None = None
     calib_random: int = 4
     calib_seed: int = 0

@@ -16,7 +16,7 @@ one job:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -35,22 +35,26 @@ __all__ = ["build_plan"]
 
 
 def build_plan(graph: gs.Graph, slots: Mapping[str, Any], tasks: Mapping[str, Mapping[str, np.ndarray]],
-               opts: PlanOptions | None = None, progress: Callable[[str], None] = silent_progress) -> QuantPlan:
+               opts: PlanOptions | None = None, progress: Callable[[str], None] = silent_progress, *,
+               unquantized: Collection[str] = ()) -> QuantPlan:
     """Every encoding of the compile; ``graph`` is not modified.
 
     ``slots`` is the LoRA slot table (``ctx.lora_slots``), ``tasks`` every task packed for those slots
     (:func:`quadc.lora.pack.pack_tasks`; empty without LoRAs).
+    ``unquantized`` (``ctx.unquantized``) names tensors that get no activation encoding: they stay float
+    inside a fused operation (``conv-act-fusion``).
     """
     opts = opts or PlanOptions()
     if opts.encodings_file:
-        return plan_from_encodings_file(graph, slots, opts, progress)
+        return plan_from_encodings_file(graph, slots, opts, progress, unquantized)
     cal = calibrate_and_decide(graph, slots, tasks, opts, progress, include_base=True)
     ranges, decision = cal.ranges, cal.decision
     if tasks:
         progress(f"LoRA policy {decision.policy}" + (f", anchor '{decision.anchor}'" if decision.anchor else "")
                  + f": {decision.reason}")
     activations, a8, a8_report = activation_encodings(graph, ranges, cal.feeds, tasks, opts.precision,
-                                                      opts.a8_fraction, progress)
+                                                      opts.a8_fraction, progress, unquantized,
+                                                      headroom=opts.headroom)
     progress("computing weight encodings" + (" (per-channel)" if opts.per_channel else ""))
     weights = weight_encodings(graph, opts.per_channel)
     static = len(static_tensors(graph) & set(ranges))

@@ -25,7 +25,18 @@ BASE_TASKS = (None, "none")
 
 
 class Engine:
-    """One onnxruntime session over an artifact's graph plus a :class:`LoRAStore` for its tasks."""
+    """One onnxruntime session over an artifact's graph plus a :class:`LoRAStore` for its tasks.
+
+    A TFLite artifact (manifest ``runtime: litert``) gets a
+    :class:`~quadc.runtime.tflite_engine.TfliteEngine` instead (same ``run``/``lora_inputs`` API).
+    """
+
+    def __new__(cls, artifact_dir: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
+        if cls is Engine and read_manifest(Path(artifact_dir)).get("runtime") == "litert":
+            from quadc.runtime.tflite_engine import TfliteEngine
+
+            return TfliteEngine(artifact_dir, cache_size=kwargs.get("cache_size", 4))
+        return super().__new__(cls)
 
     def __init__(self, artifact_dir: str | os.PathLike[str], *,
                  providers: Sequence[str] = ("CPUExecutionProvider",),
