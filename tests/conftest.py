@@ -41,8 +41,23 @@ def tiny_fp16_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def bundled_unet() -> Path:
     """Path of the bundled default model, quadc/data/tiny_unet.onnx."""
-    assert BUNDLED_UNET.is_file(), "quadc/data/tiny_unet.onnx is missing; run scripts/make_bundled_model.py"
+    assert BUNDLED_UNET.is_file(), "quadc/data/tiny_unet.onnx is missing; run scripts/train_fixtures.py"
     return BUNDLED_UNET
+
+
+@pytest.fixture(scope="session")
+def bundled_unet_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh export of the committed trained U-Net weights (quadc/data/tiny_sd/unet) with the bundled
+    model's recipe (scripts/make_bundled_model.py, which scripts/train_fixtures.py calls)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    import importlib.util
+
+    script = BUNDLED_UNET.parents[2] / "scripts" / "make_bundled_model.py"
+    spec = importlib.util.spec_from_file_location("make_bundled_model", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make(tmp_path_factory.mktemp("bundled_export") / "tiny_unet.onnx")
 
 
 @pytest.fixture(scope="session")

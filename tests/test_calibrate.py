@@ -198,9 +198,14 @@ def test_ranges_equal_oracle_and_cover_every_task(prepared):
     out = graph.outputs[0].name
     up_outs = [n for n in node_outputs if n.endswith("/lora/up_out")]
     assert len(up_outs) == len(ctx.lora_slots)
-    for name in (out, *up_outs):
+    # The layer outputs the LoRA branches are added into: wider too. (Not the U-Net's final output: the
+    # trained bundled U-Net absorbs a random LoRA on four layers, its output range grew by 0.6% here.)
+    merged = [o.name for n in graph.nodes if any(i.name in up_outs for i in n.inputs) for o in n.outputs]
+    assert len(merged) == len(up_outs)
+    for name in (*up_outs, *merged):
         width = ranges[name][1] - ranges[name][0]
         assert width > 1.05 * (base[name][1] - base[name][0]), name
+    for name in (out, *up_outs, *merged):
         assert ranges[name][0] <= small[name][0] and ranges[name][1] >= small[name][1]
         assert ranges[name][0] <= base[name][0] and ranges[name][1] >= base[name][1]
     for name in up_outs:  # the base model's LoRA branch is exactly zero; the large LoRA's is not small

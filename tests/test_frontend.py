@@ -136,9 +136,9 @@ def test_format_inspect(info):
     assert "MatMul" in text and "encoder_hidden_states" in text
 
 
-def test_bundled_model(bundled_unet, tiny_torchscript_onnx, torch_paths):
-    # The session fixture is exported with the bundled model's recipe: the file must be a fresh regeneration.
-    assert bundled_unet.read_bytes() == tiny_torchscript_onnx.read_bytes(), \
+def test_bundled_model(bundled_unet, bundled_unet_export, torch_paths):
+    # The bundled file must be a fresh export of the committed trained weights (quadc/data/tiny_sd/unet).
+    assert bundled_unet.read_bytes() == bundled_unet_export.read_bytes(), \
         "quadc/data/tiny_unet.onnx is stale: run scripts/make_bundled_model.py"
     assert bundled_unet.stat().st_size < 4_000_000
     _, info = load(bundled_unet)

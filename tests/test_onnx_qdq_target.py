@@ -158,9 +158,11 @@ def test_each_task_gets_its_own_output(outputs):
     # the anchor policy saturating a few values of the other tasks, 28-38 dB were measured here.
     for task, (want, got) in outputs.items():
         assert sqnr_db(want, got) > (33.0 if task is None else 26.0), task  # beta saturates under the anchor gamma
-    # Tasks differ from each other and from the base far more than quantization moves any of them.
+    # Tasks differ from each other and from the base far more (15 dB, 30x in power) than quantization moves
+    # either of them (on the trained bundled U-Net: quantization 40-43 dB, pairs 16.4-18.4 dB).
     for a, b in [("alpha", "beta"), ("beta", "gamma"), ("alpha", None)]:
-        assert sqnr_db(outputs[a][1], outputs[b][1]) < 15.0, (a, b)
+        quant = min(sqnr_db(*outputs[a]), sqnr_db(*outputs[b]))
+        assert sqnr_db(outputs[a][1], outputs[b][1]) < quant - 15.0, (a, b)
 
 
 def test_base_model_binds_the_zero_point(compiled, outputs):

@@ -63,7 +63,8 @@ def _tamper(artifact: Path, tmp_path: Path, task: str, how: str) -> Path:
         tasks[task], tasks[other] = tasks[other], tasks[task]
         (art / "manifest.json").write_text(json.dumps(manifest))
         return art
-    name = sorted(n for n in params if n.endswith(".lora_up"))[0]
+    # the up tensor of the largest norm: a trained LoRA has layers whose effect alone is tiny
+    name = max(sorted(n for n in params if n.endswith(".lora_up")), key=lambda n: float(np.linalg.norm(params[n])))
     if how == "negate":
         params[name] = -params[name]
     elif how == "noise":

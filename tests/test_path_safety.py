@@ -21,7 +21,7 @@ from quadc.export import example_inputs
 from quadc.graph import load_model, model_sha256
 from quadc.runtime.engine import Engine
 
-LORA = bundled_loras()["object_removal"]
+LORA = bundled_loras()["sepia"]  # a single-file LoRA (kohya)
 
 
 def _one_error_line(err: str) -> str:

@@ -14,6 +14,7 @@ from onnx import helper
 
 from quadc import frontend
 from quadc.analyze import analyze, format_analysis
+from quadc.compiler import bundled_loras
 from quadc.context import CompileContext
 from quadc.errors import QuadcError
 from quadc.graph import to_model_bytes
@@ -383,7 +384,7 @@ def test_calib_dir_feeds(setup, tmp_path):
 
 def test_analyze_bundled_model():
     report = analyze()
-    assert set(report["tasks"]) == {"object_removal", "sketch_to_image", "stickers"}
+    assert set(report["tasks"]) == set(bundled_loras()) and len(report["tasks"]) == 4
     assert report["policy"] in ("anchor", "unified") and report["reason"]
     json.dumps(report, allow_nan=False)
     text = format_analysis(report)

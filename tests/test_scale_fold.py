@@ -106,8 +106,8 @@ def test_attention_scales_fold_into_q_k_and_the_slots(float_unet):
     for task, r in ref.items():
         assert np.max(np.abs(got[task] - r)) <= 1e-5 * np.max(np.abs(r)), task
     # The LoRA path really carries the factor: packed for the old table, a q/k-adapting task differs.
-    stale = outputs_per_task(after, ctx0.lora_slots, ctx0, feeds)["object_removal"]
-    assert np.max(np.abs(stale - ref["object_removal"])) > 1e-3 * np.max(np.abs(ref["object_removal"]))
+    stale = outputs_per_task(after, ctx0.lora_slots, ctx0, feeds)["background_removal"]  # adapts to_q, to_k
+    assert np.max(np.abs(stale - ref["background_removal"])) > 1e-3 * np.max(np.abs(ref["background_removal"]))
     again = get_pass("scale-fold").run(after, ctx)
     assert not again.changed and again.counts["folded"] == 0
 
@@ -130,7 +130,7 @@ def test_compiled_tasks_match_through_the_engine(tiny_dynamo_onnx, tmp_path):
         manifests[name] = compile_model(tiny_dynamo_onnx, tmp_path / name, CompileOptions(loras=loras(), passes=passes))
     assert manifests["after"]["passes"][-1]["counts"]["lora_slots"] == 16
     ref, got = Engine(tmp_path / "before"), Engine(tmp_path / "after")
-    assert ref.tasks == got.tasks and len(ref.tasks) == 3
+    assert ref.tasks == got.tasks and len(ref.tasks) == 4
     for task in [None, *ref.tasks]:
         want = ref.run(feeds, task=task)["out_sample"]
         out = got.run(feeds, task=task)["out_sample"]
