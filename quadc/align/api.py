@@ -54,7 +54,7 @@ class AlignOptions:
     level: str = "model"
     steps: int = 200
     batch: int | None = None      # samples per step: layer 256 rows, model 4 feeds
-    lr: float = 0.05              # Adam step in shared-grid steps (quadc.align.trainer)
+    lr: float = 0.1               # Adam step in shared-grid steps (quadc.align.trainer)
     patience: int = 5
     eval_every: int | None = None
     feeds: int = 32               # synthetic training feeds without calib_dir

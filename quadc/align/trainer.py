@@ -53,7 +53,7 @@ class TrainConfig:
 
     steps: int = 200
     batch: int = 4
-    lr: float = 0.05
+    lr: float = 0.1
     patience: int = 5
     eval_every: int | None = None
     min_delta: float = 1e-4
