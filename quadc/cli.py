@@ -81,10 +81,13 @@ def cmd_align(args: argparse.Namespace) -> int:
     if not report:  # a data-parallel rank other than 0 writes nothing
         return 0
     print(f"{'task':<20} {'role':<8} {'effect SQNR dB':>22} {'output SQNR dB':>22} {'float dB':>9}")
+    def db(value: float | None, width: int) -> str:
+        return f"{'exact':>{width}}" if value is None else f"{value:>{width}.2f}"
+
     for task, entry in report["tasks"].items():
         b, a = entry["before"], entry["after"]
-        print(f"{task:<20} {entry['role']:<8} {b['effect_sqnr_db']:>10.2f} -> {a['effect_sqnr_db']:>7.2f} "
-              f"{b['output_sqnr_db']:>12.2f} -> {a['output_sqnr_db']:>7.2f} {a['float_sqnr_db']:>9.2f}")
+        print(f"{task:<20} {entry['role']:<8} {db(b['effect_sqnr_db'], 10)} -> {db(a['effect_sqnr_db'], 7)} "
+              f"{db(b['output_sqnr_db'], 12)} -> {db(a['output_sqnr_db'], 7)} {db(a['float_sqnr_db'], 9)}")
     print(f"wrote {args.output} (aligned LoRAs, encodings.json, report.json)")
     return 0
 

@@ -80,6 +80,11 @@ class AlignOptions:
             raise QuadcError(f"the validation fraction must be in [0, 1), got {self.val_fraction}")
         if not (self.data_weight >= 0 and math.isfinite(self.data_weight)):
             raise QuadcError(f"--data-weight must be a non-negative number, got {self.data_weight}")
+        from quadc.align.trainer import TrainConfig
+
+        TrainConfig(steps=self.steps, batch=self.batch or 1, lr=self.lr, patience=self.patience).check()
+        if self.eval_every is not None and self.eval_every < 1:
+            raise QuadcError(f"--eval-every must be at least 1, got {self.eval_every}")
         if self.threads is not None and self.threads < 1:
             raise QuadcError(f"--threads must be at least 1, got {self.threads}")
         if self.loss not in LOSSES:
@@ -245,21 +250,29 @@ def align(model: str | os.PathLike[str] | None, loras: Mapping[str, str | os.Pat
         entry: dict[str, Any] = {
             "role": "anchor" if task == anchor else "aligned", "file": f"{task}.safetensors",
             "source": Path(str(lora.source)).name, "before": before, "after": after,
-            "effect_gain_db": round(after["effect_sqnr_db"] - before["effect_sqnr_db"], 4),
+            "effect_gain_db": _gain(before["effect_sqnr_db"], after["effect_sqnr_db"]),
             "saturated": {"before": _saturated(ws, lora), "after": _saturated(ws, aligned[task])},
         }
         if task in results:
             entry["training"] = results[task].to_dict()
         report["tasks"][task] = entry
-        progress(f"task '{task}': effect SQNR {before['effect_sqnr_db']:.2f} -> {after['effect_sqnr_db']:.2f} dB, "
-                 f"output SQNR {before['output_sqnr_db']:.2f} -> {after['output_sqnr_db']:.2f} dB, float "
-                 f"{after['float_sqnr_db']:.2f} dB")
+        progress(f"task '{task}': effect SQNR {_db(before['effect_sqnr_db'])} -> {_db(after['effect_sqnr_db'])}, "
+                 f"output SQNR {_db(before['output_sqnr_db'])} -> {_db(after['output_sqnr_db'])}, float "
+                 f"{_db(after['float_sqnr_db'])}")
     with staged_directory(out_dir, force=force) as tmp:
         for task, lora in aligned.items():
             write_lora(lora, tmp / f"{task}.safetensors")
         write_encodings(tmp / "encodings.json", encodings_file_of(ws.plan))
         write_json(tmp / "report.json", report)
     return report
+
+
+def _gain(before: float | None, after: float | None) -> float | None:
+    return None if before is None or after is None else round(after - before, 4)
+
+
+def _db(value: float | None) -> str:
+    return "exact" if value is None else f"{value:.2f} dB"
 
 
 def compile_aligned(model: str | os.PathLike[str] | None, out_dir: str | os.PathLike[str], compile_options: Any,

@@ -60,7 +60,8 @@ class Evaluator:
 
     def scores(self, original: LoRA, candidate: LoRA | None = None) -> dict[str, float]:
         """``effect_sqnr_db``, ``output_sqnr_db`` and (for a candidate) ``float_sqnr_db``; see the module
-        docstring. Without a candidate the original itself is scored."""
+        docstring. Without a candidate the original itself is scored; an exact match (infinite SQNR) is
+        None."""
         ref = self.float_outputs(original)
         cand = candidate if candidate is not None else original
         test = self.quant_outputs(cand)
@@ -71,4 +72,5 @@ class Evaluator:
         }
         if candidate is not None:
             out["float_sqnr_db"] = sqnr_db(ref_flat, _flat(self.float_outputs(candidate)))
-        return {k: round(float(v), 4) for k, v in out.items()}
+        # JSON has no infinity: an exact match (the anchor against itself) is None
+        return {k: round(float(v), 4) if np.isfinite(v) else None for k, v in out.items()}
