@@ -86,7 +86,9 @@ def test_layer_alignment_report(aligned, loras) -> None:
     assert tasks["small"]["effect_gain_db"] > 0.0
     for task in ("small", "big"):
         t = tasks[task]
-        assert t["training"]["steps"] > 0 and t["training"]["validation_loss"]["best"] < t["training"]["validation_loss"]["initial"]
+        layer = t["training"]["layer"]
+        assert list(t["training"]) == ["layer"]
+        assert layer["steps"] > 0 and layer["validation_loss"]["best"] < layer["validation_loss"]["initial"]
         assert t["after"]["output_sqnr_db"] >= t["before"]["output_sqnr_db"]
     assert tasks["small"]["after"]["float_sqnr_db"] >= 30
 
@@ -131,10 +133,13 @@ def recompiled(tmp_path_factory, aligned, loras) -> dict[str, Path]:
     assert main(["compile", "--target", "onnx-qdq", "--encodings", str(aligned / "encodings.json"), *aligned_args,
                  "-q", "-o", str(root / "qdq")]) == 0
     assert main(["compile", "--target", "onnx", *_lora_args(loras)[:-2], "-q", "-o", str(root / "float")]) == 0
-    return {"qdq": root / "qdq", "float": root / "float"}
+    assert main(["compile", "--target", "onnx-qdq", *_lora_args(loras), "-q", "-o", str(root / "original")]) == 0
+    return {"qdq": root / "qdq", "float": root / "float", "original": root / "original"}
 
 
 def test_compile_with_aligned_encodings_reproduces_them_and_the_report(aligned, recompiled) -> None:
+    # alignment never changes an encoding: the compile of the original LoRAs plans the very same ones
+    assert (recompiled["original"] / "encodings.json").read_bytes() == (aligned / "encodings.json").read_bytes()
     assert (recompiled["qdq"] / "encodings.json").read_bytes() == (aligned / "encodings.json").read_bytes()
     report = _report(aligned)
     quant, floats = _exact(recompiled["qdq"]), Engine(recompiled["float"])
@@ -199,7 +204,8 @@ def test_model_level_with_task_examples(tmp_path, loras) -> None:
     tasks = _report(out)["tasks"]
     assert tasks["big"]["effect_gain_db"] > 0.3
     assert tasks["big"]["after"]["output_sqnr_db"] > tasks["big"]["before"]["output_sqnr_db"]
-    assert tasks["small"]["training"]["steps"] > 0 and tasks["mid"]["role"] == "anchor"
+    assert list(tasks["big"]["training"]) == ["layer", "model"] and tasks["mid"]["role"] == "anchor"
+    assert tasks["big"]["training"]["model"]["steps"] > 0
 
 
 @pytest.mark.parametrize("args,needle", [

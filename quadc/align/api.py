@@ -3,7 +3,9 @@ shared encodings, and the compile that follows it.
 
 :func:`align` builds the workspace (:mod:`quadc.align.workspace`: the float teacher graph, the QDQ student
 graph, the plan with every encoding), trains each task that is not the anchor at ``level`` ``layer`` or
-``model`` (:mod:`quadc.align.objectives`, :mod:`quadc.align.trainer`), measures every task before and
+``model`` (:mod:`quadc.align.objectives`, :mod:`quadc.align.trainer`; ``model`` first runs the layer level
+and distills the whole network from there, as block-wise reconstruction before end-to-end tuning is
+usually done: the layer level is cheap and the model level then starts close), measures every task before and
 after on evaluation feeds that neither calibration nor training used (:mod:`quadc.align.evaluate`), and
 writes into ``out_dir`` (staged, renamed when complete):
 
@@ -64,6 +66,7 @@ class AlignOptions:
     data: str | None = None
     data_weight: float = 0.01
     loss: str = "effect"          # model level: "effect" (the task's own effect) or "output" (the whole output)
+    warm_start: bool = True       # model level: start from the layer level's factors
     val_fraction: float = 0.2
     seed: int = 0
     device: str = "cpu"
@@ -151,28 +154,38 @@ def _saturated(ws: Any, lora: Any) -> float:
     return round(saturation({k: v for k, v in pack_task(lora, ws.slots).items() if k in own}, ws.plan).fraction, 8)
 
 
+def _config(options: AlignOptions, level: str) -> Any:
+    from quadc.align.trainer import TrainConfig
+
+    batch = options.batch if options.batch and level == options.level else _BATCH[level]
+    return TrainConfig(steps=options.steps, batch=batch, lr=options.lr, patience=options.patience,
+                       eval_every=options.eval_every, seed=options.seed, show_bar=options.show_bar)
+
+
 def _align_task(ws: Any, task: str, options: AlignOptions, train_feeds: Sequence[Mapping[str, np.ndarray]],
-                device: Any, shared: dict[str, Any], progress: Callable[[str], None]) -> tuple[Any, Any]:
+                device: Any, shared: dict[str, Any], progress: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
+    """Train one task: the layer level, and for ``model`` (unless ``warm_start`` is off) the model level
+    starting from the layer level's factors. Returns the aligned LoRA and the training records by phase."""
     from quadc.align.objectives import LayerObjective, ModelObjective, capture_rows
     from quadc.align.quantsim import QuantSim
-    from quadc.align.trainer import TrainConfig, train
+    from quadc.align.trainer import train
 
-    lora = ws.loras[task]
-    config = TrainConfig(steps=options.steps, batch=options.batch or _BATCH[options.level], lr=options.lr,
-                         patience=options.patience, eval_every=options.eval_every, seed=options.seed,
-                         show_bar=options.show_bar)
-    objective: Any
-    if options.level == "layer":
+    original = ws.loras[task]
+    lora = original
+    phases: dict[str, Any] = {}
+    if options.level == "layer" or options.warm_start:
         progress(f"task '{task}': capturing its LoRA layers' inputs")
         rows = capture_rows(ws.float_graph, ws.float_slots, lora, train_feeds, options.rows, options.seed)
-        objective = LayerObjective(ws.float_graph, ws.float_slots, ws.plan, lora, rows,
-                                   val_fraction=options.val_fraction, seed=options.seed)
-    else:
+        layer = LayerObjective(ws.float_graph, ws.float_slots, ws.plan, lora, rows,
+                               val_fraction=options.val_fraction, seed=options.seed).to(device)
+        phases["layer"] = train(layer, _config(options, "layer"), label=f"align {task} (layer)", progress=progress)
+        lora = layer.factors.to_lora(task)
+    if options.level == "model":
         from quadc.align.data import task_examples
         from quadc.align.interpreter import OnnxModule
 
         progress(f"task '{task}': teacher outputs on {len(train_feeds)} feeds")
-        targets, norms = _targets(ws, lora, train_feeds, options.loss)
+        targets, norms = _targets(ws, original, train_feeds, options.loss)
         if "net" not in shared:
             names = {n for s in ws.slots.values() for n in (s.down_input, s.up_input)}
             shared["net"] = OnnxModule(ws.qdq_graph, float_dq_inputs=names)
@@ -180,12 +193,11 @@ def _align_task(ws: Any, task: str, options: AlignOptions, train_feeds: Sequence
         data = task_examples(options.data, task, ws.qdq_graph, options.seed) if options.data else None
         if data is not None:
             progress(f"task '{task}': {len(data)} task examples for the diffusion loss")
-        objective = ModelObjective(sim, ws.plan, train_feeds, targets, norms, data=data, data_weight=options.data_weight,
-                                   val_fraction=options.val_fraction, seed=options.seed)
-    objective.to(device)
-    result = train(objective, config, label=f"align {task}", progress=progress)
-    factors = objective.factors if options.level == "layer" else objective.sim.factors
-    return factors.to_lora(task), result
+        model = ModelObjective(sim, ws.plan, train_feeds, targets, norms, data=data, data_weight=options.data_weight,
+                               val_fraction=options.val_fraction, seed=options.seed).to(device)
+        phases["model"] = train(model, _config(options, "model"), label=f"align {task} (model)", progress=progress)
+        lora = sim.to_lora(task)
+    return lora, phases
 
 
 def align(model: str | os.PathLike[str] | None, loras: Mapping[str, str | os.PathLike[str]],
@@ -254,7 +266,7 @@ def align(model: str | os.PathLike[str] | None, loras: Mapping[str, str | os.Pat
             "saturated": {"before": _saturated(ws, lora), "after": _saturated(ws, aligned[task])},
         }
         if task in results:
-            entry["training"] = results[task].to_dict()
+            entry["training"] = {phase: r.to_dict() for phase, r in results[task].items()}
         report["tasks"][task] = entry
         progress(f"task '{task}': effect SQNR {_db(before['effect_sqnr_db'])} -> {_db(after['effect_sqnr_db'])}, "
                  f"output SQNR {_db(before['output_sqnr_db'])} -> {_db(after['output_sqnr_db'])}, float "
