@@ -168,7 +168,7 @@ def _align_task(ws: Any, task: str, options: AlignOptions, train_feeds: Sequence
     starting from the layer level's factors. Returns the aligned LoRA and the training records by phase."""
     from quadc.align.objectives import LayerObjective, ModelObjective, capture_rows
     from quadc.align.quantsim import QuantSim
-    from quadc.align.trainer import train
+    from quadc.align.trainer import train, validation_loss
 
     original = ws.loras[task]
     lora = original
@@ -189,12 +189,21 @@ def _align_task(ws: Any, task: str, options: AlignOptions, train_feeds: Sequence
         if "net" not in shared:
             names = {n for s in ws.slots.values() for n in (s.down_input, s.up_input)}
             shared["net"] = OnnxModule(ws.qdq_graph, float_dq_inputs=names)
-        sim = QuantSim(ws.qdq_graph, ws.slots, lora, net=shared["net"])
+        sim = QuantSim(ws.qdq_graph, ws.slots, original, net=shared["net"])
         data = task_examples(options.data, task, ws.qdq_graph, options.seed) if options.data else None
         if data is not None:
             progress(f"task '{task}': {len(data)} task examples for the diffusion loss")
         model = ModelObjective(sim, ws.plan, train_feeds, targets, norms, data=data, data_weight=options.data_weight,
                                val_fraction=options.val_fraction, seed=options.seed).to(device)
+        if lora is not original:  # start from the layer level's factors unless the original does better here
+            model.project()
+            from_original = validation_loss(model)
+            assert sim.factors is not None
+            sim.factors.load(lora)
+            if validation_loss(model) > from_original:
+                progress(f"task '{task}': the model level starts from the original LoRA (the layer level's "
+                         "factors do worse on its validation feeds)")
+                sim.factors.load(original)
         phases["model"] = train(model, _config(options, "model"), label=f"align {task} (model)", progress=progress)
         lora = sim.to_lora(task)
     return lora, phases

@@ -109,6 +109,13 @@ class LoRAFactors(torch.nn.Module):
             out += [(module, "down", self.down[i], np.float32(1.0)), (module, "up", self.up[i], self.multipliers[i])]
         return out
 
+    def load(self, lora: LoRA) -> None:
+        """Set the factors to ``lora``'s (the same layers and shapes)."""
+        with torch.no_grad():
+            for i, module in enumerate(self.modules_):
+                self.down[i].copy_(torch.from_numpy(lora.layers[module].down))
+                self.up[i].copy_(torch.from_numpy(lora.layers[module].up))
+
     def to_lora(self, name: str | None = None) -> LoRA:
         """The current factors as a :class:`~quadc.lora.model.LoRA` (alpha, rank and rsLoRA kept)."""
         layers = {}

@@ -44,7 +44,7 @@ import torch
 from quadc.context import silent_progress
 from quadc.errors import QuadcError
 
-__all__ = ["Objective", "TrainConfig", "TrainResult", "dist_info", "init_distributed", "train"]
+__all__ = ["Objective", "TrainConfig", "TrainResult", "dist_info", "init_distributed", "train", "validation_loss"]
 
 
 @dataclass(frozen=True)
@@ -169,6 +169,12 @@ class _Batches:
 
 def _shard(ids: Sequence[int], rank: int, world: int) -> list[int]:
     return list(ids[rank::world])
+
+
+def validation_loss(objective: Objective) -> float:
+    """The objective's validation loss now (summed over the data-parallel ranks)."""
+    rank, world = dist_info()
+    return _evaluate(objective, rank, world, -1)
 
 
 def _evaluate(objective: Objective, rank: int, world: int, step: int) -> float:
