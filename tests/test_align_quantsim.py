@@ -182,3 +182,23 @@ def test_pack_layer_equals_pack_task_in_every_layout() -> None:
             d, u = pack_layer(torch.from_numpy(layer.down), torch.from_numpy(layer.up),
                               np.float32(layer.scale * slot.out_scale), slot)
             assert np.array_equal(d.numpy(), want[slot.down_input]) and np.array_equal(u.numpy(), want[slot.up_input])
+
+
+def test_quantsim_follows_the_npu_pipeline() -> None:
+    """linear-to-conv (channels layout), mha-split, conv-act-fusion (local functions, unquantized Conv
+    outputs), scale-fold: the student is built from whatever graph the pipeline makes."""
+    from quadc.align.workspace import build_workspace, session
+    from quadc.lora.pack import quantize_task
+
+    ws = build_workspace(None, {}, passes="float,npu,qdq")
+    assert {s.layout for s in ws.slots.values()} >= {"channels", "conv"}
+    assert any(f.name == "SiLU" for f in ws.qdq_graph.functions)
+    sess = session(ws.qdq_graph)
+    names = {i.name for i in sess.get_inputs()}
+    feed = random_feeds(ws.qdq_graph, 1, seed=41)[0]
+    task, lora = next(iter(ws.loras.items()))
+    packed = quantize_task(pack_task(lora, ws.slots), ws.plan)
+    want = sess.run(None, {k: v for k, v in {**feed, **packed}.items() if k in names})[0]
+    with torch.no_grad():
+        got = QuantSim(ws.qdq_graph, ws.slots, lora)({k: torch.from_numpy(v) for k, v in feed.items()})
+    assert sqnr_db(want, next(iter(got.values())).numpy()) >= 40

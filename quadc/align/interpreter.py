@@ -12,6 +12,8 @@ torch tensors. Built for quadc's graphs, and so:
   constants), in numpy for Q/DQ (same arithmetic as :mod:`quadc.quant.affine`) and with the op handlers
   otherwise. Constants are plain tensors, not parameters or buffers: nothing of the graph is trainable,
   and distributed wrappers do not broadcast the weights; ``module.to(device)`` still moves them.
+- **ONNX local functions** (``quadc.SiLU``, ``quadc.Gelu`` of ``conv-act-fusion``) run their body as a
+  nested module.
 - **Activations are freed after their last reader** within a forward (autograd keeps what backward needs).
 
 Why not onnx2torch: version 1.5.15 (the latest) converts neither QuantizeLinear nor DequantizeLinear, has
@@ -104,6 +106,8 @@ class OnnxModule(torch.nn.Module):
         self._folded: dict[str, np.ndarray] = {}
         self._steps: list[_Step] = []
         self._quantizers: list[FakeQuant] = []
+        self._functions = {(f.domain or "", f.name): f for f in getattr(graph, "functions", None) or []}
+        self.calls = torch.nn.ModuleDict()  # one OnnxModule per local function used (quadc.SiLU, ...)
         self._build(graph)
         self._consts: dict[str, torch.Tensor] = {}
         used = {n for s in self._steps for n in s.inputs} | set(self.output_names)
@@ -127,6 +131,9 @@ class OnnxModule(torch.nn.Module):
             if node.op in ("QuantizeLinear", "DequantizeLinear") and node.domain in _QDQ_DOMAINS:
                 self._qdq(node, consts, inputs, fused)
                 continue
+            if (node.domain or "", node.op) in self._functions:
+                self._steps.append(_Step(self._call(node), names, [t.name for t in node.outputs], node.op))
+                continue
             if node.domain not in (None, "", "ai.onnx"):
                 raise QuadcError(f"operator {node.domain}::{node.op} ('{node.name}') is not supported by align")
             if node.op == "Constant":
@@ -143,6 +150,20 @@ class OnnxModule(torch.nn.Module):
                         consts[name] = value.detach().cpu().numpy()
                 continue
             self._steps.append(_Step(fn, names, outs, node.op))
+
+    def _call(self, node: gs.Node) -> Callable[[list[Any]], Any]:
+        """A call of an ONNX local function (e.g. ``quadc.SiLU``): its body as a nested module."""
+        key = f"{node.domain or ''}__{node.op}".replace(".", "_")
+        if key not in self.calls:
+            if node.attrs:
+                raise QuadcError(f"function {node.domain}.{node.op} is called with attributes, which align does not support")
+            self.calls[key] = OnnxModule(self._functions[(node.domain or "", node.op)])
+        body = self.calls[key]
+
+        def run(ins: list[Any]) -> list[Any]:
+            out = body(dict(zip(body.input_names, ins, strict=False)))
+            return [out[n] for n in body.output_names]
+        return run
 
     def _handler(self, node: gs.Node) -> Callable[[list[Any]], Any]:
         attrs = dict(node.attrs)
