@@ -220,7 +220,7 @@ def align(model: str | os.PathLike[str] | None, loras: Mapping[str, str | os.Pat
 
     from quadc.align.evaluate import Evaluator
     from quadc.align.files import write_lora
-    from quadc.align.trainer import dist_info, init_distributed
+    from quadc.align.trainer import dist_info, finish_distributed, init_distributed
     from quadc.align.workspace import build_workspace
     from quadc.artifact import check_output_dir, staged_directory, write_json
     from quadc.quant.encodings import write_encodings
@@ -251,6 +251,7 @@ def align(model: str | os.PathLike[str] | None, loras: Mapping[str, str | os.Pat
             aligned[task] = lora
             continue
         aligned[task], results[task] = _align_task(ws, task, options, train_feeds, device, shared, progress)
+    finish_distributed()
     if rank != 0:
         return {}
     progress(f"measuring every task before and after on {eval_desc}")
@@ -301,7 +302,6 @@ def compile_aligned(model: str | os.PathLike[str] | None, out_dir: str | os.Path
     """``quadc compile --align``: align into ``<out_dir>.align``, then compile the aligned LoRAs against its
     ``encodings.json`` into ``out_dir`` (see the module docstring); returns the manifest (``{}`` on ranks
     other than 0)."""
-    from quadc.align.trainer import dist_info
     from quadc.artifact import check_output_dir
     from quadc.compiler import compile_model
 
@@ -314,7 +314,7 @@ def compile_aligned(model: str | os.PathLike[str] | None, out_dir: str | os.Path
     report = align(model, compile_options.loras, align_dir, align_options, target=compile_options.target,
                    passes=compile_options.passes, pass_options=compile_options.pass_options,
                    force=compile_options.force, progress=progress)
-    if dist_info()[0] != 0:
+    if rank != 0:
         return {}
     pass_options = {k: dict(v) for k, v in compile_options.pass_options.items()}
     pass_options.setdefault("quant-plan", {})["encodings_file"] = str(align_dir / "encodings.json")

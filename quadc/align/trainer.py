@@ -44,7 +44,8 @@ import torch
 from quadc.context import silent_progress
 from quadc.errors import QuadcError
 
-__all__ = ["Objective", "TrainConfig", "TrainResult", "dist_info", "init_distributed", "train", "validation_loss"]
+__all__ = ["Objective", "TrainConfig", "TrainResult", "dist_info", "finish_distributed", "init_distributed", "train",
+           "validation_loss"]
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,15 @@ def init_distributed(device: str) -> torch.device:
     if device == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(device)
+
+
+def finish_distributed() -> None:
+    """Wait for every rank and leave the process group (after training; a no-op without one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 class _Batches:
