@@ -61,7 +61,7 @@ def _align_options(args: argparse.Namespace, level: str) -> object:
 
     values = {"level": level, "show_bar": not args.quiet}
     for name in ("steps", "batch", "lr", "patience", "eval_every", "feeds", "eval_feeds", "eval_dir", "rows", "data",
-                 "data_weight", "loss", "warm_start", "seed", "device", "threads"):
+                 "data_weight", "loss", "warm_start", "equalize", "seed", "device", "threads"):
         value = getattr(args, f"align_{name}", None)
         if value is not None:
             values[name] = value
@@ -117,6 +117,8 @@ def _add_align_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
     add("data-weight", type=float, metavar="W", help="weight of the diffusion loss (default 0.01)")
     add("loss", choices=["effect", "output"],
         help="model level: match the task's own effect out(task)-out(base) (default) or the whole output")
+    g.add_argument("--no-equalize", dest="align_equalize", action="store_const", const=False,
+                   help="do not rescale the LoRAs' rank components to the shared grids before training")
     g.add_argument("--no-warm-start", dest="align_warm_start", action="store_const", const=False,
                    help="model level: start from the original LoRA, not from the layer level's result")
     add("seed", type=int, metavar="SEED", help="seed of batches and validation split (default 0)")

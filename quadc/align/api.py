@@ -2,11 +2,12 @@
 shared encodings, and the compile that follows it.
 
 :func:`align` builds the workspace (:mod:`quadc.align.workspace`: the float teacher graph, the QDQ student
-graph, the plan with every encoding), trains each task that is not the anchor at ``level`` ``layer`` or
-``model`` (:mod:`quadc.align.objectives`, :mod:`quadc.align.trainer`; ``model`` first runs the layer level
-and distills the whole network from there, as block-wise reconstruction before end-to-end tuning is
-usually done: the layer level is cheap and the model level then starts close), measures every task before and
-after on evaluation feeds that neither calibration nor training used (:mod:`quadc.align.evaluate`), and
+graph, the plan with every encoding), equalizes each non-anchor LoRA's rank components to the shared
+grids (:mod:`quadc.align.equalize`: the same float LoRA, better quantized), trains it at ``level``
+``layer`` or ``model`` (:mod:`quadc.align.objectives`, :mod:`quadc.align.trainer`; ``model`` first runs
+the layer level and distills the whole network from there, as block-wise reconstruction before
+end-to-end tuning usually is: the layer level is cheap and the model level then starts close), measures
+every task before and after on evaluation feeds that neither calibration nor training used (:mod:`quadc.align.evaluate`), and
 writes into ``out_dir`` (staged, renamed when complete):
 
     <task>.safetensors   each LoRA, aligned (the anchor as it was), diffusers format (quadc.align.files)
@@ -67,6 +68,7 @@ class AlignOptions:
     data_weight: float = 0.01
     loss: str = "effect"          # model level: "effect" (the task's own effect) or "output" (the whole output)
     warm_start: bool = True       # model level: start from the layer level's factors
+    equalize: bool = True         # rescale rank components to the shared grids first (quadc.align.equalize)
     val_fraction: float = 0.2
     seed: int = 0
     device: str = "cpu"
@@ -166,12 +168,13 @@ def _align_task(ws: Any, task: str, options: AlignOptions, train_feeds: Sequence
                 device: Any, shared: dict[str, Any], progress: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
     """Train one task: the layer level, and for ``model`` (unless ``warm_start`` is off) the model level
     starting from the layer level's factors. Returns the aligned LoRA and the training records by phase."""
+    from quadc.align.equalize import equalize
     from quadc.align.objectives import LayerObjective, ModelObjective, capture_rows
     from quadc.align.quantsim import QuantSim
     from quadc.align.trainer import train, validation_loss
 
     original = ws.loras[task]
-    lora = original
+    lora = equalize(original, ws.slots, ws.plan) if options.equalize else original
     phases: dict[str, Any] = {}
     if options.level == "layer" or options.warm_start:
         progress(f"task '{task}': capturing its LoRA layers' inputs")
