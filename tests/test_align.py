@@ -80,16 +80,17 @@ def test_layer_alignment_report(aligned, loras) -> None:
     tasks = report["tasks"]
     assert tasks["mid"]["role"] == "anchor" and "training" not in tasks["mid"]
     assert tasks["mid"]["after"] == {**tasks["mid"]["before"], "float_sqnr_db": None}  # exact: the anchor
-    # the saturating task wins effect back; the coarsely rounded one does not lose; both train
+    # the saturating task and the coarsely rounded one both win effect back, and no output gets worse
     assert tasks["big"]["saturated"]["before"] > 0.01
-    assert tasks["big"]["effect_gain_db"] > 0.5
-    assert tasks["small"]["effect_gain_db"] > 0.0
+    assert tasks["big"]["effect_gain_db"] > 2
+    assert tasks["small"]["effect_gain_db"] > 3
     for task in ("small", "big"):
         t = tasks[task]
-        layer = t["training"]["layer"]
-        assert list(t["training"]) == ["layer"]
-        assert layer["steps"] > 0 and layer["validation_loss"]["best"] < layer["validation_loss"]["initial"]
+        assert list(t["training"]) == ["layer"] and t["training"]["layer"]["steps"] > 0
         assert t["after"]["output_sqnr_db"] >= t["before"]["output_sqnr_db"]
+    big = tasks["big"]["training"]["layer"]["validation_loss"]
+    assert big["best"] < big["initial"]
+    # equalization moves no float output; training moves the unsaturated task's little
     assert tasks["small"]["after"]["float_sqnr_db"] >= 30
 
 
