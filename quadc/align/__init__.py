@@ -8,6 +8,7 @@ module             what it does
 ``interpreter``    ``OnnxModule``: a compiled graph (float or QDQ) as a differentiable torch module
 ``quantsim``       ``QuantSim``: the QDQ artifact with one task's LoRA factors as the only parameters
 ``workspace``      the float (teacher) and QDQ (student) graphs and the plan, from the target's pipeline
+``equalize``       rank components rescaled between ``down`` and ``up`` to fit the shared grids
 ``objectives``     ``layer`` (per-slot branch reconstruction) and ``model`` (whole-network distillation)
 ``data``           task examples for the model level's diffusion loss (``--data``)
 ``trainer``        Adam with grid-relative steps, projection, early stopping, DDP under torchrun/accelerate

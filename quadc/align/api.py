@@ -164,6 +164,26 @@ def _config(options: AlignOptions, level: str) -> Any:
                        eval_every=options.eval_every, seed=options.seed, show_bar=options.show_bar)
 
 
+def _better_start(objective: Any, factors: Any, start: Any, original: Any, task: str, level: str,
+                  progress: Callable[[str], None]) -> None:
+    """Leave ``factors`` at ``start`` (equalized, or the layer level's result) unless the original LoRA has
+    the lower validation loss of ``objective``; both are projected onto the shared grids first."""
+    from quadc.align.trainer import validation_loss
+
+    if start is original:
+        return
+    objective.project()
+    ours = validation_loss(objective)
+    factors.load(original)
+    objective.project()
+    if validation_loss(objective) <= ours:
+        progress(f"task '{task}': the {level} level starts from the original LoRA (it does better on the "
+                 "validation samples)")
+        return
+    factors.load(start)
+    objective.project()
+
+
 def _align_task(ws: Any, task: str, options: AlignOptions, train_feeds: Sequence[Mapping[str, np.ndarray]],
                 device: Any, shared: dict[str, Any], progress: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
     """Train one task: the layer level, and for ``model`` (unless ``warm_start`` is off) the model level
@@ -171,7 +191,7 @@ def _align_task(ws: Any, task: str, options: AlignOptions, train_feeds: Sequence
     from quadc.align.equalize import equalize
     from quadc.align.objectives import LayerObjective, ModelObjective, capture_rows
     from quadc.align.quantsim import QuantSim
-    from quadc.align.trainer import train, validation_loss
+    from quadc.align.trainer import train
 
     original = ws.loras[task]
     lora = equalize(original, ws.slots, ws.plan) if options.equalize else original
@@ -181,6 +201,7 @@ def _align_task(ws: Any, task: str, options: AlignOptions, train_feeds: Sequence
         rows = capture_rows(ws.float_graph, ws.float_slots, lora, train_feeds, options.rows, options.seed)
         layer = LayerObjective(ws.float_graph, ws.float_slots, ws.plan, lora, rows,
                                val_fraction=options.val_fraction, seed=options.seed).to(device)
+        _better_start(layer, layer.factors, lora, original, task, "layer", progress)
         phases["layer"] = train(layer, _config(options, "layer"), label=f"align {task} (layer)", progress=progress)
         lora = layer.factors.to_lora(task)
     if options.level == "model":
@@ -192,21 +213,15 @@ def _align_task(ws: Any, task: str, options: AlignOptions, train_feeds: Sequence
         if "net" not in shared:
             names = {n for s in ws.slots.values() for n in (s.down_input, s.up_input)}
             shared["net"] = OnnxModule(ws.qdq_graph, float_dq_inputs=names)
-        sim = QuantSim(ws.qdq_graph, ws.slots, original, net=shared["net"])
+        sim = QuantSim(ws.qdq_graph, ws.slots, lora, net=shared["net"])
         data = task_examples(options.data, task, ws.qdq_graph, options.seed) if options.data else None
         if data is not None:
             progress(f"task '{task}': {len(data)} task examples for the diffusion loss")
         model = ModelObjective(sim, ws.plan, train_feeds, targets, norms, data=data, data_weight=options.data_weight,
                                val_fraction=options.val_fraction, seed=options.seed).to(device)
-        if lora is not original:  # start from the layer level's factors unless the original does better here
-            model.project()
-            from_original = validation_loss(model)
-            assert sim.factors is not None
-            sim.factors.load(lora)
-            if validation_loss(model) > from_original:
-                progress(f"task '{task}': the model level starts from the original LoRA (the layer level's "
-                         "factors do worse on its validation feeds)")
-                sim.factors.load(original)
+        assert sim.factors is not None
+        sim.factors.load(lora)
+        _better_start(model, sim.factors, lora, original, task, "model", progress)
         phases["model"] = train(model, _config(options, "model"), label=f"align {task} (model)", progress=progress)
         lora = sim.to_lora(task)
     return lora, phases
