@@ -43,7 +43,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
         max_saturation=args.max_saturation,
     )
     progress = silent_progress if args.quiet else stderr_progress
-    manifest = compile_model(args.model, args.output, options, progress=progress)
+    if args.align:
+        from quadc.align.api import compile_aligned
+
+        manifest = compile_aligned(args.model, args.output, options, _align_options(args, level=args.align),
+                                   progress=progress)
+        if not manifest:  # a data-parallel rank other than 0 writes nothing
+            return 0
+        print(f"wrote {args.output}.align (aligned LoRAs, encodings.json, report.json)")
+    else:
+        manifest = compile_model(args.model, args.output, options, progress=progress)
     if args.target == ALL_TARGETS:
         for name, entry in manifest["targets"].items():
             print(f"wrote {Path(args.output) / entry['dir']} (target {name})")
@@ -75,6 +84,75 @@ def cmd_verify(args: argparse.Namespace) -> int:
         tmp.replace(out)
         print(f"wrote {out}")
     return 0
+
+
+def _align_options(args: argparse.Namespace, level: str) -> object:
+    from quadc.align.api import AlignOptions
+
+    values = {"level": level, "show_bar": not args.quiet}
+    for name in ("steps", "batch", "lr", "patience", "eval_every", "feeds", "eval_feeds", "eval_dir", "rows", "data",
+                 "data_weight", "loss", "warm_start", "equalize", "seed", "device", "threads"):
+        value = getattr(args, f"align_{name}", None)
+        if value is not None:
+            values[name] = value
+    return AlignOptions(**values)  # type: ignore[arg-type]
+
+
+def cmd_align(args: argparse.Namespace) -> int:
+    from quadc.errors import require_extra
+
+    require_extra("torch", "align")
+    from quadc.align.api import align
+
+    progress = silent_progress if args.quiet else stderr_progress
+    report = align(args.model, _kv_pairs(args.lora, "--lora"), args.output, _align_options(args, level=args.level),
+                   target=args.target, passes=args.passes, pass_options=_pass_options(args), force=args.force,
+                   progress=progress)
+    if not report:  # a data-parallel rank other than 0 writes nothing
+        return 0
+    print(f"{'task':<20} {'role':<8} {'effect SQNR dB':>22} {'output SQNR dB':>22} {'float dB':>9}")
+    def db(value: float | None, width: int) -> str:
+        return f"{'exact':>{width}}" if value is None else f"{value:>{width}.2f}"
+
+    for task, entry in report["tasks"].items():
+        b, a = entry["before"], entry["after"]
+        print(f"{task:<20} {entry['role']:<8} {db(b['effect_sqnr_db'], 10)} -> {db(a['effect_sqnr_db'], 7)} "
+              f"{db(b['output_sqnr_db'], 12)} -> {db(a['output_sqnr_db'], 7)} {db(a['float_sqnr_db'], 9)}")
+    print(f"wrote {args.output} (aligned LoRAs, encodings.json, report.json)")
+    return 0
+
+
+def _add_align_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """Training flags of align (``prefix`` "align-" for compile, whose own flags they must not shadow)."""
+    g = p.add_argument_group("alignment (QUAD distillation of the non-anchor LoRAs)")
+    dest = prefix.replace("-", "_")
+
+    def add(flag: str, **kw: object) -> None:
+        g.add_argument(f"--{prefix}{flag}", dest=f"align_{flag.replace('-', '_')}", **kw)  # type: ignore[arg-type]
+
+    add("steps", type=int, metavar="N", help="training steps per task (default 200)")
+    add("data", metavar="DIR", help="task examples (DIR/<task>.npz or DIR/<task>/*.npz with latents, "
+        "encoder_hidden_states[, source_latents]) for the diffusion loss (model level)")
+    add("device", metavar="DEVICE", help="cpu (default) or cuda (cuda:LOCAL_RANK under torchrun / accelerate launch)")
+    if dest:  # compile --align keeps the rest at their defaults; quadc align exposes them all
+        return
+    add("batch", type=int, metavar="N", help="samples per step (default: layer 256 rows, model 4 feeds)")
+    add("lr", type=float, metavar="LR", help="Adam step in steps of the shared quantization grid (default 0.1)")
+    add("patience", type=int, metavar="N", help="validation checks without improvement before stopping (default 5)")
+    add("eval-every", type=int, metavar="N", help="steps between validation checks (default steps/20)")
+    add("feeds", type=int, metavar="N", help="synthetic training feeds without --calib (default 32)")
+    add("eval-feeds", type=int, metavar="N", help="synthetic evaluation feeds for the report (default 8)")
+    add("eval-dir", metavar="DIR", help="folder of .npz evaluation feeds for the report (instead of synthetic)")
+    add("rows", type=int, metavar="N", help="layer level: captured input rows per LoRA layer (default 512)")
+    add("data-weight", type=float, metavar="W", help="weight of the diffusion loss (default 0.01)")
+    add("loss", choices=["effect", "output"],
+        help="model level: match the task's own effect out(task)-out(base) (default) or the whole output")
+    g.add_argument("--no-equalize", dest="align_equalize", action="store_const", const=False,
+                   help="do not rescale the LoRAs' rank components to the shared grids before training")
+    g.add_argument("--no-warm-start", dest="align_warm_start", action="store_const", const=False,
+                   help="model level: start from the original LoRA, not from the layer level's result")
+    add("seed", type=int, metavar="SEED", help="seed of batches and validation split (default 0)")
+    add("threads", type=int, metavar="N", help="torch CPU threads (default 1: the same bits on any machine)")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -311,7 +389,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail (writing nothing) when a task saturates more than fraction F of its LoRA values "
                         "under the shared encodings, e.g. 0.01; the manifest records every task's fraction")
     _add_calibration_flags(p)
+    p.add_argument("--align", choices=["layer", "model"],
+                   help="first align the non-anchor LoRAs (as quadc align, into OUTPUT.align), then compile the "
+                        "aligned LoRAs against its encodings.json")
+    _add_align_flags(p, prefix="align-")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("align", help="distill every non-anchor LoRA under the shared encodings (QUAD; extra: align)")
+    p.add_argument("model", nargs="?", help="ONNX U-Net (default: the bundled tiny U-Net and its demo LoRAs)")
+    p.add_argument("--lora", action="append", metavar="NAME=PATH", help="a LoRA for task NAME; repeat")
+    p.add_argument("--level", choices=["layer", "model"], default="model",
+                   help="layer: reconstruct each LoRA layer's output from captured inputs (fast); model: distill "
+                        "the whole quantized network against the float one (default)")
+    p.add_argument("-o", "--output", required=True, help="output folder: <task>.safetensors, encodings.json, report.json")
+    p.add_argument("--target", default="onnx-qdq", help="the quantized target whose graph is simulated (default onnx-qdq)")
+    p.add_argument("--passes", help="the target's pipeline, overridden (as in compile)")
+    p.add_argument("--set", action="append", metavar="PASS.OPTION=VALUE", help="a pass's declared option; repeat")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    q = p.add_argument_group("quantization (as in compile)")
+    q.add_argument("--precision", choices=["w8a16", "w8a8"], help="weights/activations bits (default w8a16)")
+    q.add_argument("--a8-fraction", type=float, metavar="F", help="fraction of activations made 8-bit")
+    q.add_argument("--per-channel", action="store_true", help="int8 symmetric per-channel weights")
+    q.add_argument("--encodings", dest="encodings_file", metavar="FILE", help="fixed encodings (AIMET JSON)")
+    _add_calibration_flags(p)
+    _add_align_flags(p)
+    p.set_defaults(func=cmd_align)
 
     p = sub.add_parser("analyze", help="QSS per LoRA, the anchor and why (the shared-encoding decision)")
     p.add_argument("model", nargs="?", help="ONNX U-Net (default: the bundled tiny U-Net and its demo LoRAs)")
