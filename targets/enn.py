@@ -112,7 +112,7 @@ class EnnTarget(TfliteTarget):
         from quadc.quant.affine import sqnr_db
         from quadc.runtime.engine import Engine
         from quadc.runtime.tflite_engine import TfliteEngine
-        from quadc.targets.tflite.target import float_reference
+        from quadc.targets.float_reference import float_reference
 
         report = super().verify(artifact_dir, feeds, task, model=model, loras=loras)
         qdq = Engine(Path(artifact_dir) / QDQ_DIR).run(feeds, task=task)

@@ -18,7 +18,8 @@ Nothing in the artifact is per-task except the LoRA integers: no task has its ow
 
 from __future__ import annotations
 
-import tempfile
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,6 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from quadc.errors import QuadcError
-from quadc.graph import load_model, save_model
 from quadc.quant.encodings import write_encodings
 from quadc.quant.plan import QuantPlan
 from quadc.quant.plan_file import encodings_file_of
@@ -37,36 +37,6 @@ if TYPE_CHECKING:
 
 GRAPH_FILE = "model.onnx"
 ENCODINGS_FILE = "encodings.json"
-
-
-def strip_activation_qdq(graph: gs.Graph) -> int:
-    """Remove the Q -> DQ pairs on dynamic tensors (activations), keeping weight and LoRA dequantization.
-
-    The result computes with float activations and the artifact's quantized weights and LoRA integers:
-    the reference :meth:`OnnxQdqTarget.verify` measures activation quantization error against.
-    """
-    removed = 0
-    for q in [n for n in graph.nodes if n.op == "QuantizeLinear"]:
-        src = q.inputs[0]
-        if isinstance(src, gs.Constant) or not q.outputs[0].outputs:
-            continue
-        dqs = list(q.outputs[0].outputs)
-        if not all(d.op == "DequantizeLinear" for d in dqs):
-            continue
-        for dq in dqs:
-            out = dq.outputs[0]
-            for node in list(out.outputs):
-                for i, t in enumerate(node.inputs):
-                    if t is out:
-                        node.inputs[i] = src
-            if any(t is out for t in graph.outputs):
-                graph.outputs = [src if t is out else t for t in graph.outputs]
-                src.name, out.name = out.name, out.name + "_removed"
-            dq.outputs.clear()
-            removed += 1
-        q.outputs.clear()
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    return removed
 
 
 class OnnxQdqTarget(Target):
@@ -94,34 +64,27 @@ class OnnxQdqTarget(Target):
         entries.update(write_task_files(ctx, out_dir, quantized=not plan.lora_float_inputs, plan=plan))
         return entries
 
-    def verify(self, artifact_dir: Path, feeds: dict[str, Any], task: str | None = None) -> dict[str, Any]:
-        """Run the artifact on ORT CPU with ``task`` bound; report its outputs and their error against the
-        same graph with float activations (quantized weights and LoRA kept), i.e. the activation error."""
-        import onnxruntime as ort
-
+    def verify(self, artifact_dir: Path, feeds: dict[str, Any], task: str | None = None, *,
+               model: str | os.PathLike[str] | None = None,
+               loras: Mapping[str, str | os.PathLike[str]] | None = None) -> dict[str, Any]:
+        """Run the artifact on ORT CPU with ``task`` bound and report per output ``max_abs``, ``max_abs_err``
+        and ``sqnr_db`` against the float LoRA-as-input graph of the source model with the task's float
+        LoRA (:func:`~quadc.targets.float_reference.float_reference`; ``model``/``loras`` default to the
+        bundled ones when the artifact was compiled from them)."""
         from quadc.quant.affine import sqnr_db
         from quadc.runtime.engine import Engine
+        from quadc.targets.float_reference import float_reference
 
-        artifact_dir = Path(artifact_dir)
-        engine = Engine(artifact_dir)
+        engine = Engine(Path(artifact_dir))
         out = engine.run(feeds, task=task)
-        lora = engine.lora_inputs(task)
-        graph = load_model(artifact_dir / engine.manifest["graph"])
-        strip_activation_qdq(graph)
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        with tempfile.TemporaryDirectory(prefix="quadc-verify-") as tmp:
-            ref_path = save_model(graph, Path(tmp) / "reference.onnx")
-            sess = ort.InferenceSession(str(ref_path), so, providers=["CPUExecutionProvider"])
-            names = {i.name for i in sess.get_inputs()}
-            ref_feeds = {k: v for k, v in {**feeds, **lora}.items() if k in names}
-            ref = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, ref_feeds), strict=True))
-        report: dict[str, Any] = {"task": task or "none", "outputs": {}, "reference": "float activations"}
+        ref = float_reference(engine.manifest, feeds, task, model=model, loras=loras)
+        report: dict[str, Any] = {"task": task or "none", "outputs": {}, "reference": "float LoRA-as-input graph"}
         for name, value in out.items():
-            want = ref[name]
+            want = np.asarray(ref[name], np.float64)
+            got = np.asarray(value, np.float64)
             report["outputs"][name] = {
-                "max_abs": float(np.max(np.abs(value))) if value.size else 0.0,
-                "max_abs_err": float(np.max(np.abs(value.astype(np.float64) - want))) if value.size else 0.0,
-                "sqnr_db": round(float(sqnr_db(want, value)), 4),
+                "max_abs": float(np.max(np.abs(got))) if got.size else 0.0,
+                "max_abs_err": float(np.max(np.abs(got - want))) if got.size else 0.0,
+                "sqnr_db": round(float(sqnr_db(want, got)), 4),
             }
         return report

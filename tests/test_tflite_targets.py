@@ -28,8 +28,8 @@ from quadc.runtime.engine import Engine  # noqa: E402
 from quadc.runtime.tflite_engine import TfliteEngine  # noqa: E402
 from quadc.targets import get_target  # noqa: E402
 from quadc.targets.enn import ENN_OPS  # noqa: E402
+from quadc.targets.float_reference import float_reference  # noqa: E402
 from quadc.targets.neuropilot import NEUROPILOT_OPS  # noqa: E402
-from quadc.targets.tflite.target import float_reference  # noqa: E402
 from quadc.targets.tflite.writer import builtin_name, read_model  # noqa: E402
 
 TASKS = tuple(bundled_loras())

@@ -171,11 +171,11 @@ class QnnTarget(Target):
         backend; ``cpu``: its QDQ graph on ORT CPU; ``auto``: HTP when onnxruntime-qnn is installed) and
         report the executor and per output ``max_abs``, ``max_abs_err`` and
         ``sqnr_db`` against the float LoRA-as-input graph with the task's float LoRA bound
-        (:class:`~quadc.targets.qnn.reference.FloatReference`, rebuilt from ``model`` and ``loras``,
+        (:class:`~quadc.targets.float_reference.FloatReference`, rebuilt from ``model`` and ``loras``,
         which default to the bundled ones; built once per process for one source and reused)."""
         from quadc.quant.affine import sqnr_db
         from quadc.runtime.engine import Engine
-        from quadc.targets.qnn.reference import FloatReference
+        from quadc.targets.float_reference import FloatReference
 
         engine = Engine(artifact_dir, executor=executor)
         out = engine.run(feeds, task=task)

@@ -161,6 +161,8 @@ class TfliteTarget(Target):
 
         engine = TfliteEngine(artifact_dir)
         out = engine.run(feeds, task=task)
+        from quadc.targets.float_reference import float_reference
+
         ref = float_reference(engine.manifest, feeds, task, model=model, loras=loras)
         report: dict[str, Any] = {"task": task or "none", "reference": "float LoRA-as-input graph (ORT CPU)",
                                   "outputs": {}}
@@ -172,26 +174,3 @@ class TfliteTarget(Target):
                                        "sqnr_db": round(float(sqnr_db(want, got)), 4)}
         return report
 
-
-def float_reference(manifest: Mapping[str, Any], feeds: Mapping[str, np.ndarray], task: str | None, *,
-                    model: str | os.PathLike[str] | None = None,
-                    loras: Mapping[str, str | os.PathLike[str]] | None = None) -> dict[str, np.ndarray]:
-    """Outputs of the float LoRA-as-input graph (``float`` preset) of the artifact's source model with
-    ``task``'s float packed LoRA bound (zeros for the base model), on ORT CPU."""
-    from quadc.compiler import prepare
-    from quadc.graph import model_sha256, ort_session
-    from quadc.lora.pack import pack_task
-    from quadc.passes import PassPipeline, run_pipeline
-    from quadc.targets.onnx_ref import _source_lora, _source_model
-
-    model_path = _source_model(manifest, model)
-    if model is not None and model_sha256(model_path) != manifest.get("source", {}).get("sha256"):
-        raise QuadcError(f"{model_path} is not the model this artifact was compiled from (sha256 differs)")
-    paths = {} if task in BASE_TASKS else {task: _source_lora(manifest, task, loras)}
-    graph, ctx, _ = prepare(model_path, paths)
-    graph, _ = run_pipeline(graph, PassPipeline(["float"]).build(), ctx)
-    bound = pack_task(ctx.loras[task], ctx.lora_slots) if paths else {}
-    session = ort_session(graph)
-    names = [i.name for i in session.get_inputs()]
-    inputs = {n: (bound[n] if n in bound else np.asarray(feeds[n])) for n in names}
-    return dict(zip([o.name for o in session.get_outputs()], session.run(None, inputs), strict=True))

@@ -17,7 +17,7 @@ import numpy as np
 
 from quadc.errors import QuadcError
 
-__all__ = ["FloatReference"]
+__all__ = ["FloatReference", "float_reference"]
 
 _CACHE: dict[str, FloatReference] = {}
 _CACHE_SIZE = 1
@@ -86,3 +86,11 @@ class FloatReference:
         if missing:
             raise QuadcError(f"the float reference needs input(s) {', '.join(missing)}")
         return dict(zip(self.outputs, self.session.run(None, {k: bound[k] for k in self.inputs}), strict=True))
+
+
+def float_reference(manifest: Mapping[str, Any], feeds: Mapping[str, np.ndarray], task: str | None, *,
+                    model: str | os.PathLike[str] | None = None,
+                    loras: Mapping[str, str | os.PathLike[str]] | None = None) -> dict[str, np.ndarray]:
+    """Outputs of the float LoRA-as-input graph of the artifact's source with ``task``'s float LoRA bound
+    (``None``/``"none"``: the base model), on ORT CPU; the graph is built once per process and source."""
+    return FloatReference.cached(manifest, model, loras).run(feeds, task)
