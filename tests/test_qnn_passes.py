@@ -118,7 +118,7 @@ def test_dynamo_unet_needs_const_first_on_htp(tiny_dynamo_onnx, tmp_path):
     from quadc.eval.targets_summary import held_out_feeds
     from quadc.runtime.engine import Engine
 
-    loras = {"stickers": str(bundled_loras()["stickers"])}
+    loras = {"sepia": str(bundled_loras()["sepia"])}
     calib = {"quant-plan": {"calib_random": 2}}
     without = "float,qnn-groupnorm,quant-plan,qnn-gelu,qdq-insert"
     with pytest.raises(QuadcError, match="could not compile model.onnx: .*finalize"):
@@ -131,4 +131,4 @@ def test_dynamo_unet_needs_const_first_on_htp(tiny_dynamo_onnx, tmp_path):
     htp, cpu = Engine(tmp_path / "with"), Engine(tmp_path / "with", executor="cpu")
     assert htp.executor == "qnn-htp"
     feed = held_out_feeds(manifest, 1)[0]
-    assert sqnr_db(cpu.run(feed, "stickers")["out_sample"], htp.run(feed, "stickers")["out_sample"]) > 30.0
+    assert sqnr_db(cpu.run(feed, "sepia")["out_sample"], htp.run(feed, "sepia")["out_sample"]) > 30.0
