@@ -67,7 +67,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    import json
 
     from quadc.eval.targets_summary import format_summary, verify_artifacts
 
@@ -77,13 +76,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
                               model=args.model, loras=_kv_pairs(args.lora, "--lora") or None)
     print(format_summary(report))
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".partial")
-        tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-        tmp.replace(out)
-        print(f"wrote {out}")
+        _write_report(args.json, report)
     return 0
+
+
+def _write_report(path: str, report: object) -> None:
+    """Write ``report`` as JSON at ``path`` in one step (a ``.partial`` file renamed), then say so."""
+    from quadc.artifact import write_json
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    write_json(tmp, report)
+    tmp.replace(out)
+    print(f"wrote {out}")
 
 
 def _align_options(args: argparse.Namespace, level: str) -> object:
@@ -322,7 +328,6 @@ def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    import json
 
     from quadc.analyze import analyze, format_analysis
 
@@ -330,12 +335,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     report = analyze(args.model, _kv_pairs(args.lora, "--lora"), _pass_options(args), progress=progress)
     print(format_analysis(report))
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".partial")
-        tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-        tmp.replace(out)
-        print(f"wrote {out}")
+        _write_report(args.json, report)
     return 0
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from quadc.errors import QuadcError
 
-__all__ = ["FloatReference", "float_reference"]
+__all__ = ["FloatReference", "float_reference", "output_errors"]
 
 _CACHE: dict[str, FloatReference] = {}
 _CACHE_SIZE = 1
@@ -94,3 +94,20 @@ def float_reference(manifest: Mapping[str, Any], feeds: Mapping[str, np.ndarray]
     """Outputs of the float LoRA-as-input graph of the artifact's source with ``task``'s float LoRA bound
     (``None``/``"none"``: the base model), on ORT CPU; the graph is built once per process and source."""
     return FloatReference.cached(manifest, model, loras).run(feeds, task)
+
+
+def output_errors(got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Per output of ``got``: ``max_abs``, ``max_abs_err`` and ``sqnr_db`` against ``want`` (float64). An
+    output the reference lacks is refused in one line: the artifact does not belong to that model."""
+    from quadc.quant.affine import sqnr_db
+
+    report = {}
+    for name, value in got.items():
+        if name not in want:
+            raise QuadcError(f"artifact output '{name}' is not an output of the source model; "
+                             "the artifact does not belong to this model")
+        g, w = np.asarray(value, np.float64), np.asarray(want[name], np.float64)
+        report[name] = {"max_abs": float(np.max(np.abs(g))) if g.size else 0.0,
+                        "max_abs_err": float(np.max(np.abs(g - w))) if g.size else 0.0,
+                        "sqnr_db": round(float(sqnr_db(w, g)), 4)}
+    return report

@@ -23,7 +23,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from quadc.errors import QuadcError
@@ -71,20 +70,10 @@ class OnnxQdqTarget(Target):
         and ``sqnr_db`` against the float LoRA-as-input graph of the source model with the task's float
         LoRA (:func:`~quadc.targets.float_reference.float_reference`; ``model``/``loras`` default to the
         bundled ones when the artifact was compiled from them)."""
-        from quadc.quant.affine import sqnr_db
         from quadc.runtime.engine import Engine
-        from quadc.targets.float_reference import float_reference
+        from quadc.targets.float_reference import float_reference, output_errors
 
         engine = Engine(Path(artifact_dir))
         out = engine.run(feeds, task=task)
         ref = float_reference(engine.manifest, feeds, task, model=model, loras=loras)
-        report: dict[str, Any] = {"task": task or "none", "outputs": {}, "reference": "float LoRA-as-input graph"}
-        for name, value in out.items():
-            want = np.asarray(ref[name], np.float64)
-            got = np.asarray(value, np.float64)
-            report["outputs"][name] = {
-                "max_abs": float(np.max(np.abs(got))) if got.size else 0.0,
-                "max_abs_err": float(np.max(np.abs(got - want))) if got.size else 0.0,
-                "sqnr_db": round(float(sqnr_db(want, got)), 4),
-            }
-        return report
+        return {"task": task or "none", "outputs": output_errors(out, ref), "reference": "float LoRA-as-input graph"}

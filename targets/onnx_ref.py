@@ -56,8 +56,8 @@ class OnnxTarget(Target):
         """
         from quadc import frontend
         from quadc.graph import model_sha256, ort_session
-        from quadc.quant.affine import sqnr_db
         from quadc.runtime.engine import Engine
+        from quadc.targets.float_reference import output_errors
 
         engine = Engine(artifact_dir)
         out = engine.run(feeds, task=task)
@@ -87,17 +87,7 @@ class OnnxTarget(Target):
         ref_feeds = {k: np.asarray(v).astype(types[k]) if types[k] and np.asarray(v).dtype.kind == "f" else v
                      for k, v in feeds.items() if k in names}  # float feeds in the model's float type
         ref = dict(zip([o.name for o in session.get_outputs()], session.run(None, ref_feeds), strict=True))
-        for name, value in out.items():
-            if name not in ref:
-                raise QuadcError(f"artifact output '{name}' is not an output of the source model; "
-                                 "the artifact does not belong to this model")
-            want = np.asarray(ref[name], np.float64)
-            got = np.asarray(value, np.float64)
-            report["outputs"][name] = {
-                "max_abs": float(np.max(np.abs(got))) if got.size else 0.0,
-                "max_abs_err": float(np.max(np.abs(got - want))) if got.size else 0.0,
-                "sqnr_db": round(float(sqnr_db(want, got)), 4),
-            }
+        report["outputs"] = output_errors(out, ref)
         return report
 
 

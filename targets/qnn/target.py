@@ -45,7 +45,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -173,22 +172,13 @@ class QnnTarget(Target):
         ``sqnr_db`` against the float LoRA-as-input graph with the task's float LoRA bound
         (:class:`~quadc.targets.float_reference.FloatReference`, rebuilt from ``model`` and ``loras``,
         which default to the bundled ones; built once per process for one source and reused)."""
-        from quadc.quant.affine import sqnr_db
         from quadc.runtime.engine import Engine
-        from quadc.targets.float_reference import FloatReference
+        from quadc.targets.float_reference import FloatReference, output_errors
 
         engine = Engine(artifact_dir, executor=executor)
         out = engine.run(feeds, task=task)
         ref = reference if reference is not None else FloatReference.cached(engine.manifest, model, loras)
         want_all = ref.run(feeds, None if task in BASE_TASKS else task)
         report: dict[str, Any] = {"task": task or "none", "executor": engine.executor,
-                                  "reference": "float LoRA-as-input graph", "outputs": {}}
-        for name, value in out.items():
-            want = np.asarray(want_all[name], np.float64)
-            got = np.asarray(value, np.float64)
-            report["outputs"][name] = {
-                "max_abs": float(np.max(np.abs(got))) if got.size else 0.0,
-                "max_abs_err": float(np.max(np.abs(got - want))) if got.size else 0.0,
-                "sqnr_db": round(float(sqnr_db(want, got)), 4),
-            }
+                                  "reference": "float LoRA-as-input graph", "outputs": output_errors(out, want_all)}
         return report

@@ -156,21 +156,12 @@ class TfliteTarget(Target):
         """Run the artifact in LiteRT with ``task`` bound and report per output ``max_abs``, ``max_abs_err``
         and ``sqnr_db`` against the float LoRA-as-input graph of the source model with the task's float LoRA
         (ORT CPU). ``model``/``loras`` default to the bundled ones when the artifact was built from them."""
-        from quadc.quant.affine import sqnr_db
         from quadc.runtime.tflite_engine import TfliteEngine
+        from quadc.targets.float_reference import float_reference, output_errors
 
         engine = TfliteEngine(artifact_dir)
         out = engine.run(feeds, task=task)
-        from quadc.targets.float_reference import float_reference
-
         ref = float_reference(engine.manifest, feeds, task, model=model, loras=loras)
-        report: dict[str, Any] = {"task": task or "none", "reference": "float LoRA-as-input graph (ORT CPU)",
-                                  "outputs": {}}
-        for name, value in out.items():
-            want = np.asarray(ref[name], np.float64)
-            got = np.asarray(value, np.float64)
-            report["outputs"][name] = {"max_abs": float(np.max(np.abs(got))),
-                                       "max_abs_err": float(np.max(np.abs(got - want))),
-                                       "sqnr_db": round(float(sqnr_db(want, got)), 4)}
-        return report
+        return {"task": task or "none", "reference": "float LoRA-as-input graph (ORT CPU)",
+                "outputs": output_errors(out, ref)}
 
