@@ -41,6 +41,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         print_after=[p for item in args.print_after or [] for p in item.split(",") if p],
         force=args.force,
         max_saturation=args.max_saturation,
+        components=_components(args),
     )
     progress = silent_progress if args.quiet else stderr_progress
     if args.align:
@@ -64,6 +65,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
     tasks = ", ".join(manifest.get("tasks", {})) or "none"
     print(f"wrote {args.output} (target {manifest['target']}, tasks: {tasks})")
     return 0
+
+
+def _components(args: argparse.Namespace) -> dict[str, str] | None:
+    """``--vae-encoder``/``--vae-decoder``/``--no-vae`` as CompileOptions.components (None: the default)."""
+    given = {k: v for k, v in (("vae-encoder", args.vae_encoder), ("vae-decoder", args.vae_decoder)) if v}
+    if args.no_vae:
+        if given:
+            raise QuadcError("--no-vae contradicts --vae-encoder/--vae-decoder; give one or the other")
+        return {}
+    return given or None
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -202,6 +213,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     from quadc.export import export_unet
 
     progress = silent_progress if args.quiet else stderr_progress
+    if args.component != "unet":
+        from quadc.export.components import export_component
+
+        unet_only = [flag for flag, value, default in (("--exporter", args.exporter, "torchscript"),
+                                                       ("--dtype", args.dtype, "fp32"), ("--batch", args.batch, 1),
+                                                       ("--opset", args.opset, None)) if value != default]
+        if unet_only:
+            raise QuadcError(f"{', '.join(unet_only)} apply to the U-Net only; the {args.component} is exported "
+                             "in fp32 with the torchscript exporter at batch 1")
+        path = export_component(args.component, config=args.config, weights=args.weights, out=Path(args.output),
+                                seed=args.seed, progress=progress)
+        print(f"wrote {path}")
+        return 0
     path = export_unet(config=args.config, weights=args.weights, exporter=args.exporter, out=Path(args.output),
                        opset=args.opset, batch=args.batch, seed=args.seed, progress=progress, dtype=args.dtype)
     print(f"wrote {path}")
@@ -389,6 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail (writing nothing) when a task saturates more than fraction F of its LoRA values "
                         "under the shared encodings, e.g. 0.01; the manifest records every task's fraction")
     _add_calibration_flags(p)
+    v = p.add_argument_group("pipeline components (compiled by the same target, no LoRA, into OUTPUT/vae_*)")
+    v.add_argument("--vae-encoder", metavar="ONNX", help="VAE encoder (quadc export --component vae-encoder); "
+                   "default: the bundled tiny VAE when MODEL is not given")
+    v.add_argument("--vae-decoder", metavar="ONNX", help="VAE decoder (quadc export --component vae-decoder)")
+    v.add_argument("--no-vae", action="store_true", help="compile the U-Net only")
     p.add_argument("--align", choices=["layer", "model"],
                    help="first align the non-anchor LoRAs (as quadc align, into OUTPUT.align), then compile the "
                         "aligned LoRAs against its encodings.json")
@@ -458,9 +487,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("targets", help="list the installed target backends")
     p.set_defaults(func=cmd_targets)
 
-    p = sub.add_parser("export", help="build the SD1.5 U-Net with diffusers and export it to ONNX (extra: export)")
-    p.add_argument("--config", choices=["sd15", "tiny"], default="tiny", help="U-Net size (default: tiny)")
-    p.add_argument("--weights", default="random", help="'random' or a local diffusers U-Net folder")
+    p = sub.add_parser("export", help="build an SD1.5 pipeline component (U-Net, VAE encoder/decoder, CLIP text "
+                       "encoder) with diffusers/transformers and export it to ONNX (extra: export)")
+    p.add_argument("--component", choices=["unet", "vae-encoder", "vae-decoder", "text-encoder"], default="unet",
+                   help="what to export (default: unet)")
+    p.add_argument("--config", choices=["sd15", "tiny"], default="tiny", help="model size (default: tiny)")
+    p.add_argument("--weights", default="random",
+                   help="'random' or a local diffusers pipeline folder (its unet/, vae/ or text_encoder/) or the "
+                        "component's own folder")
     p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
                    help="torch.onnx exporter (default: torchscript)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")

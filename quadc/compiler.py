@@ -63,6 +63,9 @@ class CompileOptions:
     #: Refuse the compile (nothing written) when a task saturates more than this fraction of its LoRA
     #: values under the shared encodings; None = only report it.
     max_saturation: float | None = None
+    #: Pipeline components compiled beside the U-Net (``{"vae-encoder": path, "vae-decoder": path}``,
+    #: :mod:`quadc.pipeline.components`); None = the bundled VAE when compiling the bundled U-Net, else none.
+    components: Mapping[str, str | os.PathLike[str]] | None = None
 
 
 def _check_saturation_limit(value: float | None) -> None:
@@ -118,6 +121,14 @@ def compile_model(model: str | os.PathLike[str] | None, out_dir: str | os.PathLi
     progress(f"writing {out_dir}")
     with staged_directory(out_dir, force=options.force) as tmp:
         manifest = _write_artifact(target, graph, ctx, tmp, model_path, records)
+        components = _components(model, options)
+        if components:
+            from quadc.pipeline.components import compile_components, components_entry
+
+            entries = compile_components(components, target.name, options.target_options.get(target.name, {}), tmp,
+                                         progress)
+            manifest["components"] = components_entry(manifest, entries)
+            write_json(tmp / MANIFEST_NAME, manifest)
     _report_records(records, progress)
     return manifest
 
@@ -291,6 +302,17 @@ def _write_artifact(target: Target, graph: Any, ctx: CompileContext, out: Path, 
     manifest.update(entries)
     write_json(out / MANIFEST_NAME, manifest)
     return manifest
+
+
+def _components(model: str | os.PathLike[str] | None, options: CompileOptions) -> dict[str, Any]:
+    """The components to compile beside the U-Net (the bundled VAE by default with the bundled U-Net)."""
+    if options.components is not None:
+        return dict(options.components)
+    if model is not None:
+        return {}
+    from quadc.pipeline.components import bundled_components
+
+    return {k: v for k, v in bundled_components().items() if v.is_file()}
 
 
 def _report_records(records: Sequence[Any], progress: Callable[[str], None], prefix: str = "") -> None:
