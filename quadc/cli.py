@@ -252,6 +252,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from quadc.pipeline.generate import format_timings, generate
+    from quadc.pipeline.images import save_png
+
+    result = generate(args.artifact, args.task, sampler=args.sampler, steps=args.steps, seed=args.seed,
+                      image=args.image, mask=args.mask, prompt_embeds=args.prompt_embeds, strength=args.strength)
+    out = save_png(result.image, args.output)
+    print(format_timings(result))
+    print(f"wrote {out} ({result.image.shape[1]}x{result.image.shape[0]}; task {result.task}, "
+          f"{result.sampler} x {len(result.timesteps)} steps, seed {args.seed})")
+    return 0
+
+
 def _load_npz(path: str) -> dict:
     import zipfile
 
@@ -462,6 +475,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default): a qnn artifact's QNN context on the HTP backend when onnxruntime-qnn is "
                         "installed, else the ONNX graph on the CPU; cpu; qnn-htp")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("generate", help="generate a PNG with a compiled artifact: VAE encoder, the U-Net loop with a "
+                       "task's LoRA bound, VAE decoder; prints per-stage latency and peak RSS")
+    p.add_argument("artifact", help="artifact directory written by quadc compile (with its VAE)")
+    p.add_argument("--task", default="none", help="task name from the manifest, or 'none' for the base model")
+    p.add_argument("--sampler", default="lcm", help="euler, lcm (default), ddim or dpmpp (stands in for OLSS)")
+    p.add_argument("--steps", type=int, default=4, help="sampler steps (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--image", help="input image (default for a bundled task: its bundled example)")
+    p.add_argument("--mask", help="inpainting mask, white = regenerate (default for a bundled task: its own)")
+    p.add_argument("--prompt-embeds", help=".npy prompt embeddings [tokens, width] (default: the bundled null prompt)")
+    p.add_argument("--strength", type=float, help="img2img strength in (0, 1] (default: the task's, else 0.75)")
+    p.add_argument("-o", "--output", required=True, help="PNG to write")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("verify", help="run each target's verify for every task on held-out inputs; print a table")
     p.add_argument("artifact", help="an artifact directory, or a --target all output directory")

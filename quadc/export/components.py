@@ -182,7 +182,13 @@ def export_component(component: str, config: str = "tiny", weights: str = "rando
     require_extra("torch", "export")
     import torch
 
-    from quadc.export.unet_export import _move_into_place, _normalize_proto, _param_bytes, _quiet, _unique_tmp_dir
+    from quadc.export.unet_export import (
+        _move_into_place,
+        _normalize_proto,
+        _param_bytes,
+        _quiet,
+        _unique_tmp_dir,
+    )
 
     if component not in COMPONENTS or component == "unet":
         raise QuadcError(f"unknown component '{component}'; use one of {', '.join(COMPONENTS)}")

@@ -110,10 +110,19 @@ class Sampler:
         """The starting latent of a text-to-image run from unit Gaussian ``noise``."""
         return (noise * self.init_noise_sigma).astype(np.float32)
 
-    def noised(self, latents: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        """``latents`` noised to the first timestep (img2img start), as the scheduler's ``add_noise``."""
-        ab = self.abar[int(self.timesteps[0])]
-        return (math.sqrt(ab) * latents + math.sqrt(1.0 - ab) * noise).astype(np.float32)
+    def level(self, i: int) -> tuple[float, float]:
+        """``(a, s)`` such that the latent entering step ``i`` is ``a * x0 + s * noise`` (``i`` = the number
+        of steps: the clean latent, ``(1, 0)``)."""
+        if i >= len(self.timesteps):
+            return 1.0, 0.0
+        ab = self.abar[int(self.timesteps[i])]
+        return math.sqrt(ab), math.sqrt(1.0 - ab)
+
+    def noised(self, latents: np.ndarray, noise: np.ndarray, i: int = 0) -> np.ndarray:
+        """``latents`` noised to the level of step ``i`` (default: the img2img start), as the scheduler's
+        ``add_noise``."""
+        a, s = self.level(i)
+        return (a * latents + s * noise).astype(np.float32)
 
     def model_input(self, x: np.ndarray, i: int) -> np.ndarray:
         """What the U-Net is fed at step ``i`` (``scale_model_input``)."""
@@ -146,8 +155,8 @@ class EulerSampler(Sampler):
     def init_noise_sigma(self) -> float:
         return self._sigma_max  # linspace spacing: sigma_max itself
 
-    def noised(self, latents: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        return (latents + noise * self.sigmas[0]).astype(np.float32)
+    def level(self, i: int) -> tuple[float, float]:
+        return 1.0, float(self.sigmas[min(i, len(self.sigmas) - 1)])
 
     def model_input(self, x: np.ndarray, i: int) -> np.ndarray:
         return (x / math.sqrt(self.sigmas[i] ** 2 + 1.0)).astype(np.float32)
@@ -236,9 +245,8 @@ class DpmppSampler(Sampler):
         alpha = 1.0 / math.sqrt(sigma**2 + 1.0)
         return alpha, sigma * alpha
 
-    def noised(self, latents: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        alpha, sigma = self._alpha_sigma(self.sigmas[0])
-        return (alpha * latents + sigma * noise).astype(np.float32)
+    def level(self, i: int) -> tuple[float, float]:
+        return self._alpha_sigma(float(self.sigmas[min(i, len(self.sigmas) - 1)]))
 
     def step(self, x: np.ndarray, eps: np.ndarray, i: int, noise: np.ndarray | None = None) -> np.ndarray:
         alpha_s, sigma_s = self._alpha_sigma(self.sigmas[i])
