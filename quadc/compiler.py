@@ -121,14 +121,7 @@ def compile_model(model: str | os.PathLike[str] | None, out_dir: str | os.PathLi
     progress(f"writing {out_dir}")
     with staged_directory(out_dir, force=options.force) as tmp:
         manifest = _write_artifact(target, graph, ctx, tmp, model_path, records)
-        components = _components(model, options)
-        if components:
-            from quadc.pipeline.components import compile_components, components_entry
-
-            entries = compile_components(components, target.name, options.target_options.get(target.name, {}), tmp,
-                                         progress)
-            manifest["components"] = components_entry(manifest, entries)
-            write_json(tmp / MANIFEST_NAME, manifest)
+        _add_components(model, options, target, tmp, manifest, progress)
     _report_records(records, progress)
     return manifest
 
@@ -193,6 +186,7 @@ def compile_all(model: str | os.PathLike[str] | None, out_dir: str | os.PathLike
                 check_max_saturation(task_saturations(tctx), options.max_saturation)
             (tmp / name).mkdir()
             manifest = _write_artifact(target, tgraph, tctx, tmp / name, model_path, [*shared_records, *records])
+            _add_components(model, options, target, tmp / name, manifest, progress)
             index["targets"][name] = {"dir": name, "manifest": f"{name}/{MANIFEST_NAME}",
                                       "shared_rom_bytes": manifest.get("shared_rom_bytes"),
                                       "passes": [r.name for r in records]}
@@ -304,15 +298,28 @@ def _write_artifact(target: Target, graph: Any, ctx: CompileContext, out: Path, 
     return manifest
 
 
-def _components(model: str | os.PathLike[str] | None, options: CompileOptions) -> dict[str, Any]:
-    """The components to compile beside the U-Net (the bundled VAE by default with the bundled U-Net)."""
-    if options.components is not None:
-        return dict(options.components)
-    if model is not None:
-        return {}
-    from quadc.pipeline.components import bundled_components
+def _add_components(model: str | os.PathLike[str] | None, options: CompileOptions, target: Target, out: Path,
+                    manifest: dict[str, Any], progress: Callable[[str], None]) -> None:
+    """Compile the pipeline components into ``out`` beside the U-Net and list them in its manifest.
 
-    return {k: v for k, v in bundled_components().items() if v.is_file()}
+    Components the user named must compile; the bundled VAE (the default with the bundled U-Net) is
+    skipped with a progress line, and listed under ``components_skipped``, where the target refuses it."""
+    from quadc.pipeline.components import bundled_components, compile_components, components_entry
+
+    if options.components is not None:
+        components, required = dict(options.components), True
+    elif model is None:
+        components, required = {k: v for k, v in bundled_components().items() if v.is_file()}, False
+    else:
+        return
+    if not components:
+        return
+    target_options = options.target_options.get(target.name, {})
+    entries, skipped = compile_components(components, target.name, target_options, out, progress, required=required)
+    manifest["components"] = components_entry(manifest, entries)
+    if skipped:
+        manifest["components_skipped"] = skipped
+    write_json(out / MANIFEST_NAME, manifest)
 
 
 def _report_records(records: Sequence[Any], progress: Callable[[str], None], prefix: str = "") -> None:

@@ -158,3 +158,16 @@ def test_artifact_without_vae(tmp_path: Path) -> None:
     assert "components" not in json.loads((tmp_path / "unet_only" / "manifest.json").read_text())
     with pytest.raises(QuadcError, match="no vae-encoder"):
         generate(tmp_path / "unet_only", "sepia")
+
+
+def test_tflite_pipeline_matches_float(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    """The whole pipeline on a 16x8 TFLite target (U-Net and VAE in LiteRT) against the float artifact."""
+    pytest.importorskip("ai_edge_litert")
+    compile_model(None, tmp_path / "np", CompileOptions(target="neuropilot"))
+    comps = json.loads((tmp_path / "np" / "manifest.json").read_text())["components"]
+    assert (tmp_path / "np" / comps["vae-decoder"]["dir"] / "model.tflite").is_file()
+    pipe = LoadedPipeline(tmp_path / "np")
+    for task in ("sepia", "edges_to_image"):
+        got = generate(tmp_path / "np", task, sampler="euler", engine=pipe).image
+        want = generate(artifacts["float"], task, sampler="euler").image
+        assert psnr(got, want) >= 30.0, task

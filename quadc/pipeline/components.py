@@ -15,6 +15,7 @@ source); the decoder sees what the float encoder makes of them.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from importlib import resources
@@ -123,16 +124,17 @@ def compile_component(component: str, model: Path, feeds: list[dict[str, np.ndar
         _target_context(ctx, target)
         try:
             graph, records = run_pipeline(graph, pipeline.build(), ctx)
+            out.mkdir()
+            return _write_artifact(target, graph, ctx, out, model, records)
         except QuadcError as exc:
             raise QuadcError(f"{component}: {exc}") from None
-    out.mkdir()
-    return _write_artifact(target, graph, ctx, out, model, records)
 
 
 def compile_components(components: Mapping[str, str | os.PathLike[str]], target_name: str,
-                       target_options: Mapping[str, Any], out_dir: Path,
-                       progress: Callable[[str], None]) -> dict[str, dict[str, Any]]:
-    """Compile each VAE component into ``out_dir/<folder>``; returns the manifest entries per component."""
+                       target_options: Mapping[str, Any], out_dir: Path, progress: Callable[[str], None], *,
+                       required: bool = True) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Compile each VAE component into ``out_dir/<folder>``; returns the manifest entries per component and,
+    unless ``required`` (then any failure is raised), the components the target refused and why."""
     unknown = [c for c in components if c not in COMPONENT_DIRS]
     if unknown:
         raise QuadcError(f"unknown component '{unknown[0]}'; compile takes {', '.join(COMPONENT_DIRS)}")
@@ -142,13 +144,23 @@ def compile_components(components: Mapping[str, str | os.PathLike[str]], target_
             raise QuadcError(f"{path}: no such {name} file; export it with quadc export --component {name}")
     feeds = component_feeds(paths)
     entries: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
     for name, path in paths.items():
         folder = COMPONENT_DIRS[name]
-        manifest = compile_component(name, path, feeds[name], target_name, target_options, out_dir / folder, progress)
+        try:
+            manifest = compile_component(name, path, feeds[name], target_name, target_options, out_dir / folder,
+                                         progress)
+        except QuadcError as exc:
+            if required:
+                raise
+            shutil.rmtree(out_dir / folder, ignore_errors=True)
+            skipped[name] = str(exc)
+            progress(f"skipping the {name} for target {target_name}: {exc}")
+            continue
         entries[name] = {"dir": folder, "manifest": f"{folder}/{MANIFEST_NAME}",
                          "rom_bytes": int(manifest["shared_rom_bytes"]),
                          "source": {"model": path.name, "sha256": model_sha256(path)}}
-    return entries
+    return entries, skipped
 
 
 def components_entry(unet_manifest: Mapping[str, Any], others: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

@@ -72,20 +72,29 @@ class LoadedPipeline:
         return engine
 
 
+def _input_shapes(engine: Engine) -> dict[str, list[Any]]:
+    """Shapes of the engine's model inputs (not LoRA inputs) as its manifest records them (any executor)."""
+    recorded = engine.manifest.get("inputs", {})
+    missing = [n for n in engine.model_inputs if n not in recorded]
+    if missing:
+        raise QuadcError(f"{engine.dir}: the manifest does not record input '{missing[0]}'; compile again")
+    return {n: list(recorded[n]["shape"]) for n in engine.model_inputs}
+
+
 def _single(engine: Engine, what: str) -> tuple[str, list[int], str]:
-    inputs = engine.session.get_inputs()
-    if len(engine.model_inputs) != 1:
-        raise QuadcError(f"the {what} must take one input, it takes {', '.join(engine.model_inputs)}")
-    spec = next(i for i in inputs if i.name == engine.model_inputs[0])
-    return spec.name, [int(d) for d in spec.shape], engine.output_names[0]
+    shapes = _input_shapes(engine)
+    if len(shapes) != 1:
+        raise QuadcError(f"the {what} must take one input, it takes {', '.join(shapes)}")
+    name, shape = next(iter(shapes.items()))
+    return name, [int(d) for d in shape], engine.output_names[0]
 
 
 def _unet_io(engine: Engine) -> dict[str, tuple[str, list[Any]]]:
     from quadc.unet_inputs import unet_input_roles
 
-    specs = {i.name: (i.shape, i.type) for i in engine.session.get_inputs() if i.name in engine.model_inputs}
-    roles = unet_input_roles({k: (list(v[0]), np.float32) for k, v in specs.items()}, "the artifact's U-Net")
-    return {role: (name, list(specs[name][0])) for role, name in roles.items()}
+    shapes = _input_shapes(engine)
+    roles = unet_input_roles({k: (v, np.float32) for k, v in shapes.items()}, "the artifact's U-Net")
+    return {role: (name, shapes[name]) for role, name in roles.items()}
 
 
 def _embeddings(prompt_embeds: Any, shape: list[Any], prompt_index: int) -> np.ndarray:
