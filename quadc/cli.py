@@ -387,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("compile", help="compile an ONNX U-Net and LoRA files into an artifact directory")
-    p.add_argument("model", nargs="?", help="ONNX U-Net (default: the bundled tiny U-Net and its demo LoRAs)")
+    p.add_argument("model", nargs="?", help="ONNX U-Net (default: the bundled tiny U-Net, its VAE and demo LoRAs)")
     p.add_argument("--lora", action="append", metavar="NAME=PATH",
                    help="a LoRA file (or peft directory) for task NAME; repeat for more tasks")
     p.add_argument("--target", default="onnx",

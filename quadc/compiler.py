@@ -99,6 +99,10 @@ def compile_model(model: str | os.PathLike[str] | None, out_dir: str | os.PathLi
         return compile_all(model, out_dir, options, progress)
     check_output_dir(out_dir, force=options.force)
     _check_saturation_limit(options.max_saturation)
+    if options.components:
+        from quadc.pipeline.components import check_components
+
+        check_components(options.components)
     target = get_target(options.target, dict(options.target_options.get(options.target, {})))
     ok, why = target.available()
     if not ok:
@@ -154,6 +158,10 @@ def compile_all(model: str | os.PathLike[str] | None, out_dir: str | os.PathLike
                          "target to change its pipeline)")
     check_output_dir(out_dir, force=options.force)
     _check_saturation_limit(options.max_saturation)
+    if options.components:
+        from quadc.pipeline.components import check_components
+
+        check_components(options.components)
     targets, skipped = _available_targets(options, progress)
     _check_target_options(options, list(targets))
     pipelines = {name: _target_pipeline(t, options) for name, t in targets.items()}

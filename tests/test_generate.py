@@ -171,3 +171,15 @@ def test_tflite_pipeline_matches_float(artifacts: dict[str, Path], tmp_path: Pat
         got = generate(tmp_path / "np", task, sampler="euler", engine=pipe).image
         want = generate(artifacts["float"], task, sampler="euler").image
         assert psnr(got, want) >= 30.0, task
+
+
+def test_compile_refuses_bad_components_before_work(tmp_path: Path, capsys) -> None:
+    enc = str(defaults.data_dir() / "tiny_vae_encoder.onnx")
+    dec = str(defaults.data_dir() / "tiny_vae_decoder.onnx")
+    cases = [(["--vae-decoder", dec], "give --vae-encoder too"),
+             (["--vae-encoder", str(tmp_path / "none.onnx")], "no such vae-encoder file"),
+             (["--vae-encoder", enc, "--no-vae"], "--no-vae contradicts")]
+    for args, message in cases:
+        assert main(["compile", "-q", *args, "-o", str(tmp_path / "out")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

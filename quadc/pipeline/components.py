@@ -130,11 +130,9 @@ def compile_component(component: str, model: Path, feeds: list[dict[str, np.ndar
             raise QuadcError(f"{component}: {exc}") from None
 
 
-def compile_components(components: Mapping[str, str | os.PathLike[str]], target_name: str,
-                       target_options: Mapping[str, Any], out_dir: Path, progress: Callable[[str], None], *,
-                       required: bool = True) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """Compile each VAE component into ``out_dir/<folder>``; returns the manifest entries per component and,
-    unless ``required`` (then any failure is raised), the components the target refused and why."""
+def check_components(components: Mapping[str, str | os.PathLike[str]]) -> dict[str, Path]:
+    """The component files, refused in one line (before any long work) when a name is unknown, a file is
+    missing or the decoder comes without the encoder it is calibrated from."""
     unknown = [c for c in components if c not in COMPONENT_DIRS]
     if unknown:
         raise QuadcError(f"unknown component '{unknown[0]}'; compile takes {', '.join(COMPONENT_DIRS)}")
@@ -142,6 +140,17 @@ def compile_components(components: Mapping[str, str | os.PathLike[str]], target_
     for name, path in paths.items():
         if not path.is_file():
             raise QuadcError(f"{path}: no such {name} file; export it with quadc export --component {name}")
+    if "vae-decoder" in paths and "vae-encoder" not in paths:
+        raise QuadcError("the VAE decoder is calibrated on the encoder's latents; give --vae-encoder too")
+    return paths
+
+
+def compile_components(components: Mapping[str, str | os.PathLike[str]], target_name: str,
+                       target_options: Mapping[str, Any], out_dir: Path, progress: Callable[[str], None], *,
+                       required: bool = True) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Compile each VAE component into ``out_dir/<folder>``; returns the manifest entries per component and,
+    unless ``required`` (then any failure is raised), the components the target refused and why."""
+    paths = check_components(components)
     feeds = component_feeds(paths)
     entries: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
