@@ -113,10 +113,6 @@ def _embeddings(prompt_embeds: Any, shape: list[Any], prompt_index: int) -> np.n
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
-def _as_path_or_array(value: Any) -> Any:
-    return value if value is None or isinstance(value, np.ndarray) else Path(value)
-
-
 def generate(artifact_dir: str | os.PathLike[str], task: str | None, *, sampler: str = "lcm", steps: int = 4,
              seed: int = 0, image: Any = None, mask: Any = None, prompt_embeds: Any = None,
              engine: Engine | LoadedPipeline | None = None, strength: float | None = None) -> GenerateResult:
