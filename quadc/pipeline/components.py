@@ -14,10 +14,11 @@ source); the decoder sees what the float encoder makes of them.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,9 @@ import numpy as np
 from quadc.artifact import MANIFEST_NAME, read_manifest
 from quadc.errors import QuadcError
 from quadc.graph import model_sha256
+from quadc.quant.calibrate import calibrate
+from quadc.quant.calibration_cache import CalibrationCache, graph_fingerprint
+from quadc.quant.task_calibration import Calibration
 
 #: Component name -> sub-folder of the artifact.
 COMPONENT_DIRS = {"vae-encoder": "vae_encoder", "vae-decoder": "vae_decoder"}
@@ -100,10 +104,35 @@ def component_feeds(components: Mapping[str, Path]) -> dict[str, list[dict[str, 
     return feeds
 
 
+@dataclass
+class FeedCalibrations(CalibrationCache):
+    """A calibration cache whose calibrations run on the given ``feeds`` (the VAE's images or latents), kept
+    under the graph's fingerprint and the feeds' bytes: no temporary folder enters the manifest, so the
+    same inputs still give the same artifact bytes."""
+
+    feeds: list[dict[str, np.ndarray]] = field(default_factory=list)
+    desc: str = ""
+
+    def get(self, graph: Any, slots: Mapping[str, Any], tasks: Callable[[], Mapping[str, Mapping[str, np.ndarray]]],
+            task_names: list[str], opts: Any, progress: Callable[[str], None]) -> Calibration:
+        digest = hashlib.sha256(graph_fingerprint(graph).encode())
+        for feed in self.feeds:
+            for name in sorted(feed):
+                digest.update(name.encode() + np.ascontiguousarray(feed[name]).tobytes())
+        key = digest.hexdigest()
+        if key not in self.entries:
+            progress(f"calibrating on {self.desc}")
+            ranges = calibrate(graph, self.feeds, {}, progress, include_base=True, capture={}, capture_tasks={},
+                               max_rows=opts.qss_rows, seed=opts.calib_seed)
+            self.entries[key] = Calibration(ranges, {}, self.feeds, self.desc, key)
+            self.runs += 1
+        return self.entries[key]
+
+
 def compile_component(component: str, model: Path, feeds: list[dict[str, np.ndarray]], target_name: str,
                       target_options: Mapping[str, Any], out: Path, progress: Callable[[str], None]) -> dict[str, Any]:
-    """Compile one component graph through ``target_name``'s pipeline into ``out`` (no LoRA); returns its
-    manifest."""
+    """Compile one component graph through ``target_name``'s pipeline into ``out`` (no LoRA, calibrated on
+    ``feeds``); returns its manifest."""
     from quadc.compiler import _target_context, _write_artifact, build_pipeline
     from quadc.context import CompileContext
     from quadc.frontend.model_info import ModelInfo
@@ -112,22 +141,18 @@ def compile_component(component: str, model: Path, feeds: list[dict[str, np.ndar
     from quadc.targets import get_target
 
     target = get_target(target_name, dict(target_options))
-    with tempfile.TemporaryDirectory(prefix="quadc-calib-") as calib:
-        for i, feed in enumerate(feeds):
-            np.savez(Path(calib) / f"{i:03d}.npz", **feed)
-        pipeline = build_pipeline(target, None, {})
-        if "quant-plan" in pipeline.names:
-            pipeline.set_options("quant-plan", calib_dir=calib)
-        progress(f"{component}: loading {model}")
-        graph = load_model(model)
-        ctx = CompileContext(model_info=ModelInfo(), progress=progress)
-        _target_context(ctx, target)
-        try:
-            graph, records = run_pipeline(graph, pipeline.build(), ctx)
-            out.mkdir()
-            return _write_artifact(target, graph, ctx, out, model, records)
-        except QuadcError as exc:
-            raise QuadcError(f"{component}: {exc}") from None
+    pipeline = build_pipeline(target, None, {})
+    progress(f"{component}: loading {model}")
+    graph = load_model(model)
+    calibrations = FeedCalibrations(feeds=feeds, desc=f"{len(feeds)} {component} feeds from the bundled photos")
+    ctx = CompileContext(model_info=ModelInfo(), progress=progress, calibrations=calibrations)
+    _target_context(ctx, target)
+    try:
+        graph, records = run_pipeline(graph, pipeline.build(), ctx)
+        out.mkdir()
+        return _write_artifact(target, graph, ctx, out, model, records)
+    except QuadcError as exc:
+        raise QuadcError(f"{component}: {exc}") from None
 
 
 def check_components(components: Mapping[str, str | os.PathLike[str]]) -> dict[str, Path]:
