@@ -136,7 +136,8 @@ def test_fixture_files_are_consistent():
     embeds = np.load(DATA / FIXTURES["embeddings"])
     assert embeds.shape == (len(FIXTURES["prompts"]), 8, 32) and embeds.dtype == np.float32
     total = sum(p.stat().st_size for p in DATA.rglob("*") if p.is_file())
-    assert total < 12_000_000, f"quadc/data holds {total} bytes"
+    # 11 MB of trained fixtures + the bundled VAE graphs (2.9 MB) that quadc generate runs without torch
+    assert total < 14_000_000, f"quadc/data holds {total} bytes"
 
 
 def test_bundled_onnx_is_the_committed_unet(feeds):
