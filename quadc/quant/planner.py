@@ -10,7 +10,8 @@ together modules that each do one job:
 - :mod:`quadc.quant.schemes`: the encoding schemes (``qnn-htp``, and those targets register);
 - :mod:`quadc.quant.task_calibration`: calibration with every task bound, then the LoRA decision;
 - :mod:`quadc.quant.lora_decision`: QSS, anchor or unified fallback, ONE shared encoding per LoRA input;
-- :mod:`quadc.quant.activations`: activation encodings and the A8 selection (``a8_fraction``);
+- :mod:`quadc.quant.activations`: activation encodings and the A8 selection (``a8_fraction``), with
+  :mod:`quadc.quant.structural` (what stays 16-bit) and :mod:`quadc.quant.sensitivity` (output error);
 - :mod:`quadc.quant.weights`: weight encodings;
 - :mod:`quadc.quant.plan_file`: the plan as an AIMET encodings file and back (``encodings_file``).
 
@@ -73,7 +74,8 @@ def derive_plan(graph: gs.Graph, slots: Mapping[str, Any], cal: Calibration, sch
                  + (f", anchor '{decision.anchor}'" if decision.anchor else "") + f": {decision.reason}")
     activations, a8, a8_report = activation_encodings(graph, ranges, cal.feeds, tasks, opts.precision,
                                                       opts.a8_fraction, progress, unquantized,
-                                                      headroom=opts.headroom, scheme=scheme)
+                                                      headroom=opts.headroom, scheme=scheme,
+                                                      a8_runs=opts.a8_runs, a8_groups=opts.a8_groups)
     per_channel = scheme.weights_per_channel(opts.per_channel)
     progress("computing weight encodings" + (" (per-channel)" if per_channel else ""))
     weights = weight_encodings(graph, opts.per_channel, scheme)
