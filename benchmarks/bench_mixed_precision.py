@@ -87,7 +87,10 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=8, help="held-out inputs (seed 123)")
     parser.add_argument("--target", default="onnx-qdq", help="quantized target to compile (onnx-qdq or qnn)")
     parser.add_argument("--fractions", default=",".join(str(f) for f in FRACTIONS))
+    parser.add_argument("--set", action="append", default=[], metavar="OPTION=V",
+                        help="extra quant-plan option, e.g. a8_runs=10")
     args = parser.parse_args()
+    extra = dict(kv.split("=", 1) for kv in args.set)
 
     from quadc.compiler import CompileOptions, bundled_loras, bundled_model, compile_model
     from quadc.graph import load_model
@@ -101,9 +104,9 @@ def main() -> None:
     try:
         compile_model(model, work / "float", CompileOptions(target="onnx", loras=loras))
         ref = Engine(work / "float")
-        rows = [row(f"F={f}", work, model, loras, {"a8_fraction": float(f)}, args.target, ref, feeds)
+        rows = [row(f"F={f}", work, model, loras, {**extra, "a8_fraction": float(f)}, args.target, ref, feeds)
                 for f in (float(x) for x in args.fractions.split(","))]
-        rows.append(row("w8a8", work, model, loras, {"precision": "w8a8"}, args.target, ref, feeds))
+        rows.append(row("w8a8", work, model, loras, {**extra, "precision": "w8a8"}, args.target, ref, feeds))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     tasks = list(loras)

@@ -94,6 +94,8 @@ def activation_encodings(graph: gs.Graph, ranges: Mapping[str, tuple[float, floa
             report["forwards"] = choice.forwards
             report["groups"] = {g: {"tensors": n, "output_sqnr_db": _db(c)} for g, (n, c) in choice.costs.items()}
             report["chosen_groups"] = choice.chosen_groups
+            report["output_sqnr_db"] = {"predicted": _db(choice.predicted), "measured": _db(choice.measured)}
+            report["method"] = choice.method
         for n in a8:
             activations[n] = enc8[n]
     report["count"] = len(a8)

@@ -38,7 +38,7 @@ import onnx_graphsurgeon as gs
 from quadc.context import silent_progress
 from quadc.errors import QuadcError
 from quadc.graph import infer_shapes, ort_session, unique_name
-from quadc.quant.affine import Encoding
+from quadc.quant.affine import Encoding, fake_quant
 from quadc.quant.calibrate import BASE, _runs, clone_graph
 
 __all__ = ["A8Choice", "SwitchedGraph", "choose_a8", "sample_runs", "tensor_paths"]
@@ -178,6 +178,58 @@ class A8Choice:
     chosen_groups: list[str] = field(default_factory=list)
     runs: int = 0
     forwards: int = 0
+    #: Relative output error energy of the chosen set: the sum of the tensors' estimates, and measured.
+    predicted: float = 0.0
+    measured: float = 0.0
+    #: Which greedy choice won ("per tensor" or "per group").
+    method: str = ""
+
+
+def noise_energy(graph: gs.Graph, enc8: Mapping[str, Encoding], bound_runs: Sequence[Mapping[str, np.ndarray]],
+                 names: Sequence[str]) -> dict[str, float]:
+    """Each tensor's own 8-bit quantization noise energy ``sum (x - fq8(x))^2``, summed over the runs (node
+    outputs through ``QuantizeLinear -> DequantizeLinear`` taps in one session, graph inputs in numpy)."""
+    inputs = {t.name for t in graph.inputs}
+    aug = clone_graph(graph)
+    tensors = aug.tensors()
+    typed = infer_shapes(clone_graph(graph)).tensors()
+    taken = set(tensors) | {n.name for n in aug.nodes}
+    inner = [n for n in names if n not in inputs]
+    taps = []
+    for name in inner:
+        enc = enc8[name]
+        x: gs.Tensor = tensors[name]
+
+        def var(tag: str, dt: Any = np.float32, name: str = name) -> gs.Variable:
+            return gs.Variable(unique_name(aug, f"{name}__quadc_n8_{tag}", taken), dtype=dt)
+
+        if np.dtype(typed[name].dtype or np.float32) != np.float32:
+            f = var("f32")
+            aug.nodes.append(gs.Node("Cast", f"{f.name}/node", attrs={"to": 1}, inputs=[x], outputs=[f]))
+            x = f
+        scale = gs.Constant(unique_name(aug, f"{name}__quadc_n8_s", taken), np.array(enc.scale, np.float32))
+        zp = gs.Constant(unique_name(aug, f"{name}__quadc_n8_z", taken), np.array(enc.zero_point))
+        q, dq, diff, tap = var("q", enc.qtype.np_dtype), var("dq"), var("err"), var("sum")
+        aug.nodes.append(gs.Node("QuantizeLinear", f"{q.name}/node", inputs=[x, scale, zp], outputs=[q]))
+        aug.nodes.append(gs.Node("DequantizeLinear", f"{dq.name}/node", inputs=[q, scale, zp], outputs=[dq]))
+        aug.nodes.append(gs.Node("Sub", f"{diff.name}/node", inputs=[x, dq], outputs=[diff]))
+        aug.nodes.append(gs.Node("ReduceSumSquare", f"{tap.name}/node", attrs={"keepdims": 0}, inputs=[diff],
+                                 outputs=[tap]))
+        taps.append(tap)
+    aug.outputs = taps
+    import onnxruntime as ort
+
+    session = ort_session(aug, graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC) if taps else None
+    energy = dict.fromkeys(names, 0.0)
+    for bound in bound_runs:
+        if session is not None:
+            for name, value in zip(inner, session.run([t.name for t in taps], dict(bound)), strict=True):
+                energy[name] += float(value)
+        for name in names:
+            if name in inputs:
+                arr = np.asarray(bound[name], np.float32)
+                energy[name] += float(np.sum(np.square(arr.astype(np.float64) - fake_quant(arr, enc8[name]))))
+    return energy
 
 
 def _relative_error(out: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> float:
@@ -233,15 +285,15 @@ def choose_a8(graph: gs.Graph, candidates: Sequence[str], k: int, enc16: Mapping
         members[only] = names
         frontier = children(only)
     costs: dict[tuple[str, ...], float] = {}
-    measured = 0
+    n_measured = 0
 
     def measure(groups: Mapping[tuple[str, ...], list[str]]) -> None:
         nonlocal forwards
-        nonlocal measured
+        nonlocal n_measured
         for prefix, names in groups.items():
             members[prefix] = names
-            measured += 1
-            progress(f"A8 sensitivity: group {measured} (at most {max(max_groups, measured)}) {_key(prefix)}, "
+            n_measured += 1
+            progress(f"A8 sensitivity: group {n_measured} (at most {max(max_groups, n_measured)}) {_key(prefix)}, "
                      f"{len(names)} tensors")
             err = [_relative_error(switched.run(b, names), ref) for b, ref in zip(bound_runs, refs, strict=True)]
             forwards += len(bound_runs)
@@ -259,25 +311,37 @@ def choose_a8(graph: gs.Graph, candidates: Sequence[str], k: int, enc16: Mapping
             (sub, names), = parts.items()
             members[sub] = names
             parts = children(sub)
-        if measured + len(parts) > max_groups:
+        if n_measured + len(parts) > max_groups:
             break
         del frontier[worst]
         frontier.update(parts)
         measure(parts)
-    ranked = sorted(frontier, key=lambda p: (costs[p] / len(frontier[p]), _key(p)))
-    taken, count = [], 0
-    for prefix in ranked:  # greedy: cheapest per tensor first, while it fits
-        if count + len(frontier[prefix]) > k:
-            break
-        taken.append(prefix)
-        count += len(frontier[prefix])
-    # Fill what is left with smaller groups further down the ranking.
-    for prefix in ranked:
-        if prefix not in taken and count + len(frontier[prefix]) <= k:
-            taken.append(prefix)
-            count += len(frontier[prefix])
-    chosen = sorted(n for p in taken for n in frontier[p])
+    # Each tensor's cost: its group's gain (output error per unit of injected 8-bit noise) x its own noise.
+    energy = noise_energy(graph, enc8, bound_runs, candidates)
+    estimate: dict[str, float] = {}
+    for prefix, names in frontier.items():
+        injected = sum(energy[n] for n in names)
+        gain = costs[prefix] / injected if injected > 0 else 0.0
+        estimate.update({n: gain * energy[n] for n in names})
+    by_tensor = sorted(sorted(candidates, key=lambda n: (estimate[n], n))[:k])
+    by_group: list[str] = []
+    for prefix in sorted(frontier, key=lambda p: (costs[p] / len(frontier[p]), _key(p))):
+        if len(by_group) + len(frontier[prefix]) <= k:
+            by_group.extend(frontier[prefix])
+    # "or better": both greedy choices are measured as a whole; the one with less output error wins.
+    options = {}
+    for label, names in (("per tensor", by_tensor), ("per group", sorted(by_group))):
+        err = [_relative_error(switched.run(b, names), ref) for b, ref in zip(bound_runs, refs, strict=True)]
+        forwards += len(bound_runs)
+        options[label] = (float(np.mean(err)), names)
+        progress(f"A8 sensitivity: {label} greedy, {len(names)} tensors: output SQNR "
+                 f"{-10 * np.log10(max(options[label][0], 1e-30)):.1f} dB over the calibration runs")
+    label = min(options, key=lambda m: (options[m][0], m))
+    measured, chosen = options[label]
+    predicted = sum(estimate[n] for n in chosen)
+    taken = sorted(p for p in frontier if set(frontier[p]) <= set(chosen))
     progress(f"A8 sensitivity: {len(chosen)} of {len(candidates)} candidates 8-bit from {len(taken)} group(s), "
              f"{forwards} forwards")
     return A8Choice(chosen, {_key(p): (len(members[p]), c) for p, c in costs.items()}, [_key(p) for p in taken],
-                    runs=len(bound_runs), forwards=forwards)
+                    runs=len(bound_runs), forwards=forwards, predicted=predicted, measured=measured,
+                    method=label)
