@@ -140,3 +140,22 @@ def _sizes(out):
 
     model = onnx.load(str(out / "model.onnx"))
     return observed_sizes(model, random_feeds(load_model(bundled_model()), 1, seed=5)[0])
+
+
+def test_qnn_takes_mixed_precision(tmp_path):
+    """--a8-fraction on qnn: uint8 and uint16 activations, only HTP's MatMul type pairs (the target checks
+    them before compiling the context), and the context runs close to the float graph."""
+    from quadc.runtime.qnn_engine import qnn_available
+
+    if not qnn_available()[0]:
+        pytest.skip(f"QNN HTP backend: {qnn_available()[1]}")
+    from quadc.quant.schemes import QNN_HTP
+    from quadc.targets.qnn.legality import matmul_pairs
+
+    manifest = compile_model(None, tmp_path / "q", CompileOptions(
+        target="qnn", pass_options={"quant-plan": {"a8_fraction": 0.3, "a8_runs": 1, "a8_groups": 8}}))
+    assert manifest["quant"]["a8_tensors"] > 0
+    model = onnx.load(str(tmp_path / "q" / "model.onnx"))
+    zero_points = {i.name: i.data_type for i in model.graph.initializer if i.name.endswith("_zero_point")}
+    assert {TensorProto.UINT8, TensorProto.UINT16} <= set(zero_points.values())
+    assert matmul_pairs(gs.import_onnx(model), QNN_HTP) == []

@@ -9,20 +9,29 @@ causes in the graph's outputs, over calibration runs that cover the base model a
 where ``y_r`` is the output with every activation at its 16-bit encoding (the W8A16 graph, fake-quantized)
 and ``y_r(g)`` the same with group ``g`` at its 8-bit encoding.
 
-**One graph, switched per group.** :class:`SwitchedGraph` fake-quantizes every candidate activation in one
-onnxruntime session: each tensor's scale, zero point and integer limits are chosen by ``Where(switch_g,
-8-bit, 16-bit)``, ``switch_g`` a boolean graph input of its group, so every measurement reuses the same
-session and only the switches change (``y = (clip(round(x / s) + z, lo, hi) - z) * s``, what
+**One graph, switched per tensor.** :class:`SwitchedGraph` fake-quantizes every candidate activation in
+one onnxruntime session: each tensor's scale, zero point and integer limits are chosen by ``Where(switch,
+8-bit, 16-bit)``, ``switch`` a boolean graph input, so every measurement (a group, a whole choice) reuses
+the same session and only the switches change (``y = (clip(round(x / s) + z, lo, hi) - z) * s``, what
 ``QuantizeLinear -> DequantizeLinear`` computes).
 
-**Groups, refined where the choice is made.** Tensors are grouped by the module path in their producer's
-name (``/down_blocks.1/attentions.0/...``): :func:`tensor_paths`. Selection starts from the top-level
-modules (``down_blocks.0``, ``mid_block``, ...), ranks groups by cost per tensor and takes them greedily
-up to the ``k`` tensors asked for; the first group that does not fit is split into its sub-modules (down to
-single tensors), which are measured and ranked in turn, until ``k`` is met, the group is a single tensor,
-or the measurement budget (``max_groups`` measured groups) is spent; then smaller groups further down the
-ranking fill what is left. So a plan measures ``runs x (1 + measured groups)`` forwards whatever the
-model's size: with 4 tasks, 5 runs and ``max_groups=24`` that is 125 forwards; ``runs=1`` makes it 25.
+**Units.** A tensor and those that movement operators (``Reshape``, ``Transpose``, ...) make from it hold
+the same values and get the same encoding: once the first is 8-bit the others cost nothing, so they are
+chosen together (:func:`movement_units`).
+
+**Groups, refined where the error is.** Units are grouped by the module path in their producer's name
+(``/down_blocks.1/attentions.0/...``, :func:`tensor_paths`). The top-level modules (``down_blocks.0``,
+``mid_block``, ...) are measured first; then, while the budget (``max_groups`` measured groups) lasts, the
+group with the largest cost x tensors is split into its sub-modules (down to single units), which are
+measured in turn. Each unit's cost is then estimated as its finest group's **gain** (cost per unit of
+injected noise energy, ``cost(g) / sum of the 8-bit noise energies of g's units``) times its own 8-bit noise
+energy ``sum (x - fq8(x))^2`` (:func:`noise_energy`, one more pass over the runs).
+
+**Choice.** Two greedy choices up to the ``k`` tensors asked for: units by estimated cost per tensor, and
+measured groups by cost per tensor (cheapest first, while they fit). Both are measured as a whole and the
+one with the smaller output error wins (``A8Choice.method``). A plan so runs ``runs x (3 + measured
+groups)`` forwards plus one noise pass, whatever the model's size: with 4 tasks (5 runs) and
+``max_groups=24``, 135 forwards; ``runs=1``, 27.
 """
 
 from __future__ import annotations
@@ -41,7 +50,8 @@ from quadc.graph import infer_shapes, ort_session, unique_name
 from quadc.quant.affine import Encoding, fake_quant
 from quadc.quant.calibrate import BASE, _runs, clone_graph
 
-__all__ = ["A8Choice", "SwitchedGraph", "choose_a8", "sample_runs", "tensor_paths"]
+__all__ = ["A8Choice", "MOVEMENT_OPS", "SwitchedGraph", "choose_a8", "movement_units", "noise_energy", "sample_runs",
+           "tensor_paths"]
 
 SWITCH_PREFIX = "__quadc_a8_switch/"
 _PART = re.compile(r"[^/]+")
@@ -232,6 +242,34 @@ def noise_energy(graph: gs.Graph, enc8: Mapping[str, Encoding], bound_runs: Sequ
     return energy
 
 
+#: Operators that copy values (same min/max): a tensor they make from a candidate is 8-bit for free once
+#: that candidate is, since requantizing a value already on the same grid changes nothing.
+MOVEMENT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")
+
+
+def movement_units(graph: gs.Graph, candidates: Sequence[str]) -> list[list[str]]:
+    """``candidates`` partitioned into units chosen together: a tensor and those that movement operators
+    (:data:`MOVEMENT_OPS`) make from it, first tensor first (graph order), the others alone."""
+    wanted = set(candidates)
+    parent = {n: n for n in candidates}
+
+    def find(n: str) -> str:
+        while parent[n] != n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for node in graph.nodes:
+        if node.op in MOVEMENT_OPS and node.inputs and node.outputs:
+            src, dst = node.inputs[0].name, node.outputs[0].name
+            if src in wanted and dst in wanted:
+                parent[find(dst)] = find(src)
+    units: dict[str, list[str]] = {}
+    for n in candidates:
+        units.setdefault(find(n), []).append(n)
+    return list(units.values())
+
+
 def _relative_error(out: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> float:
     noise = sum(float(np.sum(np.square(o.astype(np.float64) - r))) for o, r in zip(out, ref, strict=True))
     signal = sum(float(np.sum(np.square(r.astype(np.float64)))) for r in ref)
@@ -255,7 +293,11 @@ def choose_a8(graph: gs.Graph, candidates: Sequence[str], k: int, enc16: Mapping
         return A8Choice([])
     if k >= len(candidates):
         return A8Choice(sorted(candidates))
-    paths = tensor_paths(graph, candidates)
+    units = movement_units(graph, candidates)
+    root = {n: unit[0] for unit in units for n in unit}
+    module_paths = tensor_paths(graph, candidates)
+    # A unit's tensors share every level of the hierarchy down to the unit (named by its first tensor).
+    paths = {n: (*module_paths[root[n]][:-1], root[n]) for n in candidates}
     order: list[str | None] = [BASE, *tasks]
     pairs = sample_runs(len(feeds), order, runs or len(order))
     bound_runs = []
@@ -317,13 +359,19 @@ def choose_a8(graph: gs.Graph, candidates: Sequence[str], k: int, enc16: Mapping
         frontier.update(parts)
         measure(parts)
     # Each tensor's cost: its group's gain (output error per unit of injected 8-bit noise) x its own noise.
-    energy = noise_energy(graph, enc8, bound_runs, candidates)
-    estimate: dict[str, float] = {}
+    roots = [u[0] for u in units]
+    energy = noise_energy(graph, enc8, bound_runs, roots)
+    estimate: dict[str, float] = {}  # per unit (by its root): later tensors of a unit add no error
     for prefix, names in frontier.items():
-        injected = sum(energy[n] for n in names)
+        unit_roots = {root[n] for n in names}
+        injected = sum(energy[r] for r in unit_roots)
         gain = costs[prefix] / injected if injected > 0 else 0.0
-        estimate.update({n: gain * energy[n] for n in names})
-    by_tensor = sorted(sorted(candidates, key=lambda n: (estimate[n], n))[:k])
+        estimate.update({r: gain * energy[r] for r in unit_roots})
+    by_tensor: list[str] = []
+    for unit in sorted(units, key=lambda u: (estimate[u[0]] / len(u), u[0])):
+        if len(by_tensor) + len(unit) <= k:
+            by_tensor.extend(unit)
+    by_tensor.sort()
     by_group: list[str] = []
     for prefix in sorted(frontier, key=lambda p: (costs[p] / len(frontier[p]), _key(p))):
         if len(by_group) + len(frontier[prefix]) <= k:
@@ -338,7 +386,7 @@ def choose_a8(graph: gs.Graph, candidates: Sequence[str], k: int, enc16: Mapping
                  f"{-10 * np.log10(max(options[label][0], 1e-30)):.1f} dB over the calibration runs")
     label = min(options, key=lambda m: (options[m][0], m))
     measured, chosen = options[label]
-    predicted = sum(estimate[n] for n in chosen)
+    predicted = sum(estimate[n] for n in chosen if root[n] == n)
     taken = sorted(p for p in frontier if set(frontier[p]) <= set(chosen))
     progress(f"A8 sensitivity: {len(chosen)} of {len(candidates)} candidates 8-bit from {len(taken)} group(s), "
              f"{forwards} forwards")
