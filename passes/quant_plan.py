@@ -56,7 +56,8 @@ class QuantPlanStage(GraphPass):
                               scheme=scheme, calibration=calibration, unquantized=ctx.unquantized)
         s = ctx.plan.summary()
         return PassResult(False, {"activations": s["activation_encodings"], "weights": s["weight_encodings"],
-                                  "lora_inputs": s["lora_encodings"], "a8": s["a8_tensors"]})
+                                  "lora_inputs": s["lora_encodings"], "a8": s["a8_tensors"],
+                                  "a8_forwards": ctx.plan.report.get("a8", {}).get("forwards", 0)})
 
     def postcondition(self, graph: gs.Graph, ctx: CompileContext) -> list[str]:
         plan = ctx.plan

@@ -407,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = p.add_argument_group("quantization (quantized targets such as onnx-qdq)")
     q.add_argument("--precision", choices=["w8a16", "w8a8"], help="weights/activations bits (default w8a16)")
     q.add_argument("--a8-fraction", type=float, metavar="F",
-                   help="fraction of activations made 8-bit, least sensitive (highest measured SQNR) first")
+                   help="fraction of activations made 8-bit, least output error first (the timestep path stays "
+                        "16-bit; onnx-qdq only)")
     q.add_argument("--per-channel", action="store_true", help="int8 symmetric per-channel weights")
     q.add_argument("--lora-float", dest="lora_float_inputs", action="store_true",
                    help="keep LoRA inputs float (Q->DQ in the graph) instead of uint8 inputs")

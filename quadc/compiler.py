@@ -114,6 +114,7 @@ def compile_model(model: str | os.PathLike[str] | None, out_dir: str | os.PathLi
     if unknown:
         raise QuadcError(f"--print-after names {', '.join(sorted(unknown))}, which is not in the pipeline")
     target.check_pipeline(pipeline.names, with_loras=bool(options.loras) or model is None)
+    target.check_plan_options(_plan_options(pipeline))
     passes = pipeline.build()
     check_prerequisites(passes)
     graph, ctx, model_path = prepare(model, options.loras, progress)
@@ -169,6 +170,7 @@ def compile_all(model: str | os.PathLike[str] | None, out_dir: str | os.PathLike
     with_loras = bool(options.loras) or model is None
     for name, target in targets.items():
         target.check_pipeline(pipelines[name].names, with_loras=with_loras)
+        target.check_plan_options(_plan_options(pipelines[name]))
     passes = {name: p.build() for name, p in pipelines.items()}
     for built in passes.values():
         check_prerequisites(built)
@@ -248,6 +250,11 @@ def _check_target_options(options: CompileOptions, targets: Sequence[str]) -> No
     if unknown:
         raise QuadcError(f"options are set for target '{unknown[0]}', which is not compiled here "
                          f"({', '.join(targets)})")
+
+
+def _plan_options(pipeline: PassPipeline) -> dict[str, Any]:
+    """The options set on the pipeline's ``quant-plan`` step (empty without one)."""
+    return next((dict(s.options) for s in pipeline.steps if s.name == "quant-plan"), {})
 
 
 def _shared_prefix(pipelines: Mapping[str, PassPipeline]) -> int:

@@ -13,7 +13,7 @@ so adding a vendor never means editing quadc.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -74,6 +74,10 @@ class Target:
         if wrong:
             raise QuadcError(f"target '{self.name}' cannot hold the result of pass '{wrong[0]}'; remove it "
                              "from --passes or choose a target that takes it (see `quadc targets`)")
+
+    def check_plan_options(self, plan_options: Mapping[str, Any]) -> None:
+        """Refuse, in one line, ``quant-plan`` options the target cannot honour (``plan_options``: the
+        pipeline's ``quant-plan`` step options as given). The base target takes any."""
 
     @staticmethod
     def write_graph(graph: gs.Graph, out_dir: Path, name: str = "model.onnx") -> dict[str, Any]:

@@ -8,7 +8,14 @@ option                 default      meaning
 =====================  ===========  ===================================================================
 ``precision``          ``w8a16``    ``w8a16``: 16-bit activations; ``w8a8``: 8-bit activations
 ``a8_fraction``        ``0``        w8a16 only: this fraction of activations gets uint8 instead, least
-                                    sensitive first (:mod:`quadc.quant.activations`)
+                                    output error first (:mod:`quadc.quant.activations`); the timestep
+                                    path, indices and shapes stay 16-bit (:mod:`quadc.quant.structural`)
+``a8_runs``            ``0``        calibration runs each A8 measurement covers; 0: one per task plus the
+                                    base model (:mod:`quadc.quant.sensitivity`)
+``a8_groups``          ``24``       at most this many activation groups are measured for ``a8_fraction``
+                                    (forwards = runs x (3 + groups))
+``a8_headroom``        ``1.5``      the 8-bit ranges ``a8_fraction`` picks are widened by this factor around
+                                    zero (inputs unlike the calibration feeds clip less)
 ``headroom``           ``2``        16-bit activation ranges are widened by this factor around zero, so
                                     inputs unlike the calibration feeds do not clip
 ``calib_dir``          none         folder of ``.npz`` feeds (:func:`quadc.quant.feeds.npz_feeds`)
@@ -47,6 +54,11 @@ PLAN_OPTIONS: tuple[PassOption, ...] = (
                choices=PRECISIONS),
     PassOption("a8_fraction", float, 0.0, "w8a16 only: this fraction of activations becomes uint8",
                low=0.0, high=1.0),
+    PassOption("a8_runs", int, 0, "calibration runs each A8 sensitivity measurement covers (0: one per task "
+               "plus the base model)", low=0),
+    PassOption("a8_groups", int, 24, "at most this many activation groups are measured for a8_fraction", low=1),
+    PassOption("a8_headroom", float, 1.5, "widen the ranges of a8_fraction's 8-bit activations by this factor "
+               "around zero", low=1.0),
     PassOption("headroom", float, 2.0, "widen 16-bit activation ranges by this factor around zero so inputs "
                "unlike the calibration feeds do not clip", low=1.0),
     PassOption("calib_dir", str, None, "folder of .npz calibration feeds"),
@@ -72,6 +84,9 @@ class PlanOptions:
 
     precision: str = "w8a16"
     a8_fraction: float = 0.0
+    a8_runs: int = 0
+    a8_groups: int = 24
+    a8_headroom: float = 1.5
     headroom: float = 2.0
     calib_dir: str | None = None
     calib_random: int = 4

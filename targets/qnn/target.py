@@ -91,6 +91,18 @@ class QnnTarget(Target):
 
         return qnn_available()
 
+    def check_plan_options(self, plan_options: Mapping[str, Any]) -> None:
+        """Refuse ``a8_fraction`` > 0 under w8a16: the HTP backend of onnxruntime-qnn fails to finalize the
+        uint8/uint16 mixes quadc writes (QNN_COMMON_ERROR_MEM_ALLOC on the tiny U-Net at a8_fraction 0.3,
+        while w8a16 and w8a8 compile), so the mix is refused before any work."""
+        from quadc.quant.plan_options import PlanOptions
+
+        opts = PlanOptions.from_options(plan_options)
+        if opts.precision == "w8a16" and opts.a8_fraction > 0:
+            raise QuadcError(f"target qnn does not take --a8-fraction {opts.a8_fraction:g} yet: the HTP backend fails "
+                             "to finalize graphs mixing uint8 and uint16 activations as quadc writes them; use "
+                             "--precision w8a8 or w8a16 here, or --target onnx-qdq for mixed precision")
+
     def pipeline(self) -> PassPipeline:
         pipeline = super().pipeline().set_options("qdq-insert", act_matmul_8bit=True, opset="21")
         if "conv-act-fusion" in pipeline:

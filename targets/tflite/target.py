@@ -106,10 +106,26 @@ class TfliteTarget(Target):
     #: The TFLite ops the vendor's LiteRT compiler plugin takes (None: any LiteRT builtin).
     supported_ops: ClassVar[tuple[str, ...] | None] = None
 
+    def check_plan_options(self, plan_options: Mapping[str, Any]) -> None:
+        """8-bit activations are refused: LiteRT's 16x8 kernels take int16 activations only, so int8 tensors
+        between them would need requantize ops, which this target does not write."""
+        from quadc.quant.plan_options import PlanOptions
+
+        opts = PlanOptions.from_options(plan_options)
+        if opts.precision == "w8a8" or opts.a8_fraction > 0:
+            asked = "--precision w8a8" if opts.precision == "w8a8" else f"--a8-fraction {opts.a8_fraction:g}"
+            raise QuadcError(f"target {self.name} runs 16x8 kernels (int16 activations), so {asked} would put int8 "
+                             "activations between 16x8 kernels, which needs requantize ops this target does not "
+                             "write; use --a8-fraction 0 here, or target qnn or onnx-qdq for mixed precision")
+
     def build(self, graph: gs.Graph, ctx: CompileContext) -> tuple[TfliteScheme, Translation, Any]:
         """The scheme, the 16x8 translation and the host split of ``graph`` (after the pipeline)."""
         if ctx.plan is None:
             raise QuadcError(f"target {self.name} needs the quantization plan; its pipeline must include quant-plan")
+        if ctx.plan.a8_tensors:
+            raise QuadcError(f"target {self.name} takes int16 activations only, but the plan makes "
+                             f"{len(ctx.plan.a8_tensors)} activation(s) 8-bit (e.g. '{ctx.plan.a8_tensors[0]}'); "
+                             "int8 between 16x8 kernels needs requantize ops this target does not write")
         scheme = scheme_from_plan(graph, ctx.plan)
         host = split_host(graph)
         lora = [n for s in ctx.lora_slots.values() for n in (s.down_input, s.up_input)]
