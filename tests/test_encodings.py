@@ -256,3 +256,17 @@ def test_write_replaces_atomically(tmp_path):
     write_encodings(path, small)
     assert read_encodings(path) == small
     assert sorted(p.name for p in path.parent.iterdir()) == ["enc.json"]
+
+
+def test_written_file_has_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        path = tmp_path / "enc.json"
+        write_encodings(path, _sample())
+    finally:
+        os.umask(umask)
+    # Readable by everyone like every other artifact file, not private like a bare mkstemp file.
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

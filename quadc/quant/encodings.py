@@ -177,6 +177,9 @@ def write_encodings(path: str | os.PathLike[str], file: EncodingsFile) -> Path:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; an artifact is read by others
         os.replace(tmp, out)
     except BaseException:
         try:
