@@ -68,6 +68,7 @@ import onnx_graphsurgeon as gs
 
 from quadc.context import CompileContext
 from quadc.errors import QuadcError
+from quadc.graph import tidy
 from quadc.passes.base import GraphPass, PassOption, PassResult, register_pass
 from quadc.passes.patterns import (
     Const,
@@ -270,7 +271,7 @@ class ConvActFusion(GraphPass):
                 counts["fused"] += 1
         changed = any(counts.values())
         if counts["silu"] or counts["gelu"]:
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+            tidy(graph)
         return PassResult(changed, counts)
 
     def postcondition(self, graph: gs.Graph, ctx: CompileContext) -> list[str]:

@@ -58,6 +58,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from quadc.graph import tidy
 from quadc.passes.patterns import Match, Op, Rule, apply_rules_worklist, is_removed, producer, remove_node
 
 __all__ = ["Editor", "LazyArray", "count_ops", "ensure_static_shapes", "run_layout_engine", "static_shape",
@@ -1206,7 +1207,7 @@ def run_layout_engine(graph: gs.Graph, ed: Editor | None = None) -> dict[str, in
     graph.toposort()
     counts = apply_rules_worklist(graph, layout_rules(ed))
     counts["dedupe"] = _dedupe(ed)
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    tidy(graph)
     return counts
 
 

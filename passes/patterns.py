@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from quadc.graph import tidy
+
 __all__ = ["Const", "Match", "NoMatch", "OneOf", "Op", "Rule", "Var", "applicable", "apply_rules",
            "apply_rules_worklist", "bypass", "const_value", "explain", "is_removed", "match", "outside_uses",
            "producer", "remove_node", "replace_root", "single_consumer", "static_value"]
@@ -264,7 +266,7 @@ def apply_rules(graph: gs.Graph, rules: Sequence[Rule], *, max_rounds: int = 32)
                 applied += 1
         if not applied:
             return counts
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        tidy(graph)
     raise RuntimeError(f"rules {[r.name for r in rules]} still apply after {max_rounds} rounds")
 
 
