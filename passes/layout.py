@@ -252,9 +252,10 @@ class LazyArray(LazyValues):
         return f"LazyArray(shape={self.shape}, dtype={self.dtype})"
 
 
-def transpose_2d(w: np.ndarray, rows: int = 64) -> np.ndarray:
-    """``w.T`` as a contiguous array, copied in blocks of ``rows`` rows: about 2.5x faster than
-    ``np.ascontiguousarray(w.T)`` on a memory-mapped weight (26 MB: 24 ms vs 64 ms)."""
+def transpose_2d(w: np.ndarray, rows: int = 16) -> np.ndarray:
+    """``w.T`` as a contiguous array, copied in blocks of ``rows`` rows, so that each output row gets
+    ``rows`` floats (one 64-byte cache line) per block: on a memory-mapped 1280x5120 float32 weight
+    16 rows took 16-20 ms, 64 rows 39-52 ms, ``np.ascontiguousarray(w.T)`` about 90 ms."""
     out = np.empty(w.shape[::-1], w.dtype)
     for i in range(0, w.shape[0], rows):
         out[:, i:i + rows] = w[i:i + rows].T
