@@ -44,6 +44,21 @@ def _materialize_foldable_inputs(graph: gs.Graph) -> int:
     return loaded
 
 
+def _lower_constant_nodes(graph: gs.Graph) -> int:
+    """Turn each ``Constant`` node holding a tensor ``value`` into that constant tensor (gs's first fold
+    step, done here so that a graph with nothing else to fold, such as one fresh from an opset conversion,
+    skips the rest); the nodes are left disconnected for cleanup."""
+    lowered = 0
+    for node in graph.nodes:
+        value = node.attrs.get("value") if node.op == "Constant" and len(node.attrs) == 1 else None
+        if isinstance(value, gs.Constant) and len(node.outputs) == 1:
+            out = node.outputs[0]
+            out.to_constant(value._values)
+            out.inputs.clear()
+            lowered += 1
+    return lowered
+
+
 def _may_fold(graph: gs.Graph) -> bool:
     """Whether onnx-graphsurgeon's ``fold_constants`` can change anything: a node whose inputs are all
     constants (``Constant`` nodes and nodes without inputs included), a ``Shape`` node, or a ``Cast`` to
@@ -72,6 +87,7 @@ class ConstFold(GraphPass):
         before_sig = _signature(graph)
         logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
         gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+        _lower_constant_nodes(graph)
         if _may_fold(graph):
             _materialize_foldable_inputs(graph)
             graph.fold_constants(fold_shapes=True, size_threshold=_SIZE_THRESHOLD, error_ok=True)

@@ -20,6 +20,7 @@ import os
 import tempfile
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -313,36 +314,39 @@ def export_proto(graph: gs.Graph, *, keep_external: bool = True) -> tuple[onnx.M
     return model, sources
 
 
-def _copy_range(src_path: str, offset: int, length: int, dst: Any) -> None:
-    """Append ``length`` bytes of ``src_path`` from ``offset`` to the unbuffered file ``dst``, copied by
-    the kernel (``os.copy_file_range``, else ``os.sendfile``) where it can, never through Python."""
+def _copy_range(src_path: str, offset: int, length: int, dst: int, dst_offset: int) -> None:
+    """Copy ``length`` bytes of ``src_path`` from ``offset`` into the file descriptor ``dst`` at
+    ``dst_offset``, by the kernel (``os.copy_file_range``) where it can, else with pread/pwrite."""
     with open(src_path, "rb") as src:
         done = 0
-        for copy in (_kernel_copy_file_range, _kernel_sendfile):
-            try:
-                while done < length:
-                    n = copy(src.fileno(), dst.fileno(), offset + done, min(_COPY_CHUNK, length - done))
-                    if n == 0:
-                        raise QuadcError(f"{src_path}: external data ended early; the file was changed "
-                                         "while compiling")
-                    done += n
-                return
-            except OSError:
-                continue  # this kernel or file system cannot: the next way, from where it stopped
-        src.seek(offset + done)
+        try:
+            while done < length:
+                n = os.copy_file_range(src.fileno(), dst, min(_COPY_CHUNK, length - done), offset + done,
+                                       dst_offset + done)
+                if n == 0:
+                    break
+                done += n
+        except OSError:
+            pass  # this kernel or file system cannot: the rest through Python
         while done < length:
-            chunk = src.read(min(_COPY_CHUNK, length - done))
+            chunk = os.pread(src.fileno(), min(_COPY_CHUNK, length - done), offset + done)
             if not chunk:
                 raise QuadcError(f"{src_path}: external data ended early; the file was changed while compiling")
-            done += _write_all(dst, chunk)
+            done += _pwrite_all(dst, chunk, dst_offset + done)
 
 
-def _kernel_copy_file_range(src: int, dst: int, offset: int, count: int) -> int:
-    return os.copy_file_range(src, dst, count, offset)
+def _pwrite_all(fd: int, data: bytes | np.ndarray, offset: int) -> int:
+    """Write bytes, or an array's bytes in C order (without a copy into a bytes object), at ``offset`` of
+    the file descriptor ``fd``; returns how many were written."""
+    view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8) if isinstance(data, np.ndarray) else data)
+    written = 0
+    while written < len(view):
+        written += os.pwrite(fd, view[written:], offset + written)
+    return written
 
 
-def _kernel_sendfile(src: int, dst: int, offset: int, count: int) -> int:
-    return os.sendfile(dst, src, offset, count)
+def _lazy_nbytes(lazy: LazyValues) -> int:
+    return int(np.prod(tuple(lazy.shape), dtype=np.int64)) * np.dtype(lazy.dtype).itemsize
 
 
 def save_model(graph: gs.Graph, path: str | os.PathLike[str], *, external: bool | None = None) -> Path:
@@ -369,43 +373,45 @@ def save_model(graph: gs.Graph, path: str | os.PathLike[str], *, external: bool 
         if data_path.exists():
             data_path.unlink()
         return path
-    with open(data_path, "wb", buffering=0) as data:  # unbuffered: the kernel appends copied ranges
-        for init in model.graph.initializer:
-            src = sources.get(init.name)
-            lazy = computed.get(init.name)
-            if src is None and lazy is None and init.data_location == onnx.TensorProto.EXTERNAL:
-                raise QuadcError(f"initializer '{init.name}' references external data quadc did not load")
-            if src is None and lazy is None and len(init.raw_data) < EXTERNAL_MIN_BYTES:
-                continue
-            pad = (-data.tell()) % EXTERNAL_ALIGN
-            if pad:
-                _write_all(data, b"\0" * pad)
-            offset = data.tell()
-            if src is not None:
-                _copy_range(src.path, src.offset, src.length, data)
-                length = src.length
-            elif lazy is not None:
-                length = _write_all(data, lazy.load())
-            else:
-                length = _write_all(data, init.raw_data)
+    # Where every tensor goes is decided first; then the kernel copies the kept weights (a thread that
+    # mostly waits on the disk) while this thread computes and writes the rewritten ones.
+    copies: list[tuple[ExternalSource, int]] = []
+    writes: list[tuple[onnx.TensorProto, LazyValues | None, int, int]] = []
+    end = 0
+    for init in model.graph.initializer:
+        src = sources.get(init.name)
+        lazy = computed.get(init.name)
+        if src is None and lazy is None and init.data_location == onnx.TensorProto.EXTERNAL:
+            raise QuadcError(f"initializer '{init.name}' references external data quadc did not load")
+        if src is None and lazy is None and len(init.raw_data) < EXTERNAL_MIN_BYTES:
+            continue
+        offset = end + (-end) % EXTERNAL_ALIGN
+        length = src.length if src is not None else _lazy_nbytes(lazy) if lazy is not None else len(init.raw_data)
+        if src is not None:
+            copies.append((src, offset))
+        else:
+            writes.append((init, lazy, offset, length))
+        end = offset + length
+        del init.external_data[:]
+        init.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+            entry = init.external_data.add()
+            entry.key, entry.value = key, value
+    with open(data_path, "wb", buffering=0) as data:
+        data.truncate(end)  # the alignment gaps read as zeros
+        fd = data.fileno()
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            copied = pool.submit(lambda: [_copy_range(src.path, src.offset, src.length, fd, at)
+                                          for src, at in copies])
+            for init, lazy, offset, length in writes:
+                written = _pwrite_all(fd, lazy.load() if lazy is not None else init.raw_data, offset)
+                if written != length:
+                    raise QuadcError(f"initializer '{init.name}' has {written} bytes of values, its shape "
+                                     f"needs {length}")
                 init.ClearField("raw_data")
-            del init.external_data[:]
-            init.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
-                entry = init.external_data.add()
-                entry.key, entry.value = key, value
+            copied.result()
     _write_proto(model, path)
     return path
-
-
-def _write_all(f: Any, data: bytes | np.ndarray) -> int:
-    """Write bytes, or an array's bytes in C order without a copy into a bytes object, to the unbuffered
-    file ``f`` (which may take them in parts); returns how many were written."""
-    view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8) if isinstance(data, np.ndarray) else data)
-    written = 0
-    while written < len(view):
-        written += f.write(view[written:])
-    return written
 
 
 def _inline_values(init: onnx.TensorProto, lazy: LazyValues) -> None:
