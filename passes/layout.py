@@ -1205,7 +1205,7 @@ def run_layout_engine(graph: gs.Graph, ed: Editor | None = None) -> dict[str, in
     """Apply the layout rules to a fixed point, merge duplicate Transposes/Reshapes, clean up; returns
     how often each rule applied (``dedupe``: duplicates merged)."""
     ed = ed or Editor(graph)
-    graph.toposort()
+    tidy(graph)
     counts = apply_rules_worklist(graph, layout_rules(ed))
     counts["dedupe"] = _dedupe(ed)
     tidy(graph)
