@@ -1217,10 +1217,16 @@ def count_ops(graph: gs.Graph, op: str) -> int:
 
 
 def ensure_static_shapes(graph: gs.Graph, fold: Callable[[gs.Graph], Any] | None = None) -> None:
-    """Give every tensor a static shape if it can have one: onnx shape inference (weights untouched),
-    then, when shape computations remain (``Shape`` nodes), ``fold`` (const-fold) and inference again."""
+    """Give every tensor a static shape if it can have one: ``Constant`` node outputs their value's, then,
+    if any tensor still has none, onnx shape inference (weights untouched) and, when shape computations
+    remain (``Shape`` nodes), ``fold`` (const-fold) and inference again."""
     from quadc.graph import computed_weights_as_dims, infer_shapes
 
+    for node in graph.nodes:  # a Constant node's output has its value's shape (e.g. after an opset upgrade)
+        value = node.attrs.get("value") if node.op == "Constant" and len(node.outputs) == 1 else None
+        out = node.outputs[0] if isinstance(value, gs.Constant) else None
+        if out is not None and static_shape(out) is None:
+            out.shape, out.dtype = list(value.shape), value.dtype
     missing = any(static_shape(t) is None for n in graph.nodes for t in n.outputs)
     if not missing:
         return
