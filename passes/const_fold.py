@@ -65,6 +65,8 @@ def _may_fold(graph: gs.Graph) -> bool:
     an integer type (gs elides float casts between integer casts). Without one, the whole-graph copy and
     walk that ``fold_constants`` costs (seconds on SD1.5) is skipped."""
     for node in graph.nodes:
+        if not node.outputs:  # disconnected (a lowered Constant node): cleanup drops it
+            continue
         if node.op == "Shape" or (node.op == "Cast" and node.attrs.get("to") in _INT_TYPES):
             return True
         if all(isinstance(t, gs.Constant) for t in node.inputs if not t.is_empty()):
