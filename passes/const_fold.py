@@ -2,9 +2,7 @@
 
 Wraps onnx-graphsurgeon's ``fold_constants`` (ORT evaluates the foldable subgraph) followed by
 ``cleanup``. External weights are materialized only when they feed a foldable node; all others stay on
-disk. ``Constant`` nodes become constant tensors directly; when a ``Shape`` node's input has no static
-shape yet, onnx shape inference runs first so that the shape computation folds; when nothing can fold,
-gs's fold (a copy and walk of the whole graph) is skipped.
+disk.
 
 Given::
 
@@ -26,7 +24,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from quadc.context import CompileContext
-from quadc.graph import ExternalValues, computed_weights_as_dims, infer_shapes, tidy
+from quadc.graph import ExternalValues, tidy
 from quadc.passes.base import GraphPass, PassResult, register_pass
 
 # Nodes whose outputs should never be folded into big new constants by this pass.
@@ -61,11 +59,6 @@ def _lower_constant_nodes(graph: gs.Graph) -> int:
     return lowered
 
 
-def _static(tensor: gs.Tensor) -> bool:
-    shape = tensor.shape
-    return shape is not None and all(isinstance(d, int | np.integer) and d >= 0 for d in shape)
-
-
 def _may_fold(graph: gs.Graph) -> bool:
     """Whether onnx-graphsurgeon's ``fold_constants`` can change anything: a node whose inputs are all
     constants (``Constant`` nodes and nodes without inputs included), a ``Shape`` node, or a ``Cast`` to
@@ -96,11 +89,7 @@ class ConstFold(GraphPass):
         before_sig = _signature(graph)
         logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
         gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
-        if _lower_constant_nodes(graph):
-            tidy(graph)
-        if any(n.op == "Shape" and n.outputs and not _static(n.inputs[0]) for n in graph.nodes):
-            with computed_weights_as_dims(graph):  # gs folds a Shape only when its input's shape is known
-                infer_shapes(graph)
+        _lower_constant_nodes(graph)
         if _may_fold(graph):
             _materialize_foldable_inputs(graph)
             graph.fold_constants(fold_shapes=True, size_threshold=_SIZE_THRESHOLD, error_ok=True)
