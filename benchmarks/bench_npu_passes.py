@@ -6,9 +6,10 @@ within 1.2x the fp32 weight bytes. It also prints what the passes did: node coun
 and after, Transposes left, MatMul/Gemm with a constant weight left, Softmax count, and each pass's time.
 
 Run: ``.venv/bin/python benchmarks/bench_npu_passes.py [--exporter torchscript|dynamo|both] [--config sd15|tiny]
-[--repeat N]`` (exports each model once into ``.cache/bench``; every measurement runs in its own fresh
+[--repeat N] [--verify]`` (exports each model once into ``.cache/bench``; every measurement runs in its own fresh
 process, plain and quadc alternating, N pairs per exporter; the ratio reported is the median of the pairs'
-ratios, and the details shown are those of the pair closest to it).
+ratios, and the details shown are those of the pair closest to it; ``--verify`` then runs the export and
+quadc's graph, LoRA inputs zero, on ORT with the export's example inputs and prints the largest difference).
 """
 
 from __future__ import annotations
@@ -47,7 +48,28 @@ result["passes"] = [[r.name, round(r.seconds, 2), r.counts] for r in recs]
 """
 
 
-def run(config: str, exporter: str, repeat: int = 1) -> None:
+VERIFY = """
+import numpy as np
+import onnxruntime as ort
+from quadc.export import example_inputs
+
+def outputs(path, feeds):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    # Inputs the export does not have are LoRA slots: zeros, the base model.
+    run = {{i.name: feeds[i.name] if i.name in feeds else np.zeros(i.shape, np.float32) for i in sess.get_inputs()}}
+    return sess.run(None, run)[0]
+
+feeds = example_inputs({config!r}, seed=1)
+want = outputs({src!r}, feeds)
+got = outputs({out!r}, feeds)
+result["scale"] = float(np.max(np.abs(want)))
+result["max_abs_diff"] = float(np.max(np.abs(got.astype(np.float64) - want)))
+"""
+
+
+def run(config: str, exporter: str, repeat: int = 1, verify: bool = False) -> None:
     src = cached_export(config, exporter)
     weights = dir_bytes(src.parent)
     out = CACHE / "npu-out"
@@ -69,6 +91,12 @@ def run(config: str, exporter: str, repeat: int = 1) -> None:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         quadc = measure(quadc_code, allow_failure=True)
+        if verify and i == repeat - 1 and "failed" not in quadc:
+            check = measure(VERIFY.format(config=config, src=str(src), out=str(out / "quadc" / "unet.onnx")))
+            rel = check["max_abs_diff"] / (check["scale"] or 1.0)
+            print(f"numbers: quadc float,npu graph (LoRA inputs zero) vs the export on ORT, example inputs: max abs "
+                  f"diff {check['max_abs_diff']:.3g}, output scale {check['scale']:.3g} ({rel:.2e} of it), "
+                  f"{check['seconds']:.0f} s, peak RSS {check['peak_rss_gib']:.1f} GiB")
         shutil.rmtree(out, ignore_errors=True)
         if "failed" in quadc:
             print(f"quadc float,npu pipeline    : FAILED ({quadc['failed']}) after {quadc['seconds']:.1f} s, peak RSS "
@@ -106,9 +134,11 @@ def main() -> None:
     parser.add_argument("--exporter", default="both", choices=["torchscript", "dynamo", "both"])
     parser.add_argument("--repeat", type=int, default=1,
                         help="pairs of measurements per exporter (plain, quadc, alternating); the median ratio")
+    parser.add_argument("--verify", action="store_true",
+                        help="after the last pair, run the export and quadc's graph on ORT and compare (heavy)")
     args = parser.parse_args()
     for exporter in (["torchscript", "dynamo"] if args.exporter == "both" else [args.exporter]):
-        run(args.config, exporter, max(1, args.repeat))
+        run(args.config, exporter, max(1, args.repeat), args.verify)
 
 
 if __name__ == "__main__":
