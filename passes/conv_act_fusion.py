@@ -68,6 +68,7 @@ import onnx_graphsurgeon as gs
 
 from quadc.context import CompileContext
 from quadc.errors import QuadcError
+from quadc.graph import tidy
 from quadc.passes.base import GraphPass, PassOption, PassResult, register_pass
 from quadc.passes.patterns import (
     Const,
@@ -77,7 +78,7 @@ from quadc.passes.patterns import (
     Var,
     applicable,
     apply_rules,
-    const_value,
+    is_const,
     match,
     replace_root,
 )
@@ -148,11 +149,11 @@ def _act_check(graph: gs.Graph, m: Match) -> str | None:
     act, layer = m.nodes["act"], m.nodes["layer"]
     if ((act.domain or ""), act.op) not in ACTIVATIONS:
         return f"{act.op} in domain {act.domain!r} is not a fusable activation"
-    if act.op == "Clip" and any(t.name and const_value(t) is None for t in act.inputs[1:]):
+    if act.op == "Clip" and any(t.name and not is_const(t) for t in act.inputs[1:]):
         return "Clip bounds are not constants"
-    if layer.op == "Gemm" and const_value(layer.inputs[1]) is None:
+    if layer.op == "Gemm" and not is_const(layer.inputs[1]):
         return "Gemm has no constant weight"
-    if layer.op == "MatMul" and all(const_value(t) is None for t in layer.inputs):
+    if layer.op == "MatMul" and all(not is_const(t) for t in layer.inputs):
         return "MatMul multiplies two activations"
     return None
 
@@ -270,7 +271,7 @@ class ConvActFusion(GraphPass):
                 counts["fused"] += 1
         changed = any(counts.values())
         if counts["silu"] or counts["gelu"]:
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+            tidy(graph)
         return PassResult(changed, counts)
 
     def postcondition(self, graph: gs.Graph, ctx: CompileContext) -> list[str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from quadc.context import CompileContext
+from quadc.graph import tidy
 from quadc.passes.base import GraphPass, PassOption, PassResult, register_pass
 
 
@@ -32,8 +33,7 @@ class DeadCodeElimination(GraphPass):
         nodes_before = len(graph.nodes)
         tensors_before = len(graph.tensors())
         inputs_before = len(graph.inputs)
-        graph.cleanup(remove_unused_graph_inputs=self.opts["remove_unused_inputs"])
-        graph.toposort()
+        tidy(graph, remove_unused_inputs=self.opts["remove_unused_inputs"])
         counts = {
             "nodes_removed": nodes_before - len(graph.nodes),
             "tensors_removed": tensors_before - len(graph.tensors()),

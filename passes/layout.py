@@ -58,6 +58,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from quadc.graph import tidy
 from quadc.passes.patterns import Match, Op, Rule, apply_rules_worklist, is_removed, producer, remove_node
 
 __all__ = ["Editor", "LazyArray", "count_ops", "ensure_static_shapes", "run_layout_engine", "static_shape",
@@ -251,12 +252,16 @@ class LazyArray(LazyValues):
         return f"LazyArray(shape={self.shape}, dtype={self.dtype})"
 
 
-def transpose_2d(w: np.ndarray, rows: int = 64) -> np.ndarray:
-    """``w.T`` as a contiguous array, copied in blocks of ``rows`` rows: about 2.5x faster than
-    ``np.ascontiguousarray(w.T)`` on a memory-mapped weight (26 MB: 24 ms vs 64 ms)."""
+def transpose_2d(w: np.ndarray, rows: int = 16, cols: int = 1024) -> np.ndarray:
+    """``w.T`` as a contiguous array, copied in tiles of ``rows`` x ``cols``: each output row gets ``rows``
+    floats (one 64-byte cache line) per tile, and a tile touches at most ``cols`` output rows (pages).
+    Measured on memory-mapped float32 weights (loaded machine): 1280x10240 56 ms (16-row strips 70 ms,
+    64-row strips 130 ms, ``np.ascontiguousarray(w.T)`` 216 ms); 5120x1280 30 ms (40, 26, 79 ms)."""
     out = np.empty(w.shape[::-1], w.dtype)
     for i in range(0, w.shape[0], rows):
-        out[:, i:i + rows] = w[i:i + rows].T
+        strip = w[i:i + rows]
+        for j in range(0, w.shape[1], cols):
+            out[j:j + cols, i:i + rows] = strip[:, j:j + cols].T
     return out
 
 
@@ -1203,10 +1208,10 @@ def run_layout_engine(graph: gs.Graph, ed: Editor | None = None) -> dict[str, in
     """Apply the layout rules to a fixed point, merge duplicate Transposes/Reshapes, clean up; returns
     how often each rule applied (``dedupe``: duplicates merged)."""
     ed = ed or Editor(graph)
-    graph.toposort()
+    tidy(graph)
     counts = apply_rules_worklist(graph, layout_rules(ed))
     counts["dedupe"] = _dedupe(ed)
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    tidy(graph)
     return counts
 
 
@@ -1215,10 +1220,16 @@ def count_ops(graph: gs.Graph, op: str) -> int:
 
 
 def ensure_static_shapes(graph: gs.Graph, fold: Callable[[gs.Graph], Any] | None = None) -> None:
-    """Give every tensor a static shape if it can have one: onnx shape inference (weights untouched),
-    then, when shape computations remain (``Shape`` nodes), ``fold`` (const-fold) and inference again."""
+    """Give every tensor a static shape if it can have one: ``Constant`` node outputs their value's, then,
+    if any tensor still has none, onnx shape inference (weights untouched) and, when shape computations
+    remain (``Shape`` nodes), ``fold`` (const-fold) and inference again."""
     from quadc.graph import computed_weights_as_dims, infer_shapes
 
+    for node in graph.nodes:  # a Constant node's output has its value's shape (e.g. after an opset upgrade)
+        value = node.attrs.get("value") if node.op == "Constant" and len(node.outputs) == 1 else None
+        out = node.outputs[0] if isinstance(value, gs.Constant) else None
+        if out is not None and static_shape(out) is None:
+            out.shape, out.dtype = list(value.shape), value.dtype
     missing = any(static_shape(t) is None for n in graph.nodes for t in n.outputs)
     if not missing:
         return

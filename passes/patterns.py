@@ -34,9 +34,11 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from quadc.graph import tidy
+
 __all__ = ["Const", "Match", "NoMatch", "OneOf", "Op", "Rule", "Var", "applicable", "apply_rules",
-           "apply_rules_worklist", "bypass", "const_value", "explain", "is_removed", "match", "outside_uses",
-           "producer", "remove_node", "replace_root", "single_consumer", "static_value"]
+           "apply_rules_worklist", "bypass", "const_value", "explain", "is_const", "is_removed", "match",
+           "outside_uses", "producer", "remove_node", "replace_root", "single_consumer", "static_value"]
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,15 @@ def remove_node(node: gs.Node) -> None:
     """Disconnect ``node`` from its input and output tensors (``graph.cleanup`` drops it later)."""
     node.inputs.clear()
     node.outputs.clear()
+
+
+def is_const(tensor: gs.Tensor) -> bool:
+    """Whether :func:`const_value` has a value for ``tensor``, without reading it (a weight that is still
+    on disk or computed lazily stays so)."""
+    if isinstance(tensor, gs.Constant):
+        return True
+    node = producer(tensor)
+    return node is not None and node.op == "Constant" and "value" in node.attrs
 
 
 def const_value(tensor: gs.Tensor) -> np.ndarray | None:
@@ -264,7 +275,7 @@ def apply_rules(graph: gs.Graph, rules: Sequence[Rule], *, max_rounds: int = 32)
                 applied += 1
         if not applied:
             return counts
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        tidy(graph)
     raise RuntimeError(f"rules {[r.name for r in rules]} still apply after {max_rounds} rounds")
 
 

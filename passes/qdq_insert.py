@@ -144,8 +144,10 @@ def upgrade_opset(graph: gs.Graph, version: int = OPSET_16BIT) -> None:
     """Convert ``graph`` in place to opset ``version`` without decoding or copying any weight.
 
     ``onnx.version_converter`` runs on a proto whose initializers are unloaded references (it fails on
-    protos over 2 GB), then the converted nodes are imported and every original constant is put back,
-    so external weights stay lazy.
+    protos over 2 GB). Only the nodes the converter changed or added are imported (the rest, usually all
+    but a few, stay the same objects), wired to the graph's own tensors, so external weights stay lazy;
+    when that cannot be done (a changed node with a subgraph, a graph input or output it renamed), the
+    whole converted graph is imported and every original constant put back.
     """
     with computed_weights_as_dims(graph):  # a pass's lazily computed weights stay uncomputed
         model, _ = export_proto(graph)
@@ -166,6 +168,18 @@ def upgrade_opset(graph: gs.Graph, version: int = OPSET_16BIT) -> None:
             f"cannot convert the graph from opset {graph.opset} to {version} ({exc}); export the model at "
             f"opset {version}, or compile with the option qdq_opset='contrib' (com.microsoft Q/DQ)"
         ) from None
+    if not _adopt_changed_nodes(graph, model, converted):
+        _adopt_all_nodes(graph, converted)
+    graph.opset = version
+    # vars(): gs.Graph's __getattr__ logs an error for attributes it does not have.
+    opsets = dict(vars(graph).get("opset_imports") or {})
+    opsets[""] = version
+    graph.opset_imports = opsets  # type: ignore[attr-defined]
+    graph.ir_version = max(int(vars(graph).get("ir_version") or 0), IR_VERSION_21)  # type: ignore[attr-defined]
+
+
+def _adopt_all_nodes(graph: gs.Graph, converted: onnx.ModelProto) -> None:
+    """Replace the graph's nodes, inputs and outputs by the converted model's, with the original constants."""
     new = gs.import_onnx(converted)
     originals = {name: t for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
     for node in new.nodes:
@@ -176,12 +190,63 @@ def upgrade_opset(graph: gs.Graph, version: int = OPSET_16BIT) -> None:
     graph.nodes = new.nodes
     graph.inputs = new.inputs
     graph.outputs = outputs
-    graph.opset = version
-    # vars(): gs.Graph's __getattr__ logs an error for attributes it does not have.
-    opsets = dict(vars(graph).get("opset_imports") or {})
-    opsets[""] = version
-    graph.opset_imports = opsets  # type: ignore[attr-defined]
-    graph.ir_version = max(int(vars(graph).get("ir_version") or 0), IR_VERSION_21)  # type: ignore[attr-defined]
+
+
+def _adopt_changed_nodes(graph: gs.Graph, exported: onnx.ModelProto, converted: onnx.ModelProto) -> bool:
+    """Put the converter's changed and added nodes in place of the originals, keeping every unchanged node
+    and every tensor object; False (nothing done) when that cannot be done safely."""
+    if [i.name for i in exported.graph.input] != [i.name for i in converted.graph.input] or \
+            [o.name for o in exported.graph.output] != [o.name for o in converted.graph.output]:
+        return False
+    originals = list(graph.nodes)
+    same: dict[int, gs.Node] = {}  # converted node index -> the unchanged original node
+    by_output = {tuple(n.output): i for i, n in enumerate(exported.graph.node)}
+    changed = []
+    for j, node in enumerate(converted.graph.node):
+        i = by_output.get(tuple(node.output))
+        if i is not None and node == exported.graph.node[i]:
+            same[j] = originals[i]
+        else:
+            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+                return False
+            changed.append(j)
+    if not changed and len(same) == len(originals):
+        _take_inferred_types(graph, converted)
+        return True
+    tensors = graph.tensors()
+    added = [init for init in converted.graph.initializer if init.name not in tensors]  # an adapter's own
+    sub = onnx.helper.make_graph([converted.graph.node[j] for j in changed], "changed", [], [], added)
+    imported = gs.import_onnx(onnx.helper.make_model(sub, opset_imports=converted.opset_import))
+    kept = {id(n) for n in same.values()}
+    for node in originals:
+        if id(node) not in kept:
+            node.inputs.clear()
+            node.outputs.clear()
+    for node in imported.nodes:
+        for k, t in enumerate(node.inputs):
+            if t.name in tensors:
+                node.inputs[k] = tensors[t.name]
+        for k, t in enumerate(node.outputs):
+            if t.name in tensors:
+                node.outputs[k] = tensors[t.name]
+    new_nodes = iter(imported.nodes)
+    graph.nodes = [same[j] if j in same else next(new_nodes) for j in range(len(converted.graph.node))]
+    _take_inferred_types(graph, converted)
+    return True
+
+
+def _take_inferred_types(graph: gs.Graph, converted: onnx.ModelProto) -> None:
+    """Give tensors without a type or shape the ones the converter inferred (its value_info), as importing
+    the whole converted graph would."""
+    infos = {vi.name: vi.type.tensor_type for vi in converted.graph.value_info if vi.type.HasField("tensor_type")}
+    for tensor in graph.tensors().values():
+        ttype = infos.get(tensor.name)
+        if ttype is None or not isinstance(tensor, gs.Variable):
+            continue
+        if tensor.dtype is None and ttype.elem_type:
+            tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
+        if tensor.shape is None and ttype.HasField("shape"):
+            tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in ttype.shape.dim]
 
 
 class _Builder:

@@ -51,10 +51,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from quadc.context import CompileContext
 from quadc.graph import unique_name
 from quadc.passes.base import GraphPass, PassResult, register_pass
+from quadc.passes.layout import LazyArray
 from quadc.passes.patterns import (
     Const,
     Match,
@@ -65,6 +67,7 @@ from quadc.passes.patterns import (
     apply_rules,
     bypass,
     const_value,
+    is_const,
     match,
     producer,
 )
@@ -94,7 +97,7 @@ def _factor(m: Match) -> tuple[gs.Tensor, float] | str:
     """(data tensor, factor) of a matched scale node, or why it is not one."""
     node, c = m.root, m.tensors["c"]
     x = m.tensors["x"]
-    if const_value(x) is not None:
+    if is_const(x):
         return "both operands are constants (const-fold's work)"
     if node.op == "Div" and node.inputs[1] is not c:
         return "it divides a constant by a tensor"
@@ -146,7 +149,7 @@ def _match_scale(graph: gs.Graph, node: gs.Node, rule: Rule) -> Match | None:
 
 def _data_input(node: gs.Node) -> gs.Tensor:
     """The non-constant operand of a scale node."""
-    return node.inputs[0] if const_value(node.inputs[0]) is None else node.inputs[1]
+    return node.inputs[0] if not is_const(node.inputs[0]) else node.inputs[1]
 
 
 def _only_reader(graph: gs.Graph, t: gs.Tensor, node: gs.Node) -> bool:
@@ -164,7 +167,7 @@ def _terms(graph: gs.Graph, t: gs.Tensor, ups: Mapping[str, str], plan: FoldPlan
             f"{src.name} is read by more than {node.name}"
     if node.op in ("Add", "Sub"):
         for i, term in enumerate(node.inputs[:2]):
-            if const_value(term) is not None:
+            if is_const(term):
                 plan.constants.append((node, i))
             elif not _only_reader(graph, term, node):
                 return f"{term.name} (summed by {node.name}) is read elsewhere too"
@@ -178,19 +181,19 @@ def _terms(graph: gs.Graph, t: gs.Tensor, ups: Mapping[str, str], plan: FoldPlan
         plan.slots.append(lora[0])
         return None
     if node.op == "Conv":
-        if const_value(node.inputs[1]) is None:
+        if not is_const(node.inputs[1]):
             return f"Conv {node.name} has a dynamic weight that is no LoRA slot"
         plan.constants.append((node, 1))
         if len(node.inputs) > 2 and node.inputs[2].name:
             plan.constants.append((node, 2))
         return None
     if node.op in ("MatMul", "Gemm"):
-        weight = next((i for i, u in operands if const_value(u) is not None), None)
+        weight = next((i for i, u in operands if is_const(u)), None)
         if weight is None:
             return f"{node.op} {node.name} multiplies two activations"
         plan.constants.append((node, weight))
         if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name:
-            if const_value(node.inputs[2]) is None:
+            if not is_const(node.inputs[2]):
                 return f"Gemm {node.name} has a dynamic C"
             plan.constants.append((node, 2))
         return None
@@ -219,17 +222,28 @@ def plan_fold(graph: gs.Graph, m: Match, ups: Mapping[str, str], rule: Rule) -> 
     return why if why is not None else plan
 
 
-def _scale_constant(graph: gs.Graph, node: gs.Node, index: int, f: float) -> None:
+def _scaled(values: np.ndarray, f: float) -> np.ndarray:
+    return (np.asarray(values).astype(np.float64) * f).astype(values.dtype)
+
+
+def _scale_constant(graph: gs.Graph, node: gs.Node, index: int, f: float, names: set[str]) -> None:
+    """Multiply input ``index`` of ``node`` by ``f``: in place when only this node reads the constant, else
+    as a new constant (named uniquely among ``names``). A weight still on disk or computed lazily is
+    scaled lazily (when the graph is saved or evaluated), so folding never loads it."""
     tensor = node.inputs[index]
-    values = const_value(tensor)
-    assert values is not None
-    scaled = (values.astype(np.float64) * f).astype(values.dtype)
+    lazy = tensor._values if isinstance(tensor, gs.Constant) and isinstance(tensor._values, LazyValues) else None
+    if lazy is not None:
+        scaled: np.ndarray | LazyArray = LazyArray(lazy, lambda w: _scaled(w, f), lazy.shape, lazy.dtype)
+    else:
+        values = const_value(tensor)
+        assert values is not None
+        scaled = _scaled(values, f)
     readers = {id(n) for n in tensor.outputs}
     if isinstance(tensor, gs.Constant) and readers == {id(node)} and tensor not in graph.outputs \
             and sum(u is tensor for u in node.inputs) == 1:
         tensor.values = scaled
         return
-    node.inputs[index] = gs.Constant(unique_name(graph, f"{tensor.name}/scaled"), scaled)
+    node.inputs[index] = gs.Constant(unique_name(graph, f"{tensor.name}/scaled", names), scaled)
 
 
 def scale_rule(ctx: CompileContext, counts: dict[str, int] | None = None) -> Rule:
@@ -245,14 +259,19 @@ def scale_rule(ctx: CompileContext, counts: dict[str, int] | None = None) -> Rul
         plans[id(m.root)] = plan
         return None
 
+    names: set[str] = set()  # every tensor and node name, gathered at the first fold
+
     def rewrite(graph: gs.Graph, m: Match) -> None:
         plan = plans.pop(id(m.root))
         if plan.factor != 1.0:
+            if not names:
+                names.update(graph.tensors().keys())
+                names.update(n.name for n in graph.nodes)
             seen: set[tuple[int, int]] = set()
             for node, index in plan.constants:
                 if (id(node), index) not in seen:
                     seen.add((id(node), index))
-                    _scale_constant(graph, node, index, plan.factor)
+                    _scale_constant(graph, node, index, plan.factor, names)
             for module in dict.fromkeys(plan.slots):
                 ctx.lora_slots[module] = ctx.lora_slots[module].scaled(plan.factor)
             tally["weights"] = tally.get("weights", 0) + len(seen)
