@@ -421,7 +421,7 @@ def ort_model(graph: gs.Graph) -> tuple[bytes, str | None, dict[str, np.ndarray]
     """
     in_memory: dict[str, np.ndarray] = {}
     swapped: list[tuple[gs.Constant, Any]] = []
-    registry = getattr(graph, "_quadc_registry", {})
+    registry = graph.__dict__.get("_quadc_registry", {})  # not getattr: gs logs an error for unknown names
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Constant) and _external_value_of(tensor, registry) is None:
             values = tensor._values

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
@@ -245,6 +247,35 @@ def test_external_data_gives_same_ranges(prepared, tmp_path):
     assert any(isinstance(t._values, quadc.graph.ExternalValues) for t in external.tensors().values()
                if hasattr(t, "_values"))
     assert dict(calibrate(external, feeds, tasks)) == dict(in_memory)
+
+
+_ATTENTION_PEAK = """
+import resource
+import numpy as np
+import onnx_graphsurgeon as gs
+import onnxruntime
+from quadc.quant.calibrate import calibrate
+h, n, d = 8, 2048, 32  # scores and probabilities: 128 MiB each
+x = {k: gs.Variable(k, np.float32, s) for k, s in (("q", [1, h, n, d]), ("kt", [1, h, d, n]), ("v", [1, h, n, d]))}
+s, p, o = (gs.Variable(k, np.float32) for k in "spo")
+graph = gs.Graph(nodes=[gs.Node("MatMul", inputs=[x["q"], x["kt"]], outputs=[s]),
+                        gs.Node("Softmax", attrs={"axis": -1}, inputs=[s], outputs=[p]),
+                        gs.Node("MatMul", inputs=[p, x["v"]], outputs=[o])],
+                 inputs=list(x.values()), outputs=[o], opset=17)
+rng = np.random.default_rng(0)
+feed = {k: rng.standard_normal(v.shape, np.float32) for k, v in x.items()}
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+calibrate(graph, [feed])
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_taps_do_not_keep_activations_alive():
+    """Peak process memory (RSS, fresh process) of calibrating an attention: the taps on the 128 MiB scores run
+    before Softmax, which then reuses their buffer, so the peak stays near one score tensor, not two."""
+    grown = int(subprocess.run([sys.executable, "-c", _ATTENTION_PEAK], capture_output=True, text=True,
+                               check=True).stdout.split()[-1])
+    assert grown < 1.5 * 128 * 2**20, f"peak grew by {grown / 2**20:.0f} MiB"
 
 
 def test_calibrate_errors(prepared):
