@@ -14,6 +14,8 @@ Example::
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import os
 import weakref
@@ -157,6 +159,14 @@ def _external_value_of(const: gs.Constant, registry: Mapping[int, Any]) -> Exter
     if entry is not None and entry[0]() is values and values.shape == tuple(entry[1].shape):
         return entry[1]
     return None
+
+
+def constant_values(const: gs.Constant) -> np.ndarray:
+    """A constant's values without caching them in it: ``const.values`` keeps an external weight's memory
+    map in the constant, so reading every weight of a model that way keeps all of them mapped (3.2 GiB
+    of resident file pages for SD1.5) for as long as the graph lives; here the map goes with the array."""
+    values = const._values
+    return values.load() if isinstance(values, LazyValues) else values
 
 
 def weight_bytes(graph: gs.Graph) -> int:
@@ -447,6 +457,16 @@ def ort_model(graph: gs.Graph) -> tuple[bytes, str | None, dict[str, np.ndarray]
         elif src is not None:
             _set_external(init, Path(os.path.relpath(src.path, folder)).as_posix(), src.offset, src.length)
     return model.SerializeToString(), folder, in_memory
+
+
+def return_freed_memory() -> None:
+    """Hand memory that was freed (by an onnxruntime session, say) back to the OS: glibc keeps freed heap
+    pages for reuse, 1.1 GiB after calibrating SD1.5, which later stages would add to the peak RSS.
+    Does nothing where the C library has no ``malloc_trim``."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def ort_session(graph: gs.Graph, providers: Sequence[str] = ("CPUExecutionProvider",), **opts: Any):

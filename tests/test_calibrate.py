@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import subprocess
 import sys
 import tracemalloc
@@ -250,11 +251,12 @@ def test_external_data_gives_same_ranges(prepared, tmp_path):
 
 
 _ATTENTION_PEAK = """
-import resource
+import json, resource, sys
 import numpy as np
 import onnx_graphsurgeon as gs
 import onnxruntime
-from quadc.quant.calibrate import calibrate
+import quadc.quant.calibrate as cal
+cal.ATTENTION_BLOCK_BYTES = int(sys.argv[1])
 h, n, d = 8, 2048, 32  # scores and probabilities: 128 MiB each
 x = {k: gs.Variable(k, np.float32, s) for k, s in (("q", [1, h, n, d]), ("kt", [1, h, d, n]), ("v", [1, h, n, d]))}
 s, p, o = (gs.Variable(k, np.float32) for k in "spo")
@@ -265,17 +267,39 @@ graph = gs.Graph(nodes=[gs.Node("MatMul", inputs=[x["q"], x["kt"]], outputs=[s])
 rng = np.random.default_rng(0)
 feed = {k: rng.standard_normal(v.shape, np.float32) for k, v in x.items()}
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-calibrate(graph, [feed])
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+ranges = cal.calibrate(graph, [feed])
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+print(json.dumps({"grown": grown, "ranges": {k: ranges[k] for k in "spo"}}))
 """
 
 
+def _attention(block_bytes: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", _ATTENTION_PEAK, str(block_bytes)], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.splitlines()[-1])
+
+
 def test_taps_do_not_keep_activations_alive():
-    """Peak process memory (RSS, fresh process) of calibrating an attention: the taps on the 128 MiB scores run
-    before Softmax, which then reuses their buffer, so the peak stays near one score tensor, not two."""
-    grown = int(subprocess.run([sys.executable, "-c", _ATTENTION_PEAK], capture_output=True, text=True,
-                               check=True).stdout.split()[-1])
+    """Peak process memory (RSS, fresh process) of calibrating an attention in one piece: the taps on the
+    128 MiB scores run before Softmax, which then reuses their buffer, so the peak stays near one score
+    tensor, not two."""
+    grown = _attention(1 << 40)["grown"]
     assert grown < 1.5 * 128 * 2**20, f"peak grew by {grown / 2**20:.0f} MiB"
+
+
+def test_large_attention_is_calibrated_in_row_blocks():
+    """With 32 MiB blocks the 128 MiB scores never exist whole (peak RSS well under one score tensor), and
+    the ranges of scores, probabilities and output are still those of the whole tensors (numpy oracle)."""
+    got = _attention(32 << 20)
+    assert got["grown"] < 0.75 * 128 * 2**20, f"peak grew by {got['grown'] / 2**20:.0f} MiB"
+    rng = np.random.default_rng(0)
+    q, kt, v = (rng.standard_normal(shape, np.float32) for shape in ([1, 8, 2048, 32], [1, 8, 32, 2048],
+                                                                     [1, 8, 2048, 32]))
+    scores = q.astype(np.float64) @ kt
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    for name, ref in (("s", scores), ("p", probs), ("o", probs @ v)):
+        np.testing.assert_allclose(got["ranges"][name], (ref.min(), ref.max()), rtol=1e-4, atol=1e-6, err_msg=name)
 
 
 _CAPTURE_PEAK = """

@@ -48,7 +48,7 @@ import onnx_graphsurgeon as gs
 
 from quadc.context import silent_progress
 from quadc.errors import QuadcError
-from quadc.graph import infer_shapes, ort_session, unique_name
+from quadc.graph import infer_shapes, ort_session, return_freed_memory, unique_name
 from quadc.quant.affine import Encoding, fake_quant
 
 __all__ = [
@@ -346,6 +346,82 @@ def _same_range_sources(graph: gs.Graph, names: Collection[str]) -> dict[str, st
     return source
 
 
+#: Attention scores larger than this are computed in row blocks of about this size in the calibration graph.
+ATTENTION_BLOCK_BYTES = 64 << 20
+
+
+def _consumers(graph: gs.Graph) -> dict[str, list[gs.Node]]:
+    users: dict[str, list[gs.Node]] = {}
+    for node in graph.nodes:
+        for t in node.inputs:
+            users.setdefault(t.name, []).append(node)
+    return users
+
+
+def _split_attention(aug: gs.Graph, typed: gs.Graph, taken: set[str],
+                     block_bytes: int) -> dict[str, list[gs.Variable]]:
+    """Compute each large ``MatMul -> Softmax(last axis) -> MatMul`` in blocks of query rows.
+
+    Softmax is row-wise, so ``Q[rows] @ K`` -> Softmax -> ``@ V`` for each block of rows, concatenated, is
+    the attention output, and the scores and probabilities of the blocks are, together, exactly the
+    full tensors: their min/max union is the full tensors' range. onnxruntime keeps the scores and the
+    probabilities alive together (Softmax does not work in place there), 2 x 512 MiB per 4096-token
+    SD1.5 attention; in blocks, 2 x ``block_bytes``. Returns ``scores or probabilities name -> the
+    blocks``; the original tensors no longer exist in ``aug``.
+    """
+    shapes = {name: _static_shape(t) for name, t in typed.tensors().items()}
+    users = _consumers(aug)
+    graph_outputs = {t.name for t in aug.outputs}
+    opset = int(aug.opset)
+    blocks: dict[str, list[gs.Variable]] = {}
+    replaced: dict[int, list[gs.Node]] = {}
+    position = {id(n): i for i, n in enumerate(aug.nodes)}
+    for softmax in [n for n in aug.nodes if n.op == "Softmax"]:
+        scores, probs = softmax.inputs[0], softmax.outputs[0]
+        first, = scores.inputs if len(scores.inputs) == 1 else (None,)
+        second = users.get(probs.name, [])
+        shape = shapes.get(scores.name)
+        if (first is None or first.op != "MatMul" or len(second) != 1 or second[0].op != "MatMul"
+                or second[0].inputs[0] is not probs or shape is None or len(shape) < 3
+                or users.get(scores.name) != [softmax] or {scores.name, probs.name} & graph_outputs):
+            continue
+        axis = int(softmax.attrs.get("axis", -1 if opset >= 13 else 1))
+        q, q_shape = first.inputs[0], shapes.get(first.inputs[0].name)
+        itemsize = np.dtype(typed.tensors()[scores.name].dtype or np.float32).itemsize
+        nbytes = int(np.prod(shape)) * itemsize
+        if axis % len(shape) != len(shape) - 1 or q_shape is None or len(q_shape) != len(shape) or nbytes <= block_bytes:
+            continue
+        rows = shape[-2]
+        step = max(1, math.ceil(rows / math.ceil(nbytes / block_bytes)))
+        out = second[0].outputs[0]
+        nodes: list[gs.Node] = []
+        parts: list[gs.Variable] = []
+        for start in range(0, rows, step):
+            q_rows, s_rows, p_rows, o_rows = (
+                gs.Variable(unique_name(aug, f"{t.name}__quadc_rows{start}", taken), dtype=None)
+                for t in (q, scores, probs, out))
+            bounds = [gs.Constant(unique_name(aug, f"{q_rows.name}_{what}", taken), np.array([value], np.int64))
+                      for what, value in (("start", start), ("end", min(start + step, rows)), ("axis", len(shape) - 2))]
+            nodes += [
+                gs.Node("Slice", f"{q_rows.name}/node", inputs=[q, *bounds], outputs=[q_rows]),
+                gs.Node("MatMul", f"{s_rows.name}/node", inputs=[q_rows, first.inputs[1]], outputs=[s_rows]),
+                gs.Node("Softmax", f"{p_rows.name}/node", attrs=dict(softmax.attrs), inputs=[s_rows], outputs=[p_rows]),
+                gs.Node("MatMul", f"{o_rows.name}/node", inputs=[p_rows, second[0].inputs[1]], outputs=[o_rows]),
+            ]
+            blocks.setdefault(scores.name, []).append(s_rows)
+            blocks.setdefault(probs.name, []).append(p_rows)
+            parts.append(o_rows)
+        for old in (first, softmax, second[0]):
+            old.outputs.clear()
+            old.inputs.clear()
+        nodes.append(gs.Node("Concat", f"{out.name}__quadc_rows/node", attrs={"axis": len(shape) - 2},
+                             inputs=parts, outputs=[out]))
+        replaced[position[id(second[0])]] = nodes
+    if replaced:
+        aug.nodes = [m for i, n in enumerate(aug.nodes) for m in replaced.get(i, [n]) if m.outputs]
+    return blocks
+
+
 @dataclass(frozen=True)
 class _Sampler:
     """How calibrate gets the rows of one capture label.
@@ -464,12 +540,16 @@ def calibrate(
     taken = set(tensors) | {n.name for n in aug.nodes}
     same_range = _same_range_sources(aug, output_names)
     tapped = [name for name in output_names if name not in same_range]
+    blocks = _split_attention(aug, typed, taken, ATTENTION_BLOCK_BYTES)
     first_added = len(aug.nodes)
+    # One tap pair per tensor, or per block of a tensor computed in blocks (ranges: min/max over blocks).
+    members = [blocks.get(name) or [tensors[name]] for name in tapped]
+    starts = np.cumsum([0] + [len(group) for group in members[:-1]]).astype(np.intp)
     mins, maxs = [], []
-    for name in tapped:
-        t = tensors[name]
-        mins.append(_reduce(aug, "ReduceMin", t, taken, "min"))
-        maxs.append(_reduce(aug, "ReduceMax", t, taken, "max"))
+    for group in members:
+        for t in group:
+            mins.append(_reduce(aug, "ReduceMin", t, taken, "min"))
+            maxs.append(_reduce(aug, "ReduceMax", t, taken, "max"))
     samplers = _add_samplers(aug, typed, capture, taken, shapes_before_rows=include_base and bool(tasks))
     _schedule_after_producers(aug, first_added)
     tensors = aug.tensors()
@@ -479,11 +559,11 @@ def calibrate(
     always = [v.name for v in mins] + [v.name for v in maxs] + list(probes)  # fetched in every run
     no_rows = {s.index_input: np.zeros(0, np.int64) for s in samplers.values() if s.index_input}
     learned: dict[str, tuple[int, ...]] = {}  # shapes the probes reported
-    progress(f"calibration: {len(input_names)} inputs + {len(output_names)} activations "
-             f"({len(tapped)} tapped, {len(same_range)} reshaped copies), {len(capture)} captured LoRA inputs")
+    progress(f"calibration: {len(input_names)} inputs + {len(output_names)} activations ({len(tapped)} tapped, "
+             f"{len(same_range)} reshaped copies, {len(blocks)} in row blocks), {len(capture)} captured LoRA inputs")
     session = ort_session(aug, **_tap_session_options())
 
-    n = len(tapped)
+    n, m = len(tapped), len(mins)
     lo = np.full(n, np.inf)
     hi = np.full(n, -np.inf)
     in_lo = dict.fromkeys(input_names, math.inf)
@@ -516,8 +596,10 @@ def calibrate(
         values = session.run(always + fetch, {**bound, **row_index})
         result.runs += 1
         with np.errstate(invalid="ignore"):
-            vmin = np.array([float(v) for v in values[:n]], dtype=np.float64)
-            vmax = np.array([float(v) for v in values[n:2 * n]], dtype=np.float64)
+            vmin = np.array([float(v) for v in values[:m]], dtype=np.float64)
+            vmax = np.array([float(v) for v in values[m:2 * m]], dtype=np.float64)
+            if m:
+                vmin, vmax = np.minimum.reduceat(vmin, starts), np.maximum.reduceat(vmax, starts)
         ok = np.isfinite(vmin) & np.isfinite(vmax)
         lo = np.where(ok, np.minimum(lo, vmin), lo)
         hi = np.where(ok, np.maximum(hi, vmax), hi)
@@ -527,7 +609,7 @@ def calibrate(
             if finite.size:
                 in_lo[name] = min(in_lo[name], float(finite.min()))
                 in_hi[name] = max(in_hi[name], float(finite.max()))
-        for probe, shape in zip(probes.values(), values[2 * n:len(always)], strict=True):
+        for probe, shape in zip(probes.values(), values[2 * m:len(always)], strict=True):
             learned[probe] = tuple(int(d) for d in shape)
         got = dict(zip(fetch, values[len(always):], strict=True))
         del values
@@ -542,6 +624,7 @@ def calibrate(
             store[label].put(rows, slots)
         del got
     del session
+    return_freed_memory()
     result.feeds = feeds_seen + 1
     if result.feeds == 0:
         raise QuadcError("calibration got no feeds; give at least one (--calib-random N or --calib-dir)")
@@ -635,6 +718,8 @@ def measure_sqnr(
             err = arr.astype(np.float64) - fake_quant(arr, encodings[name]).astype(np.float64)
             in_sig[name] += float(np.sum(np.square(arr, dtype=np.float64)))
             in_noise[name] += float(np.sum(np.square(err)))
+    del session
+    return_freed_memory()
     out: dict[str, float] = {}
     for i, name in enumerate(names):
         out[name] = _sqnr(sig[i], noise[i])
