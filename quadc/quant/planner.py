@@ -58,6 +58,7 @@ import onnx_graphsurgeon as gs
 
 from quadc.context import CompileContext
 from quadc.errors import QuadcError
+from quadc.graph import constant_values
 from quadc.options import PassOption, parse_options
 from quadc.quant.affine import Encoding, QType, compute_encoding, encoding_from_tensor
 from quadc.quant.calibrate import Capture, calibrate, float_tensors, measure_sqnr, static_tensors
@@ -212,7 +213,7 @@ def weight_encodings(graph: gs.Graph, per_channel: bool = False) -> dict[str, En
     consts = {name: t for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
     out: dict[str, Encoding] = {}
     for name, axis in weight_axes(graph).items():
-        values = consts[name].values
+        values = constant_values(consts[name])  # not .values: that keeps every weight mapped
         if per_channel and np.ndim(values) >= 2:
             out[name] = encoding_from_tensor(values, QType.INT8, symmetric=True, axis=axis)
         else:
