@@ -11,6 +11,8 @@ process, side by side in this one run:
           the weights once
   quadc   ``compile_model`` to ``onnx-qdq``
   task    the artifact's runtime (``Engine``) running one task
+  forward one plain float forward of the LoRA-as-input graph (no taps), times the runs calibration must
+          make (feeds x (tasks + base)): the part of the compile time no implementation can skip
 
 For each: wall time, peak RSS (the child's ``ru_maxrss``, also polled, so a child killed for memory
 still reports) and bytes written (the child's ``/proc/self/io`` ``write_bytes``: what it sent to the
@@ -112,6 +114,27 @@ def main() -> None:
     if "failed" not in run:
         print(f"         task {task!r}: out_sample {run['shape']}, finite {run['finite']}, std {run['std']:.3f}, "
               f"forward {run['forward_s']:.1f} s")
+
+    runs = args.calib * (len(loras) + 1)
+    forward = measure(
+        "import time, numpy as np\n"
+        "from quadc.compiler import prepare\n"
+        "from quadc.graph import ort_session\n"
+        "from quadc.passes import PassPipeline, run_pipeline\n"
+        "from quadc.quant.feeds import random_feeds\n"
+        f"graph, ctx, _ = prepare({str(src)!r}, {task_loras!r})\n"
+        "graph, _ = run_pipeline(graph, PassPipeline.parse('float').build(), ctx)\n"
+        "feeds = {t.name: np.zeros(t.shape, np.float32) for t in graph.inputs}\n"
+        "feeds.update(random_feeds(graph, 1)[0])\n"
+        "session = ort_session(graph)\n"
+        "session.run(None, feeds)\n"
+        "t = time.perf_counter()\n"
+        "session.run(None, feeds)\n"
+        "result['forward_s'] = time.perf_counter() - t\n" + WRITTEN, allow_failure=True)
+    if "failed" not in forward:
+        floor = runs * forward["forward_s"]
+        print(f"forward  {forward['forward_s']:7.1f} s   one float forward; x {runs} calibration runs = {floor:.0f} s "
+              f"= {floor / plain['seconds']:.2f}x plain load+save before anything else", flush=True)
 
     ratios = {
         "time": quadc["seconds"] / plain["seconds"] if "failed" not in plain else float("nan"),
