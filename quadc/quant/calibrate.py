@@ -562,8 +562,10 @@ def calibrate(
     progress(f"calibration: {len(input_names)} inputs + {len(output_names)} activations ({len(tapped)} tapped, "
              f"{len(same_range)} reshaped copies, {len(blocks)} in row blocks), {len(capture)} captured LoRA inputs")
     session = ort_session(aug, **_tap_session_options())
-
     n, m = len(tapped), len(mins)
+    del typed, aug, tensors, mins, maxs, blocks, members  # graph copies: not needed while the runs hold the peak
+    return_freed_memory()
+
     lo = np.full(n, np.inf)
     hi = np.full(n, -np.inf)
     in_lo = dict.fromkeys(input_names, math.inf)
@@ -623,6 +625,7 @@ def calibrate(
             rows = np.asarray(arr, dtype=np.float32) if sampler.index_input else sampler.how.take(arr, picks)
             store[label].put(rows, slots)
         del got
+        return_freed_memory()  # else the heap's free holes grow from run to run (+0.3 GiB over 10 SD1.5 runs)
     del session
     return_freed_memory()
     result.feeds = feeds_seen + 1
