@@ -1,4 +1,5 @@
-# Two quickstart commands: `make demo` (compile the bundled tiny U-Net) and `make test`.
+# Two quickstart commands: `make demo` (compile the bundled tiny U-Net for every installed target from one
+# calibration, then verify every task of every target) and `make test`.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -15,7 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/quadc compile -o out/demo --force
+	$(BIN)/quadc compile --target all -o out/demo --force
+	$(BIN)/quadc verify out/demo
 
 test: $(STAMP)
 	$(BIN)/ruff check quadc passes targets tests benchmarks scripts

@@ -1,4 +1,7 @@
-"""Issue 4 benchmark: quantization quality per task, and quantization speed/memory vs onnxruntime.
+"""Claims measured: one quantized graph whose LoRA inputs share ONE encoding per slot (QSS anchor or unified
+fallback) keeps every task's output close to what quantizing that task on its own gives, and close to
+onnxruntime's own quantizer on the merged graph; more 8-bit activations cost quality as in the paper's
+W8A8:W8A16 ablation; and quadc quantizes the full U-Net in time and memory comparable to onnxruntime.
 
 Run: ``.venv/bin/python benchmarks/bench_quant.py`` (quality on the tiny U-Net with the bundled tasks,
 then speed on the full SD1.5 U-Net); ``--part quality`` or ``--part speed`` for one half.

@@ -4,7 +4,21 @@ Importing this package registers the built-in passes. Use :func:`registered_pass
 :class:`PassPipeline` (or :func:`parse_pipeline`) to build a pipeline from ``"a,b,preset"`` and :func:`run_pipeline` to run it.
 """
 
-from quadc.passes import const_fold, dce, lora_inputs, qdq_insert, quant_plan  # noqa: F401  (registration)
+from quadc.passes import (  # noqa: F401  (registration)
+    const_fold,
+    conv_act_fusion,
+    dce,
+    linear_to_conv,
+    lora_inputs,
+    mha_split,
+    qdq_insert,
+    qnn_const_first,
+    qnn_gelu,
+    qnn_groupnorm,
+    quant_plan,
+    scale_fold,
+    transpose_cancel,
+)
 from quadc.passes.base import (
     GraphPass,
     PassOption,

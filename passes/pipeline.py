@@ -13,8 +13,10 @@ report no change, prints the graph after passes named in ``print_after``, and ve
 - ``"check"``: the full onnx checker with types after each pass (on a saved copy when the graph is over
   the 2 GB protobuf limit), and each pass's pre- and postconditions;
 - ``"numeric"``: ``check``, plus ORT outputs before vs after on random inputs for passes that preserve
-  numerics. Existing inputs (LoRA slots included) get random non-zero values, so a mis-wired LoRA
-  branch shows; inputs a pass adds are fed zeros (for LoRA inputs: the base model).
+  numerics. Existing inputs get random non-zero values, and LoRA slot inputs the compiled tasks' own
+  tensors (:func:`task_feeds`, packed again after a pass that changes a slot's layout), so a mis-wired
+  LoRA branch shows; inputs a pass adds are fed zeros (for
+  LoRA inputs: the base model).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import onnx_graphsurgeon as gs
 from quadc.context import CompileContext
 from quadc.errors import QuadcError
 from quadc.graph import export_proto, ort_session, save_model, to_model_bytes, weight_bytes
+from quadc.graph_inputs import random_inputs
 from quadc.passes.base import GraphPass, PassResult, get_pass, registered_passes
 from quadc.passes.presets import PRESETS, expand
 
@@ -162,29 +165,31 @@ def check_prerequisites(passes: Sequence[GraphPass], already: Iterable[str] = ()
         seen.add(p.name)
 
 
-def verify_inputs(graph: gs.Graph, seed: int = 0, dim_value: int = 1,
-                  zero_inputs: Iterable[str] = ()) -> dict[str, np.ndarray]:
-    """Random inputs for any graph (symbolic dims become ``dim_value``), for verify mode; U-Net calibration
-    inputs come from :func:`quadc.quant.feeds.random_feeds`."""
-    rng = np.random.default_rng(seed)
-    zeros = set(zero_inputs)
+def _slot_inputs(ctx: CompileContext) -> list[str]:
+    """Every LoRA slot input name (fed zeros unless a task gives values: random values would not follow
+    a pass that changes a slot's layout)."""
+    return [n for s in ctx.lora_slots.values() for n in (s.down_input, s.up_input)]
+
+
+def task_feeds(graph: gs.Graph, ctx: CompileContext) -> dict[str, np.ndarray]:
+    """The compiled tasks' LoRA slot tensors (each slot from the first task that uses it) for the slot
+    inputs the graph has, for numeric verify.
+
+    N(0, 1) noise in every slot pushes the tiny U-Net's attention logits to ~1e3; there float32 rounding
+    alone moves the output by more than the tolerance (the float graph run by ORT with and without its
+    graph optimizations differs by 4% of the output scale), so a pass that merely reorders attention
+    arithmetic would fail. Task tensors have the size real LoRAs have and are non-zero.
+    """
+    if ctx.loras is None or not ctx.lora_slots:
+        return {}
+    from quadc.lora.pack import pack_task
+
+    shapes = {t.name: tuple(t.shape or ()) for t in graph.inputs}
     feeds: dict[str, np.ndarray] = {}
-    for inp in graph.inputs:
-        if inp.dtype is None or inp.shape is None:
-            raise QuadcError(f"graph input '{inp.name}' has no dtype or shape; cannot build verify inputs")
-        shape = tuple(d if isinstance(d, int) and d >= 0 else dim_value for d in inp.shape)
-        dtype = np.dtype(inp.dtype)
-        if inp.name in zeros:
-            feeds[inp.name] = np.zeros(shape, dtype)
-        elif np.issubdtype(dtype, np.floating):
-            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
-        elif np.issubdtype(dtype, np.integer):
-            info = np.iinfo(dtype)
-            feeds[inp.name] = rng.integers(max(info.min, 0), min(info.max, 1000), shape, endpoint=False).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[inp.name] = rng.random(shape) < 0.5
-        else:
-            raise QuadcError(f"graph input '{inp.name}' has dtype {dtype}, which verify cannot generate")
+    for lora in ctx.loras.values():
+        for name, value in pack_task(lora, ctx.lora_slots).items():
+            if name not in feeds and shapes.get(name) == value.shape and np.any(value):
+                feeds[name] = value
     return feeds
 
 
@@ -263,7 +268,8 @@ def run_pipeline(graph: gs.Graph, passes: Sequence[GraphPass] | PassPipeline | s
         if verify != "none":
             check_conditions(p, graph, ctx, "before")
         if verify == "numeric" and p.preserves_numerics:
-            feeds = verify_inputs(graph, seed=verify_seed)
+            feeds = random_inputs(graph, seed=verify_seed, zero_inputs=_slot_inputs(ctx))
+            feeds.update(task_feeds(graph, ctx))
             reference = run_graph(graph, feeds)
         start = time.perf_counter()
         result, rounds = _run_once_or_to_fixed_point(p, graph, ctx)
@@ -276,8 +282,11 @@ def run_pipeline(graph: gs.Graph, passes: Sequence[GraphPass] | PassPipeline | s
             check_conditions(p, graph, ctx, "after")
         if reference is not None and feeds is not None:
             added = [i.name for i in graph.inputs if i.name not in before_inputs]
-            feeds.update({k: v for k, v in verify_inputs(graph, seed=verify_seed, zero_inputs=added).items()
-                          if k in added})
+            feeds.update(random_inputs(graph, seed=verify_seed, zero_inputs=added, names=added))
+            # A pass may move a slot to another layout (ctx.lora_slots): the same tasks, packed anew.
+            resized = [i.name for i in graph.inputs if i.name in feeds and tuple(i.shape or ()) != feeds[i.name].shape]
+            feeds.update(random_inputs(graph, seed=verify_seed, zero_inputs=resized, names=resized))
+            feeds.update({k: v for k, v in task_feeds(graph, ctx).items() if k not in added})
             after = run_graph(graph, feeds)
             record.max_abs_diff = _compare(reference, after, p.name, rtol)
         ctx.stats.append({"pass": p.name, "changed": result.changed, "counts": dict(result.counts),

@@ -11,6 +11,9 @@ preset     passes
 cleanup    ``const-fold, dce``: fold constant and shape subgraphs, drop dead nodes
 float      ``lora-inputs`` then ``cleanup``: the float LoRA-as-input graph
 qdq        ``quant-plan, qdq-insert``: calibrate and plan the shared encodings, insert Q/DQ
+npu        ``linear-to-conv, mha-split, conv-act-fusion, scale-fold, transpose-cancel, cleanup``:
+           the phone-NPU form (1x1 convs on ``[B, C, 1, S]``, per-head attention, fused
+           activations, scales in the weights); runs after ``float`` and before ``qdq``
 =========  =====================================================================================
 """
 
@@ -20,6 +23,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "cleanup": ("const-fold", "dce"),
     "float": ("lora-inputs", "cleanup"),
     "qdq": ("quant-plan", "qdq-insert"),
+    "npu": ("linear-to-conv", "mha-split", "conv-act-fusion", "scale-fold", "transpose-cancel", "cleanup"),
 }
 
 

@@ -25,7 +25,22 @@ nothing about ranges, only where the nodes go:
   u16 x u16 MatMul by converting input 1 to 8 bits itself; the option makes that conversion explicit, so
   the ORT CPU reference computes what HTP computes.)
 
-16-bit Q/DQ needs opset 21 (per-axis Q/DQ needs 13). Option ``opset``: ``"21"`` (default) upgrades a
+**float16 graphs.** A tensor is quantized in its own float type: ONNX Q/DQ take the scale in the type of
+the float tensor (DequantizeLinear outputs the scale's type), so a float16 tensor (an fp16 model's
+activations, weights and LoRA inputs) gets a float16 scale. Each such scale is the smallest float16 at or
+above the planned one (at least float16's smallest subnormal), so the grid still covers the planned range
+and zero stays exact, and that encoding replaces the plan's entry, so ``encodings.json`` and the packed
+LoRA integers match the graph bit for bit. An int32 bias scale ``x_scale * w_scale`` (about 1e-4 * 1e-3)
+is usually below float16's normal range, so for a float16 layer it is computed in float32 and then rounded
+up to a float16 the same way. Float biases of float16 layers are refused (``bias="float"``): onnxruntime's
+``WeightBiasQuantization`` turns them into int32 at session start with the scale product taken in float16,
+which underflows (measured on the tiny fp16 U-Net: -11 dB SQNR instead of +22 dB). Tensors of other float
+types (bf16 weights behind a ``Cast``; ``const-fold`` folds those to float32 first) are left alone. Tensors
+without a recorded type get theirs from onnx shape inference. 8-bit activations on float16 tensors
+(``w8a8``, ``a8_fraction``) are refused: onnxruntime 1.32 fuses 8-bit Q/DQ around a Concat into
+``QLinearConcat``, which rejects float16 scales, so such a graph does not load.
+
+16-bit Q/DQ needs opset 21 (per-axis Q/DQ needs 13, float16 Q/DQ 19). Option ``opset``: ``"21"`` (default) upgrades a
 graph below that with ``onnx.version_converter`` on the weight-free proto (initializers become unloaded references, so models
 over 2 GB convert too) and re-attaches the original constants; ``"contrib"`` keeps the opset and puts
 every Q/DQ node in the ``com.microsoft`` domain (onnxruntime's contrib ops, as its quantizer does with
@@ -67,7 +82,7 @@ import onnx_graphsurgeon as gs
 
 from quadc.context import CompileContext
 from quadc.errors import QuadcError
-from quadc.graph import constant_values, export_proto
+from quadc.graph import computed_weights_as_dims, constant_values, export_proto
 from quadc.passes.base import GraphPass, PassOption, PassResult, register_pass
 from quadc.quant.affine import Encoding, QType, compute_encoding, quantize
 from quadc.quant.plan import QuantPlan
@@ -78,6 +93,8 @@ BIAS_MODES = ("int32", "float")
 OPSET_16BIT = 21
 #: First standard opset with per-axis QuantizeLinear/DequantizeLinear.
 OPSET_PER_AXIS = 13
+#: First standard opset whose QuantizeLinear/DequantizeLinear take float16 tensors and scales.
+OPSET_FLOAT16 = 19
 #: IR version that opset 21 needs.
 IR_VERSION_21 = 10
 CONTRIB_DOMAIN = "com.microsoft"
@@ -86,6 +103,37 @@ _INT32 = np.iinfo(np.int32)
 #: onnxruntime's QDQ quantizer does for Conv, Gemm and the normalizations whose scale is quantized).
 _BIAS_OPS = ("Conv", "Gemm", "InstanceNormalization", "LayerNormalization")
 _STRIPPED = "__quadc_stripped__"
+#: Float types qdq-insert quantizes; Q/DQ scales take the tensor's type.
+_QUANT_FLOATS = (np.dtype(np.float32), np.dtype(np.float16))
+_F16 = np.finfo(np.float16)
+
+
+def _f16_at_or_above(scale: np.ndarray) -> np.ndarray:
+    """The smallest float16 at or above each (positive float32) scale, at least float16's smallest
+    subnormal, as float32 values."""
+    want = np.asarray(scale, np.float32)
+    with np.errstate(over="ignore"):
+        s16 = want.astype(np.float16)
+    s16 = np.where(s16.astype(np.float32) < want, np.nextafter(s16, np.float16(np.inf)), s16)
+    s16 = np.maximum(s16, np.float16(_F16.smallest_subnormal))
+    if not np.all(np.isfinite(s16)):
+        raise QuadcError(f"a quantization scale ({float(want.max()):.3g}) exceeds float16's range; this float16 "
+                         "tensor cannot be quantized with it")
+    return s16.astype(np.float32)
+
+
+def in_float_type(enc: Encoding, dtype: np.dtype) -> Encoding:
+    """``enc`` with each scale representable in ``dtype`` (float32: ``enc`` itself): the smallest float16 at
+    or above the scale, at least float16's smallest subnormal. The zero point is kept, so zero stays
+    exact and the grid covers at least the planned range."""
+    if np.dtype(dtype) != np.float16:
+        return enc
+    want = np.asarray(enc.scale, np.float32)
+    scale = _f16_at_or_above(want)
+    if np.array_equal(scale, want):
+        return enc
+    return Encoding(scale=scale, zero_point=enc.zero_point, qtype=enc.qtype, axis=enc.axis,
+                    symmetric=enc.symmetric, tmin=enc.tmin, tmax=enc.tmax)
 
 
 def _all_encodings(plan: QuantPlan) -> list[Encoding]:
@@ -99,7 +147,8 @@ def upgrade_opset(graph: gs.Graph, version: int = OPSET_16BIT) -> None:
     protos over 2 GB), then the converted nodes are imported and every original constant is put back,
     so external weights stay lazy.
     """
-    model, _ = export_proto(graph)
+    with computed_weights_as_dims(graph):  # a pass's lazily computed weights stay uncomputed
+        model, _ = export_proto(graph)
     for init in model.graph.initializer:
         if init.data_location == onnx.TensorProto.EXTERNAL and len(init.raw_data) == 0:
             continue
@@ -154,9 +203,10 @@ class _Builder:
         self.taken.add(f"{base}_{i}")
         return f"{base}_{i}"
 
-    def params(self, base: str, enc: Encoding) -> tuple[gs.Constant, gs.Constant]:
-        """The scale (float32) and zero point (the qtype's dtype) constants of ``enc``."""
-        scale = gs.Constant(self.name(f"{base}_scale"), np.asarray(enc.scale, dtype=np.float32))
+    def params(self, base: str, enc: Encoding, dtype: Any = np.float32) -> tuple[gs.Constant, gs.Constant]:
+        """The scale (in the float type ``dtype`` of the quantized tensor) and zero point (the qtype's
+        dtype) constants of ``enc``."""
+        scale = gs.Constant(self.name(f"{base}_scale"), np.asarray(enc.scale, dtype=dtype))
         zero = gs.Constant(self.name(f"{base}_zero_point"), np.asarray(enc.zero_point, dtype=enc.qtype.np_dtype))
         return scale, zero
 
@@ -178,17 +228,18 @@ class _Builder:
         self.node("DequantizeLinear", base, [qtensor, scale, zero], out, axis)
         return out
 
-    def qdq(self, base: str, tensor: gs.Tensor, enc: Encoding) -> tuple[gs.Node, gs.Variable]:
-        """``DQ(Q(tensor))`` with ``enc``; returns the Q node and the DQ output (consumers untouched)."""
-        scale, zero = self.params(base, enc)
+    def qdq(self, base: str, tensor: gs.Tensor, enc: Encoding,
+            dtype: Any = np.float32) -> tuple[gs.Node, gs.Variable]:
+        """``DQ(Q(tensor))`` with ``enc`` (``dtype``: the tensor's float type); returns the Q node and the DQ
+        output (consumers untouched)."""
+        scale, zero = self.params(base, enc, dtype)
         # A tensor without a known shape gets untyped Q/DQ outputs (shape inference fills them), so the
         # graph never declares a wrong rank.
         known = tensor.shape is not None
         q_out = gs.Variable(self.name(f"{base}_QuantizeLinear_Output"),
                             dtype=enc.qtype.np_dtype if known else None, shape=tensor.shape)
         q_node = self.node("QuantizeLinear", base, [tensor, scale, zero], q_out, enc.axis)
-        dtype = (tensor.dtype if tensor.dtype is not None else np.float32) if known else None
-        dq = self.dequantize(base, q_out, scale, zero, enc.axis, tensor.shape, dtype)
+        dq = self.dequantize(base, q_out, scale, zero, enc.axis, tensor.shape, dtype if known else None)
         return q_node, dq
 
 
@@ -217,8 +268,39 @@ def _producer(tensor: gs.Tensor) -> gs.Node | None:
     return tensor.inputs[0] if isinstance(tensor, gs.Variable) and tensor.inputs else None
 
 
-def _is_float(tensor: gs.Tensor) -> bool:
-    return tensor.dtype is None or np.dtype(tensor.dtype) == np.float32
+def _dtype_of(tensor: gs.Tensor) -> np.dtype | None:
+    """numpy dtype of a gs tensor, None when unknown or a type numpy lacks (gs keeps bfloat16 as an enum)."""
+    if tensor.dtype is None or isinstance(tensor.dtype, int):
+        return None
+    return np.dtype(tensor.dtype)
+
+
+class _FloatTypes:
+    """Float type of each tensor: its recorded dtype, else onnx shape inference's (run once, on a copy)."""
+
+    def __init__(self, graph: gs.Graph):
+        self.graph = graph
+        self._inferred: dict[str, Any] | None = None
+
+    def of(self, tensor: gs.Tensor) -> np.dtype | None:
+        """The tensor's dtype; None for a type numpy lacks (bfloat16). Unknown types count as float32."""
+        if tensor.dtype is not None:
+            return _dtype_of(tensor)
+        if self._inferred is None:
+            from quadc.graph import infer_shapes
+            from quadc.quant.calibrate import clone_graph
+
+            typed = infer_shapes(clone_graph(self.graph))
+            self._inferred = {n: t.dtype for n, t in typed.tensors().items() if t.dtype is not None}
+        inferred = self._inferred.get(tensor.name)
+        if inferred is None:
+            return np.dtype(np.float32)
+        return None if isinstance(inferred, int) else np.dtype(inferred)
+
+    def quantizable(self, tensor: gs.Tensor) -> np.dtype | None:
+        """The tensor's float type when qdq-insert quantizes it (float32 or float16), else None."""
+        dtype = self.of(tensor)
+        return dtype if dtype in _QUANT_FLOATS else None
 
 
 def _already_quantized(tensor: gs.Tensor) -> bool:
@@ -256,6 +338,17 @@ class QdqInsert(GraphPass):
                   "lora_inputs": 0, "converts": 0, "already": 0, "missing": 0, "skipped": 0}
         encodings = _all_encodings(plan)
         needed = OPSET_16BIT if any(e.qtype.bits == 16 for e in encodings) else OPSET_PER_AXIS
+        tensors = graph.tensors()
+        types = _FloatTypes(graph)
+        if any(n in tensors and types.of(tensors[n]) == np.float16 for n in (*plan.lora, *plan.weights,
+                                                                                 *plan.activations)):
+            needed = max(needed, OPSET_FLOAT16)
+        a8_f16 = sorted(n for n, e in plan.activations.items() if e.qtype.bits == 8 and n not in plan.lora
+                        and n not in plan.weights and n in tensors and types.of(tensors[n]) == np.float16)
+        if a8_f16:
+            raise QuadcError(f"{len(a8_f16)} float16 activation(s) have 8-bit encodings (e.g. '{a8_f16[0]}'), which "
+                             "onnxruntime cannot load (its QLinearConcat fusion rejects float16 scales); quantize "
+                             "float16 models with --precision w8a16 and --a8-fraction 0")
         domain = None
         if encodings and graph.opset < needed:
             if opset_mode == "21":
@@ -266,21 +359,28 @@ class QdqInsert(GraphPass):
         elif opset_mode == "contrib" and graph.opset < OPSET_16BIT:
             domain = CONTRIB_DOMAIN
         build = _Builder(graph, domain)
-        tensors = graph.tensors()
-        bias_jobs = self._bias_jobs(graph, plan) if bias_mode == "int32" else []
+        tensors = graph.tensors()  # again: an opset upgrade re-imports the nodes (types stay keyed by name)
+        bias_jobs = self._bias_jobs(graph, plan)
+        if bias_mode == "float":
+            f16 = next((n for n, _, _ in bias_jobs if _dtype_of(n.inputs[2]) == np.float16), None)
+            if f16 is not None:
+                raise QuadcError(f"bias=float cannot keep the float16 bias of '{f16.name}': onnxruntime would make it "
+                                 "int32 with a float16 scale that underflows; use bias=int32 for float16 models")
+            bias_jobs = []
 
         for name in sorted(plan.lora):
-            self._lora_input(graph, build, tensors, name, plan.lora[name], plan.lora_float_inputs, counts)
+            self._lora_input(graph, build, tensors, name, plan.lora, plan.lora_float_inputs, counts)
         for name in sorted(plan.weights):
-            self._static_or_activation(graph, build, tensors, name, plan.weights[name], counts, "weights")
+            self._static_or_activation(graph, build, types, tensors, name, plan.weights, counts, "weights")
         for name in sorted(plan.activations):
             if name in plan.lora or name in plan.weights:
                 continue
-            self._static_or_activation(graph, build, tensors, name, plan.activations[name], counts, "activations")
-        for node, x_enc, w_enc in bias_jobs:
-            self._bias(build, node, x_enc, w_enc, counts)
+            self._static_or_activation(graph, build, types, tensors, name, plan.activations, counts, "activations")
+        for node, x_name, w_name in bias_jobs:
+            # The plan's entries now, after float16 tensors got their float16 scales.
+            self._bias(build, node, plan.activations[x_name], plan.weights[w_name], counts)
         if self.opts["act_matmul_8bit"]:
-            self._act_matmul_8bit(graph, build, plan, counts)
+            self._act_matmul_8bit(graph, build, plan, types, counts)
 
         changed = any(counts[k] for k in ("opset_upgraded", "activations", "static", "weights", "biases",
                                           "lora_inputs", "converts"))
@@ -288,29 +388,53 @@ class QdqInsert(GraphPass):
             graph.toposort()
         return PassResult(changed=changed, counts=counts)
 
+    def postcondition(self, graph: gs.Graph, ctx: CompileContext) -> list[str]:
+        """Every LoRA slot input is read only through a DequantizeLinear with the plan's one shared
+        encoding (integer inputs) or through Q -> DQ (float inputs)."""
+        plan = ctx.plan
+        if plan is None:
+            return ["ctx.plan is set"]
+        inputs = {t.name: t for t in graph.inputs}
+        bad = []
+        for name, enc in plan.lora.items():
+            t = inputs.get(name)
+            if t is None:
+                continue
+            readers = {n.op for n in t.outputs}
+            want = "QuantizeLinear" if plan.lora_float_inputs else "DequantizeLinear"
+            if readers != {want}:
+                bad.append(name)
+            elif not plan.lora_float_inputs and any(
+                    float(np.asarray(n.inputs[1].values)) != float(np.asarray(enc.scale)) for n in t.outputs):
+                bad.append(name)
+        return [f"every LoRA input is read through its one shared encoding (not: {', '.join(bad[:3])})"] if bad else []
+
     # ----------------------------------------------------------------------------------------- pieces
     @staticmethod
-    def _lora_input(graph: gs.Graph, build: _Builder, tensors: dict[str, gs.Tensor], name: str, enc: Encoding,
-                    float_inputs: bool, counts: dict[str, int]) -> None:
+    def _lora_input(graph: gs.Graph, build: _Builder, tensors: dict[str, gs.Tensor], name: str,
+                    section: dict[str, Encoding], float_inputs: bool, counts: dict[str, int]) -> None:
         tensor = tensors.get(name)
         if tensor is None or not any(t is tensor for t in graph.inputs):
             counts["missing"] += 1
             return
+        dtype = _dtype_of(tensor)
+        if dtype is not None and dtype.kind in "iu":
+            counts["already"] += 1
+            return
+        dtype = dtype if dtype in _QUANT_FLOATS else np.dtype(np.float32)
+        enc = section[name] = in_float_type(section[name], dtype)
         if float_inputs:
             if _already_quantized(tensor):
                 counts["already"] += 1
                 return
-            q_node, dq = build.qdq(name, tensor, enc)
+            q_node, dq = build.qdq(name, tensor, enc, dtype)
             _replace_uses(graph, tensor, dq, skip=q_node)
             counts["lora_inputs"] += 1
             return
-        if tensor.dtype is not None and np.dtype(tensor.dtype).kind in "iu":
-            counts["already"] += 1
-            return
         consumers = _unique_nodes(tensor.outputs)
         tensor.dtype = enc.qtype.np_dtype
-        scale, zero = build.params(name, enc)
-        dq = build.dequantize(name, tensor, scale, zero, enc.axis, tensor.shape)
+        scale, zero = build.params(name, enc, dtype)
+        dq = build.dequantize(name, tensor, scale, zero, enc.axis, tensor.shape, dtype)
         for node in consumers:
             for i, t in enumerate(node.inputs):
                 if t is tensor:
@@ -318,21 +442,25 @@ class QdqInsert(GraphPass):
         counts["lora_inputs"] += 1
 
     @staticmethod
-    def _static_or_activation(graph: gs.Graph, build: _Builder, tensors: dict[str, gs.Tensor], name: str,
-                              enc: Encoding, counts: dict[str, int], kind: str) -> None:
+    def _static_or_activation(graph: gs.Graph, build: _Builder, types: _FloatTypes, tensors: dict[str, gs.Tensor],
+                              name: str, section: dict[str, Encoding], counts: dict[str, int], kind: str) -> None:
         tensor = tensors.get(name)
         if tensor is None:
             counts["missing"] += 1
             return
-        if not _is_float(tensor):
+        dtype = types.quantizable(tensor)
+        if dtype is None:
             counts["skipped"] += 1
             return
+        if isinstance(tensor, gs.Constant) or not _already_quantized(tensor):
+            section[name] = in_float_type(section[name], dtype)
+        enc = section[name]
         if isinstance(tensor, gs.Constant):
             values = np.asarray(constant_values(tensor), dtype=np.float32)  # .values would keep it mapped
             qvalues = quantize(values, enc)
             qconst = gs.Constant(build.name(f"{name}_quantized"), qvalues)
-            scale, zero = build.params(name, enc)
-            dq = build.dequantize(name, qconst, scale, zero, enc.axis, list(values.shape))
+            scale, zero = build.params(name, enc, dtype)
+            dq = build.dequantize(name, qconst, scale, zero, enc.axis, list(values.shape), dtype)
             _replace_uses(graph, tensor, dq)
             if any(t is tensor for t in graph.outputs):
                 graph.outputs = [dq if t is tensor else t for t in graph.outputs]
@@ -343,7 +471,7 @@ class QdqInsert(GraphPass):
             counts["already"] += 1
             return
         is_output = any(t is tensor for t in graph.outputs)
-        q_node, dq = build.qdq(name, tensor, enc)
+        q_node, dq = build.qdq(name, tensor, enc, dtype)
         _replace_uses(graph, tensor, dq, skip=q_node)
         if is_output:
             graph.outputs = [dq if t is tensor else t for t in graph.outputs]
@@ -352,9 +480,9 @@ class QdqInsert(GraphPass):
         counts[kind if kind == "activations" else "static"] += 1
 
     @staticmethod
-    def _bias_jobs(graph: gs.Graph, plan: QuantPlan) -> list[tuple[gs.Node, Encoding, Encoding]]:
-        """(node, input encoding, weight encoding) for every Conv/Gemm/Instance-/LayerNormalization whose
-        float 1-D bias can become int32 (its input and weight/scale have plan encodings)."""
+    def _bias_jobs(graph: gs.Graph, plan: QuantPlan) -> list[tuple[gs.Node, str, str]]:
+        """(node, input name, weight name) for every Conv/Gemm/Instance-/LayerNormalization whose float 1-D
+        bias can become int32 (its input and weight/scale have plan encodings)."""
         jobs = []
         for node in graph.nodes:
             if node.op not in _BIAS_OPS or len(node.inputs) < 3:
@@ -362,7 +490,9 @@ class QdqInsert(GraphPass):
             x, w, b = node.inputs[:3]
             if not (isinstance(w, gs.Constant) and isinstance(b, gs.Constant)):
                 continue
-            if b.name in plan.weights or b.name in plan.activations or len(b.shape) != 1 or not _is_float(b):
+            if b.name in plan.weights or b.name in plan.activations or len(b.shape) != 1:
+                continue
+            if _dtype_of(b) not in _QUANT_FLOATS:
                 continue
             x_enc, w_enc = plan.activations.get(x.name), plan.weights.get(w.name)
             if x_enc is None or w_enc is None or x_enc.per_channel:
@@ -372,7 +502,7 @@ class QdqInsert(GraphPass):
                 out_axis = 0 if transb or len(w.shape) == 1 else 1
                 if (w_enc.axis % len(w.shape)) != out_axis or w_enc.num_channels != b.shape[0]:
                     continue
-            jobs.append((node, x_enc, w_enc))
+            jobs.append((node, x.name, w.name))
         return jobs
 
     @staticmethod
@@ -381,6 +511,7 @@ class QdqInsert(GraphPass):
         if not isinstance(bias, gs.Constant):
             counts["already"] += 1
             return
+        dtype = _dtype_of(bias)
         values = np.asarray(bias.values, dtype=np.float32)
         scale = (x_enc.scale.astype(np.float32) * w_enc.scale.astype(np.float32)).astype(np.float32)
         # Like onnxruntime's quantizer: widen a scale too small for the bias to fit int32.
@@ -388,17 +519,20 @@ class QdqInsert(GraphPass):
         need = need if scale.ndim else np.asarray(need.max() if need.size else 0.0)
         scale = np.maximum(scale, need.astype(np.float32)).astype(np.float32)
         scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+        if dtype == np.float16:
+            scale = _f16_at_or_above(scale)
         with np.errstate(over="ignore", invalid="ignore"):
             q = np.clip(np.rint(np.divide(values, scale, dtype=np.float32)), _INT32.min, _INT32.max)
         qconst = gs.Constant(build.name(f"{bias.name}_quantized"), q.astype(np.int32))
-        scale_c = gs.Constant(build.name(f"{bias.name}_scale"), scale)
+        scale_c = gs.Constant(build.name(f"{bias.name}_scale"), np.asarray(scale, dtype=dtype))
         zero_c = gs.Constant(build.name(f"{bias.name}_zero_point"), np.zeros(scale.shape, np.int32))
         axis = 0 if scale.ndim else None
-        node.inputs[2] = build.dequantize(bias.name, qconst, scale_c, zero_c, axis, list(values.shape))
+        node.inputs[2] = build.dequantize(bias.name, qconst, scale_c, zero_c, axis, list(values.shape), dtype)
         counts["biases"] += 1
 
     @staticmethod
-    def _act_matmul_8bit(graph: gs.Graph, build: _Builder, plan: QuantPlan, counts: dict[str, int]) -> None:
+    def _act_matmul_8bit(graph: gs.Graph, build: _Builder, plan: QuantPlan, types: _FloatTypes,
+                         counts: dict[str, int]) -> None:
         """Re-quantize the second input of u16 x u16 activation MatMuls to uint8 (QNN HTP pairs)."""
 
         def dynamic_dq(t: gs.Tensor) -> gs.Node | None:
@@ -430,7 +564,8 @@ class QdqInsert(GraphPass):
                     lo, hi = (qt.qmin - zp) * scale, (qt.qmax - zp) * scale
                 else:
                     lo, hi = float(enc16.tmin), float(enc16.tmax)
-                enc8 = compute_encoding(lo, hi, QType.UINT8)
-                chains[b.name] = build.qdq(f"{source}_u8", b, enc8)[1]
+                dtype = _dtype_of(b_dq.inputs[1]) or np.dtype(np.float32)  # the float type the DQ outputs
+                enc8 = in_float_type(compute_encoding(lo, hi, QType.UINT8), dtype)
+                chains[b.name] = build.qdq(f"{source}_u8", b, enc8, dtype)[1]
             node.inputs[1] = chains[b.name]
             counts["converts"] += 1

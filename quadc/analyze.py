@@ -3,7 +3,7 @@ shared LoRA encodings, or why the unified fallback is used, without compiling.
 
 The model goes through the same float stages as ``quadc compile`` (frontend, LoRA reading, then the
 ``lora-inputs,const-fold,dce`` passes), is calibrated with every task bound (capturing each LoRA layer's
-inputs), and :func:`quadc.quant.planner.decide_lora` computes the QSS table, policy, anchor and the ONE
+inputs), and :func:`quadc.quant.lora_decision.decide_lora` computes the QSS table, policy, anchor and the ONE
 shared encoding per LoRA input, exactly as the compile's planner would with the same options
 (the ``quant-plan`` options ``calib_dir`` / ``calib_random`` / ``calib_seed``, ``lora_policy``,
 ``qss_tolerance``, ``qss_rows``, and the ``lora-inputs`` options ``targets`` / ``rank``).
@@ -57,7 +57,9 @@ def analyze(model_path: str | os.PathLike[str] | None = None,
     LoRAs; ``pass_options`` holds the ``lora-inputs`` and ``quant-plan`` options by pass name. Returns a JSON-ready dict (non-finite numbers are None); :func:`format_analysis` prints it.
     """
     from quadc.compiler import bundled_loras, bundled_model
-    from quadc.quant.planner import PlanOptions, calibrate_and_decide
+    from quadc.lora.pack import pack_tasks
+    from quadc.quant.plan_options import PlanOptions
+    from quadc.quant.task_calibration import calibrate_and_decide
 
     pass_options = dict(pass_options or {})
     unknown = sorted(set(pass_options) - {"lora-inputs", "quant-plan"})
@@ -72,7 +74,7 @@ def analyze(model_path: str | os.PathLike[str] | None = None,
         raise QuadcError("quadc analyze needs at least one LoRA; pass --lora NAME=PATH")
     graph, ctx = _prepare(path, lora_paths, pass_options, progress)
     slots = ctx.lora_slots
-    cal = calibrate_and_decide(graph, slots, ctx.loras, opts, progress, include_base=False)
+    cal = calibrate_and_decide(graph, slots, pack_tasks(ctx.loras, slots), opts, progress, include_base=False)
     ranges, decision, feed_desc = cal.ranges, cal.decision, cal.feed_desc
     lora_report = decision.report()
     table = lora_report.pop("tasks")

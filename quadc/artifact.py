@@ -11,12 +11,13 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from quadc.errors import QuadcError
+from quadc.paths import resolve_inside
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -58,16 +59,63 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def artifact_file(artifact_dir: str | os.PathLike[str], relative: object, *, what: str) -> Path:
+    """The file ``relative`` of an artifact, refused in one line unless it lies inside ``artifact_dir``
+    (symlinks resolved): a manifest from someone else must not make quadc read elsewhere."""
+    return resolve_inside(artifact_dir, relative, what=what, label=str(Path(artifact_dir) / MANIFEST_NAME))
+
+
+def manifest_files(manifest: Mapping[str, Any]) -> list[tuple[str, object]]:
+    """Every (what, relative path) a manifest names: graph, graph files, encodings, each task's files."""
+    found: list[tuple[str, object]] = []
+    if "graph" in manifest:
+        found.append(("graph", manifest["graph"]))
+    for item in _list(manifest.get("graph_files", []), "graph_files"):
+        found.append(("graph file", item))
+    if "encodings" in manifest:
+        found.append(("encodings", manifest["encodings"]))
+    for task, entry in _dict(manifest.get("tasks", {}), "tasks").items():
+        files = _dict(_dict(entry, f"tasks.{task}").get("files", {}), f"tasks.{task}.files")
+        for kind, info in files.items():
+            found.append((f"task '{task}' {kind} file", _dict(info, f"tasks.{task}.files.{kind}").get("path")))
+    return found
+
+
+def _dict(value: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise QuadcError(f"manifest entry '{where}' is not an object; the artifact is damaged, compile again")
+    return value
+
+
+def _list(value: Any, where: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise QuadcError(f"manifest entry '{where}' is not a list; the artifact is damaged, compile again")
+    return value
+
+
 def read_manifest(artifact_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The manifest of a compiled artifact directory."""
+    """The manifest of a compiled artifact directory, with every file it names checked to lie inside
+    ``artifact_dir`` (see :func:`artifact_file`)."""
     path = Path(artifact_dir) / MANIFEST_NAME
     if not path.is_file():
         raise QuadcError(f"{artifact_dir}: not a quadc artifact (no {MANIFEST_NAME}); run quadc compile first")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise QuadcError(f"{path}: manifest is not valid JSON ({exc.msg}); compile again") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+        raise QuadcError(f"{path}: manifest is not valid JSON ({reason}); compile again") from None
+    if not isinstance(manifest, dict):
+        raise QuadcError(f"{path}: manifest is not a JSON object; compile again")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise QuadcError(f"{path}: manifest format {manifest.get('format_version')} is not {FORMAT_VERSION}; "
+        raise QuadcError(f"{path}: manifest format {manifest.get('format_version')!r} is not {FORMAT_VERSION}; "
                          "compile again with this quadc")
+    if "graph" not in manifest:
+        raise QuadcError(f"{path}: manifest names no graph; the artifact is damaged, compile again")
+    try:
+        for what, relative in manifest_files(manifest):
+            artifact_file(artifact_dir, relative, what=what)
+    except QuadcError as exc:
+        if str(exc).startswith(str(path)):
+            raise
+        raise QuadcError(f"{path}: {exc}") from None
     return manifest

@@ -28,22 +28,131 @@ def _kv_pairs(values: Sequence[str] | None, flag: str) -> dict[str, str]:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from quadc.compiler import CompileOptions, compile_model
+    from quadc.compiler import ALL_TARGETS, CompileOptions, compile_model
 
+    pass_options, target_options = _split_options(args)
     options = CompileOptions(
         target=args.target,
         loras=_kv_pairs(args.lora, "--lora"),
         passes=args.passes,
-        pass_options=_pass_options(args),
+        pass_options=pass_options,
+        target_options=target_options,
         verify=args.verify,
         print_after=[p for item in args.print_after or [] for p in item.split(",") if p],
         force=args.force,
+        max_saturation=args.max_saturation,
     )
     progress = silent_progress if args.quiet else stderr_progress
-    manifest = compile_model(args.model, args.output, options, progress=progress)
+    if args.align:
+        from quadc.align.api import compile_aligned
+
+        manifest = compile_aligned(args.model, args.output, options, _align_options(args, level=args.align),
+                                   progress=progress)
+        if not manifest:  # a data-parallel rank other than 0 writes nothing
+            return 0
+        print(f"wrote {args.output}.align (aligned LoRAs, encodings.json, report.json)")
+    else:
+        manifest = compile_model(args.model, args.output, options, progress=progress)
+    if args.target == ALL_TARGETS:
+        for name, entry in manifest["targets"].items():
+            print(f"wrote {Path(args.output) / entry['dir']} (target {name})")
+        for name, why in manifest.get("skipped", {}).items():
+            print(f"skipped target {name}: {why}")
+        print(f"{len(manifest['targets'])} target(s) from {manifest['calibrations']} calibration(s); "
+              f"shared passes: {','.join(manifest['shared_passes']) or 'none'}")
+        return 0
     tasks = ", ".join(manifest.get("tasks", {})) or "none"
     print(f"wrote {args.output} (target {manifest['target']}, tasks: {tasks})")
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    import json
+
+    from quadc.eval.targets_summary import format_summary, verify_artifacts
+
+    feeds = [_load_npz(p) for p in args.inputs] if args.inputs else None
+    tasks = [t for item in args.task or [] for t in item.split(",") if t] or None
+    report = verify_artifacts(args.artifact, feeds=feeds, n_inputs=args.random, seed=args.seed, tasks=tasks,
+                              model=args.model, loras=_kv_pairs(args.lora, "--lora") or None)
+    print(format_summary(report))
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".partial")
+        tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        tmp.replace(out)
+        print(f"wrote {out}")
+    return 0
+
+
+def _align_options(args: argparse.Namespace, level: str) -> object:
+    from quadc.align.api import AlignOptions
+
+    values = {"level": level, "show_bar": not args.quiet}
+    for name in ("steps", "batch", "lr", "patience", "eval_every", "feeds", "eval_feeds", "eval_dir", "rows", "data",
+                 "data_weight", "loss", "warm_start", "equalize", "seed", "device", "threads"):
+        value = getattr(args, f"align_{name}", None)
+        if value is not None:
+            values[name] = value
+    return AlignOptions(**values)  # type: ignore[arg-type]
+
+
+def cmd_align(args: argparse.Namespace) -> int:
+    from quadc.errors import require_extra
+
+    require_extra("torch", "align")
+    from quadc.align.api import align
+
+    progress = silent_progress if args.quiet else stderr_progress
+    report = align(args.model, _kv_pairs(args.lora, "--lora"), args.output, _align_options(args, level=args.level),
+                   target=args.target, passes=args.passes, pass_options=_pass_options(args), force=args.force,
+                   progress=progress)
+    if not report:  # a data-parallel rank other than 0 writes nothing
+        return 0
+    print(f"{'task':<20} {'role':<8} {'effect SQNR dB':>22} {'output SQNR dB':>22} {'float dB':>9}")
+    def db(value: float | None, width: int) -> str:
+        return f"{'exact':>{width}}" if value is None else f"{value:>{width}.2f}"
+
+    for task, entry in report["tasks"].items():
+        b, a = entry["before"], entry["after"]
+        print(f"{task:<20} {entry['role']:<8} {db(b['effect_sqnr_db'], 10)} -> {db(a['effect_sqnr_db'], 7)} "
+              f"{db(b['output_sqnr_db'], 12)} -> {db(a['output_sqnr_db'], 7)} {db(a['float_sqnr_db'], 9)}")
+    print(f"wrote {args.output} (aligned LoRAs, encodings.json, report.json)")
+    return 0
+
+
+def _add_align_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """Training flags of align (``prefix`` "align-" for compile, whose own flags they must not shadow)."""
+    g = p.add_argument_group("alignment (QUAD distillation of the non-anchor LoRAs)")
+    dest = prefix.replace("-", "_")
+
+    def add(flag: str, **kw: object) -> None:
+        g.add_argument(f"--{prefix}{flag}", dest=f"align_{flag.replace('-', '_')}", **kw)  # type: ignore[arg-type]
+
+    add("steps", type=int, metavar="N", help="training steps per task (default 200)")
+    add("data", metavar="DIR", help="task examples (DIR/<task>.npz or DIR/<task>/*.npz with latents, "
+        "encoder_hidden_states[, source_latents]) for the diffusion loss (model level)")
+    add("device", metavar="DEVICE", help="cpu (default) or cuda (cuda:LOCAL_RANK under torchrun / accelerate launch)")
+    if dest:  # compile --align keeps the rest at their defaults; quadc align exposes them all
+        return
+    add("batch", type=int, metavar="N", help="samples per step (default: layer 256 rows, model 4 feeds)")
+    add("lr", type=float, metavar="LR", help="Adam step in steps of the shared quantization grid (default 0.1)")
+    add("patience", type=int, metavar="N", help="validation checks without improvement before stopping (default 5)")
+    add("eval-every", type=int, metavar="N", help="steps between validation checks (default steps/20)")
+    add("feeds", type=int, metavar="N", help="synthetic training feeds without --calib (default 32)")
+    add("eval-feeds", type=int, metavar="N", help="synthetic evaluation feeds for the report (default 8)")
+    add("eval-dir", metavar="DIR", help="folder of .npz evaluation feeds for the report (instead of synthetic)")
+    add("rows", type=int, metavar="N", help="layer level: captured input rows per LoRA layer (default 512)")
+    add("data-weight", type=float, metavar="W", help="weight of the diffusion loss (default 0.01)")
+    add("loss", choices=["effect", "output"],
+        help="model level: match the task's own effect out(task)-out(base) (default) or the whole output")
+    g.add_argument("--no-equalize", dest="align_equalize", action="store_const", const=False,
+                   help="do not rescale the LoRAs' rank components to the shared grids before training")
+    g.add_argument("--no-warm-start", dest="align_warm_start", action="store_const", const=False,
+                   help="model level: start from the original LoRA, not from the layer level's result")
+    add("seed", type=int, metavar="SEED", help="seed of batches and validation split (default 0)")
+    add("threads", type=int, metavar="N", help="torch CPU threads (default 1: the same bits on any machine)")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -75,8 +184,13 @@ def cmd_targets(args: argparse.Namespace) -> int:
     if not targets:
         print("no targets installed")
     for name, cls in targets.items():
-        print(f"{name:<12} {cls.description}")
+        ok, why = cls.available()
+        print(f"{name:<12} {cls.description}" + ("" if ok else f"  [not available: {why}]"))
         print(f"{'':<12} passes: {','.join(cls.passes)} = {cls().pipeline()}")
+        if cls.scheme:
+            print(f"{'':<12} encoding scheme: {cls.scheme}")
+        for option in cls.options:
+            print(f"{'':<12} --set {name}.{option.describe()}")
     return 0
 
 
@@ -89,7 +203,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     progress = silent_progress if args.quiet else stderr_progress
     path = export_unet(config=args.config, weights=args.weights, exporter=args.exporter, out=Path(args.output),
-                       opset=args.opset, batch=args.batch, seed=args.seed, progress=progress)
+                       opset=args.opset, batch=args.batch, seed=args.seed, progress=progress, dtype=args.dtype)
     print(f"wrote {path}")
     return 0
 
@@ -99,7 +213,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from quadc.runtime.engine import Engine
 
-    engine = Engine(args.artifact)
+    engine = Engine(args.artifact, executor=args.executor)
     feeds = _load_npz(args.inputs)
     task = None if args.task == "none" else args.task
     outputs = engine.run(feeds, task=task)
@@ -109,7 +223,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     np.savez(tmp, **outputs)
     tmp.replace(out)
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in outputs.items())
-    print(f"wrote {out} ({shapes}; task {args.task})")
+    executor = getattr(engine, "executor", None) or engine.manifest.get("runtime", "cpu")
+    print(f"wrote {out} ({shapes}; task {args.task}; executor {executor})")
     return 0
 
 
@@ -147,6 +262,13 @@ _FLAG_OPTIONS = {
 }
 
 
+#: Convenience flags -> (target, option). Other target options: --set TARGET.OPTION=VALUE.
+_TARGET_FLAG_OPTIONS = {
+    "htp_arch": ("qnn", "htp_arch"),
+    "soc_model": ("qnn", "soc_model"),
+}
+
+
 def _pass_options(args: argparse.Namespace) -> dict[str, dict[str, object]]:
     """Pass options from the convenience flags given and from ``--set PASS.OPTION=VALUE``."""
     out: dict[str, dict[str, object]] = {}
@@ -161,6 +283,24 @@ def _pass_options(args: argparse.Namespace) -> dict[str, dict[str, object]]:
             raise QuadcError(f"--set expects PASS.OPTION=VALUE (see `quadc passes`), got '{item}'")
         out.setdefault(pass_name, {})[option] = value
     return out
+
+
+def _split_options(args: argparse.Namespace) -> tuple[dict[str, dict[str, object]], dict[str, dict[str, object]]]:
+    """``(pass options, target options)``: ``--set NAME.OPTION`` goes to the target called NAME when no pass
+    is (target names and pass names do not collide for the built-ins), and the target flags to theirs."""
+    from quadc.passes import registered_passes
+    from quadc.targets import discover_targets
+
+    options = _pass_options(args)
+    passes, targets = registered_passes(), discover_targets()
+    target_options: dict[str, dict[str, object]] = {}
+    for name in [n for n in options if n not in passes and n in targets]:
+        target_options[name] = options.pop(name)
+    for flag, (target, option) in _TARGET_FLAG_OPTIONS.items():
+        value = getattr(args, flag, None)
+        if value not in (None, False):
+            target_options.setdefault(target, {})[option] = value
+    return options, target_options
 
 
 def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
@@ -200,6 +340,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from quadc.eval.targets_summary import HELD_OUT_SEED
+
     parser = argparse.ArgumentParser(
         prog="quadc",
         description="QUAD compiler: one quantized SD1.5 U-Net graph per NPU, every LoRA a runtime input.",
@@ -211,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="ONNX U-Net (default: the bundled tiny U-Net and its demo LoRAs)")
     p.add_argument("--lora", action="append", metavar="NAME=PATH",
                    help="a LoRA file (or peft directory) for task NAME; repeat for more tasks")
-    p.add_argument("--target", default="onnx", help="target backend (see `quadc targets`; default: onnx)")
+    p.add_argument("--target", default="onnx",
+                   help="target backend (see `quadc targets`; default: onnx), or 'all': every available target "
+                        "from one calibration into OUTPUT/<target>/")
     p.add_argument("-o", "--output", default="out/quadc", help="artifact directory (default: out/quadc)")
     p.add_argument("--passes", help="override the target's pipeline with pass and preset names, e.g. float,qdq "
                    "(see `quadc passes`)")
@@ -239,8 +383,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Conv/Gemm/norm biases as int32 (default, as QNN expects) or float")
     q.add_argument("--act-matmul-8bit", dest="qdq_act_matmul_8bit", action="store_true",
                    help="make the second input of activation x activation MatMuls 8-bit (what HTP does)")
+    q.add_argument("--htp-arch", metavar="N", help="target qnn: HTP architecture of the context binary, e.g. 73")
+    q.add_argument("--soc-model", metavar="N", help="target qnn: SoC model of the context binary, e.g. 57")
+    q.add_argument("--max-saturation", type=float, metavar="F",
+                   help="fail (writing nothing) when a task saturates more than fraction F of its LoRA values "
+                        "under the shared encodings, e.g. 0.01; the manifest records every task's fraction")
     _add_calibration_flags(p)
+    p.add_argument("--align", choices=["layer", "model"],
+                   help="first align the non-anchor LoRAs (as quadc align, into OUTPUT.align), then compile the "
+                        "aligned LoRAs against its encodings.json")
+    _add_align_flags(p, prefix="align-")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("align", help="distill every non-anchor LoRA under the shared encodings (QUAD; extra: align)")
+    p.add_argument("model", nargs="?", help="ONNX U-Net (default: the bundled tiny U-Net and its demo LoRAs)")
+    p.add_argument("--lora", action="append", metavar="NAME=PATH", help="a LoRA for task NAME; repeat")
+    p.add_argument("--level", choices=["layer", "model"], default="model",
+                   help="layer: reconstruct each LoRA layer's output from captured inputs (fast); model: distill "
+                        "the whole quantized network against the float one (default)")
+    p.add_argument("-o", "--output", required=True, help="output folder: <task>.safetensors, encodings.json, report.json")
+    p.add_argument("--target", default="onnx-qdq", help="the quantized target whose graph is simulated (default onnx-qdq)")
+    p.add_argument("--passes", help="the target's pipeline, overridden (as in compile)")
+    p.add_argument("--set", action="append", metavar="PASS.OPTION=VALUE", help="a pass's declared option; repeat")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    q = p.add_argument_group("quantization (as in compile)")
+    q.add_argument("--precision", choices=["w8a16", "w8a8"], help="weights/activations bits (default w8a16)")
+    q.add_argument("--a8-fraction", type=float, metavar="F", help="fraction of activations made 8-bit")
+    q.add_argument("--per-channel", action="store_true", help="int8 symmetric per-channel weights")
+    q.add_argument("--encodings", dest="encodings_file", metavar="FILE", help="fixed encodings (AIMET JSON)")
+    _add_calibration_flags(p)
+    _add_align_flags(p)
+    p.set_defaults(func=cmd_align)
 
     p = sub.add_parser("analyze", help="QSS per LoRA, the anchor and why (the shared-encoding decision)")
     p.add_argument("model", nargs="?", help="ONNX U-Net (default: the bundled tiny U-Net and its demo LoRAs)")
@@ -255,7 +429,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="none", help="task name from the manifest, or 'none' for the base model")
     p.add_argument("--inputs", required=True, help=".npz with the model inputs (sample, timestep, ...)")
     p.add_argument("-o", "--output", required=True, help=".npz to write the outputs to")
+    p.add_argument("--executor", choices=["auto", "cpu", "qnn-htp"], default="auto",
+                   help="auto (default): a qnn artifact's QNN context on the HTP backend when onnxruntime-qnn is "
+                        "installed, else the ONNX graph on the CPU; cpu; qnn-htp")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("verify", help="run each target's verify for every task on held-out inputs; print a table")
+    p.add_argument("artifact", help="an artifact directory, or a --target all output directory")
+    p.add_argument("--task", action="append", metavar="NAME",
+                   help="task(s) to verify ('none' = base model; default: the base model and every task)")
+    p.add_argument("--inputs", action="append", metavar="NPZ", help=".npz model inputs (repeat); default: synthetic")
+    p.add_argument("--random", type=int, default=2, metavar="N",
+                   help="number of synthetic held-out inputs (default 2)")
+    p.add_argument("--seed", type=int, default=HELD_OUT_SEED,
+                   help="seed of the synthetic inputs (default: one calibration does not use)")
+    p.add_argument("--model", help="source ONNX model, for targets that compare against it (default: bundled)")
+    p.add_argument("--lora", action="append", metavar="NAME=PATH", help="source LoRA of task NAME; repeat")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("inspect", help="ops, parameters, LoRA attachment points and attention blocks of a model")
     p.add_argument("model", help="ONNX U-Net")
@@ -273,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
                    help="torch.onnx exporter (default: torchscript)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
+                   help="float type of the exported weights, inputs and output (default: fp32)")
     p.add_argument("--batch", type=int, default=1, help="static batch size (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights (default: 0)")
     p.add_argument("-o", "--output", required=True, help="output .onnx path")

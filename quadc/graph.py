@@ -14,12 +14,13 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import hashlib
 import os
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,27 +79,31 @@ def _external_fields(tensor: onnx.TensorProto) -> dict[str, str]:
 
 
 def _resolve_external(tensor: onnx.TensorProto, base_dir: Path, model_path: Path) -> ExternalSource:
+    """Where ``tensor``'s external bytes are, checked: the location must be a relative path that stays
+    inside the model's folder once symlinks are resolved, and the file must hold the bytes."""
+    from quadc.paths import resolve_inside
+
     fields = _external_fields(tensor)
     location = fields.get("location", "")
-    target = (base_dir / location).resolve()
-    if not location or os.path.isabs(location) or base_dir.resolve() not in target.parents:
-        raise QuadcError(
-            f"{model_path}: initializer '{tensor.name}' points at external data '{location}' outside the "
-            "model's folder; re-export the model with its data file beside it"
-        )
+    target = resolve_inside(base_dir, location, what=f"external data of tensor '{tensor.name}'",
+                            label=str(model_path))
     if not target.is_file():
         raise QuadcError(
             f"{model_path}: external data file '{location}' for initializer '{tensor.name}' is missing; "
             "keep the .data file next to the .onnx file"
         )
-    offset = int(fields.get("offset", "0"))
-    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-    expected = int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
-    length = int(fields.get("length", str(expected)))
-    if length != expected:
+    try:
+        offset = int(fields.get("offset", "0"))
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        expected = int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+        length = int(fields.get("length", str(expected)))
+    except (KeyError, TypeError, ValueError):
+        raise QuadcError(f"{model_path}: tensor '{tensor.name}' has unreadable external data fields; "
+                         "export the model again") from None
+    if length != expected or offset < 0:
         raise QuadcError(
-            f"{model_path}: initializer '{tensor.name}' declares {length} external bytes but its shape "
-            f"needs {expected}; the model file is inconsistent, export it again"
+            f"{model_path}: initializer '{tensor.name}' declares {length} external bytes at offset {offset} "
+            f"but its shape needs {expected}; the model file is inconsistent, export it again"
         )
     if offset + length > target.stat().st_size:
         raise QuadcError(
@@ -106,6 +111,58 @@ def _resolve_external(tensor: onnx.TensorProto, base_dir: Path, model_path: Path
             f"needs bytes up to {offset + length}, file has {target.stat().st_size}); copy it again"
         )
     return ExternalSource(str(target), offset, length)
+
+
+def _nested_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of ``graph`` except its own initializers: sparse initializers, node attributes
+    (``Constant`` values and the like) and everything inside subgraphs, recursively."""
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("sparse_tensor"):
+                yield attr.sparse_tensor.values
+                yield attr.sparse_tensor.indices
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from sub.initializer
+                yield from _nested_tensors(sub)
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    yield from model.graph.initializer
+    yield from _nested_tensors(model.graph)
+
+
+def external_data_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The external data files an ONNX file references, in order of first use, each checked to lie
+    inside the model's folder (symlinks resolved); a QuadcError in one line otherwise."""
+    path = Path(path)
+    model = read_model_proto(path)
+    files: list[Path] = []
+    for tensor in _all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            target = Path(_resolve_external(tensor, path.parent, path).path)
+            if target not in files:
+                files.append(target)
+    return files
+
+
+def _inline_nested_external(model: onnx.ModelProto, base_dir: Path, model_path: Path) -> None:
+    """Read the (small) external tensors outside the top-level initializers into the proto from their
+    checked locations, so that nothing later resolves a location on its own (onnx does so against the
+    working directory)."""
+    for tensor in _nested_tensors(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            src = _resolve_external(tensor, base_dir, model_path)
+            with open(src.path, "rb") as f:
+                f.seek(src.offset)
+                tensor.raw_data = f.read(src.length)
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
 
 
 def read_model_proto(path: str | os.PathLike[str]) -> onnx.ModelProto:
@@ -135,6 +192,7 @@ def load_model(path: str | os.PathLike[str]) -> gs.Graph:
     for init in model.graph.initializer:
         if init.data_location == onnx.TensorProto.EXTERNAL:
             externals[init.name] = _resolve_external(init, base_dir, path)
+    _inline_nested_external(model, base_dir, path)
     try:
         graph = gs.import_onnx(model)
     except Exception as exc:  # gs raises bare exceptions on malformed graphs
@@ -167,6 +225,43 @@ def constant_values(const: gs.Constant) -> np.ndarray:
     of resident file pages for SD1.5) for as long as the graph lives; here the map goes with the array."""
     values = const._values
     return values.load() if isinstance(values, LazyValues) else values
+
+
+class _DimsOnly(LazyValues):
+    """Stands in for lazily computed values while a graph is exported for its structure only: exports as a
+    data-less external tensor, so nothing computes the values."""
+
+    def __init__(self, lazy: LazyValues) -> None:
+        self.shape, self.dtype = tuple(lazy.shape), np.dtype(lazy.dtype)
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def load(self) -> np.ndarray:  # pragma: no cover - only exported, never read
+        raise RuntimeError("dims-only stand-in read")
+
+    @property
+    def tensor(self) -> onnx.TensorProto:
+        t = onnx.TensorProto(data_type=onnx.helper.np_dtype_to_tensor_dtype(self.dtype), dims=list(self.shape))
+        t.data_location = onnx.TensorProto.EXTERNAL
+        entry = t.external_data.add()
+        entry.key, entry.value = "location", "__quadc_stripped__"
+        return t
+
+
+@contextlib.contextmanager
+def computed_weights_as_dims(graph: gs.Graph) -> Iterator[dict[str, LazyValues]]:
+    """Within the block, constants whose values a pass computes lazily (a ``LazyValues`` other than
+    :class:`ExternalValues`, e.g. linear-to-conv's transposed weights) export with their dims only, so
+    shape inference or an opset conversion never computes them. Yields tensor name -> the lazy values."""
+    # gs's own LazyValues read a proto, ExternalValues a file: only other LazyValues are computed
+    lazy = [t for t in graph.tensors().values() if isinstance(t, gs.Constant) and _computed_lazily(t._values)]
+    saved = [t._values for t in lazy]
+    try:
+        for t in lazy:
+            t._values = _DimsOnly(t._values)
+        yield {t.name: v for t, v in zip(lazy, saved, strict=True)}
+    finally:
+        for t, values in zip(lazy, saved, strict=True):
+            t._values = values
 
 
 def weight_bytes(graph: gs.Graph) -> int:
@@ -246,13 +341,18 @@ def save_model(graph: gs.Graph, path: str | os.PathLike[str], *, external: bool 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model, sources = export_proto(graph)
+    # Weights a pass computes lazily are written one at a time, never all held in the proto at once.
+    with computed_weights_as_dims(graph) as computed:
+        model, sources = export_proto(graph)
     if external is None:
         external = bool(sources) or weight_bytes(graph) > EMBED_MAX_BYTES
     data_name = path.name + ".data"
     data_path = path.parent / data_name
     if not external:
         _inline_external(model, sources)
+        for init in model.graph.initializer:
+            if init.name in computed:
+                _inline_values(init, computed[init.name])
         _write_proto(model, path)
         if data_path.exists():
             data_path.unlink()
@@ -260,9 +360,10 @@ def save_model(graph: gs.Graph, path: str | os.PathLike[str], *, external: bool 
     with open(data_path, "wb") as data:
         for init in model.graph.initializer:
             src = sources.get(init.name)
-            if src is None and init.data_location == onnx.TensorProto.EXTERNAL:
+            lazy = computed.get(init.name)
+            if src is None and lazy is None and init.data_location == onnx.TensorProto.EXTERNAL:
                 raise QuadcError(f"initializer '{init.name}' references external data quadc did not load")
-            if src is None and len(init.raw_data) < EXTERNAL_MIN_BYTES:
+            if src is None and lazy is None and len(init.raw_data) < EXTERNAL_MIN_BYTES:
                 continue
             pad = (-data.tell()) % EXTERNAL_ALIGN
             if pad:
@@ -271,6 +372,11 @@ def save_model(graph: gs.Graph, path: str | os.PathLike[str], *, external: bool 
             if src is not None:
                 _copy_range(src.path, src.offset, src.length, data)
                 length = src.length
+            elif lazy is not None:
+                raw = np.ascontiguousarray(lazy.load()).tobytes()
+                data.write(raw)
+                length = len(raw)
+                del raw
             else:
                 data.write(init.raw_data)
                 length = len(init.raw_data)
@@ -282,6 +388,13 @@ def save_model(graph: gs.Graph, path: str | os.PathLike[str], *, external: bool 
                 entry.key, entry.value = key, value
     _write_proto(model, path)
     return path
+
+
+def _inline_values(init: onnx.TensorProto, lazy: LazyValues) -> None:
+    """Put a lazily computed weight's bytes into its (data-less) initializer."""
+    init.raw_data = np.ascontiguousarray(lazy.load()).tobytes()
+    del init.external_data[:]
+    init.data_location = onnx.TensorProto.DEFAULT
 
 
 def _inline_external(model: onnx.ModelProto, sources: Mapping[str, ExternalSource]) -> None:
@@ -381,19 +494,13 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def model_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 over an ONNX file and, in order, the external data files it references."""
+    """sha256 over an ONNX file and, in order, the external data files it references (each checked to
+    lie inside the model's folder)."""
     path = Path(path)
     digest = hashlib.sha256()
     digest.update(bytes.fromhex(file_sha256(path)))
-    model = onnx.load(str(path), load_external_data=False)
-    seen: list[str] = []
-    for init in model.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            loc = _external_fields(init).get("location", "")
-            if loc and loc not in seen:
-                seen.append(loc)
-    for loc in seen:
-        digest.update(bytes.fromhex(file_sha256(path.parent / loc)))
+    for data_file in external_data_files(path):
+        digest.update(bytes.fromhex(file_sha256(data_file)))
     return digest.hexdigest()
 
 
@@ -409,6 +516,12 @@ def _ort_value_ready(values: Any) -> bool:
     """Whether an in-memory array can go to onnxruntime as an OrtValue (large, plain numpy dtype)."""
     return (isinstance(values, np.ndarray) and values.nbytes >= ORT_VALUE_MIN_BYTES
             and values.dtype.kind in _ORT_VALUE_KINDS and values.dtype.isnative)
+
+
+def _computed_lazily(values: Any) -> bool:
+    """Whether constant values are computed by a pass on demand (not read from a file or a proto)."""
+    return (isinstance(values, LazyValues) and type(values) is not LazyValues
+            and not isinstance(values, ExternalValues | _DimsOnly))
 
 
 def _set_external(init: onnx.TensorProto, location: str, offset: int, length: int) -> None:
@@ -434,14 +547,16 @@ def ort_model(graph: gs.Graph) -> tuple[bytes, str | None, dict[str, np.ndarray]
     registry = graph.__dict__.get("_quadc_registry", {})  # not getattr: gs logs an error for unknown names
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Constant) and _external_value_of(tensor, registry) is None:
-            values = tensor._values
+            values = original = tensor._values
+            if _computed_lazily(values):  # e.g. linear-to-conv's transposed weights: computed once, here
+                values = values.load()
             if _ort_value_ready(values):
                 # Export a bodiless reference instead of copying the array into protobuf.
                 proto = onnx.TensorProto(name=tensor.name, dims=values.shape,
                                          data_type=onnx.helper.np_dtype_to_tensor_dtype(values.dtype))
                 _set_external(proto, _IN_MEMORY, 0, values.nbytes)
                 in_memory[tensor.name] = np.ascontiguousarray(values)
-                swapped.append((tensor, values))
+                swapped.append((tensor, original))
                 tensor._values = LazyValues(proto)
     try:
         model, sources = export_proto(graph)

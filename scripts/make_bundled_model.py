@@ -1,7 +1,10 @@
-"""Regenerate quadc/data/tiny_unet.onnx: the bundled default U-Net (tiny config, random seed 0).
+"""Regenerate quadc/data/tiny_unet.onnx: the bundled default U-Net, exported from the trained weights.
 
-Usage: ``python scripts/make_bundled_model.py [--check]``. The export is deterministic, so running this
-again rewrites the same bytes; ``--check`` only compares a fresh export with the bundled file.
+Usage: ``python scripts/make_bundled_model.py [--check]``. The weights are the diffusers folder
+``quadc/data/tiny_sd/unet`` that ``scripts/train_fixtures.py`` trains (quadc's ``tiny`` config); the export
+is ``quadc export``'s code path (:func:`quadc.export.export_unet` with ``weights=`` that folder) and is
+deterministic, so running this again rewrites the same bytes; ``--check`` only compares a fresh export
+with the bundled file.
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ sys.path.insert(0, str(ROOT))
 from quadc.export.unet_export import export_unet  # noqa: E402
 
 BUNDLED = ROOT / "quadc" / "data" / "tiny_unet.onnx"
-#: The recipe of the bundled model; quadc/data/README.md repeats it.
-RECIPE = {"config": "tiny", "weights": "random", "seed": 0, "exporter": "torchscript", "opset": 17, "batch": 1}
+WEIGHTS = ROOT / "quadc" / "data" / "tiny_sd" / "unet"
+#: The recipe of the bundled model (besides the weights folder); quadc/data/README.md repeats it.
+RECIPE = {"config": "tiny", "exporter": "torchscript", "opset": 17, "batch": 1}
 
 
-def make(out: Path) -> Path:
-    """Export the bundled model's recipe to ``out``."""
-    return export_unet(out=out, progress=lambda m: print(f"  {m}", file=sys.stderr), **RECIPE)
+def make(out: Path, weights: Path = WEIGHTS) -> Path:
+    """Export the U-Net in the diffusers folder ``weights`` with the bundled model's recipe to ``out``."""
+    return export_unet(out=out, weights=str(weights), progress=lambda m: print(f"  {m}", file=sys.stderr),
+                       **RECIPE)
 
 
 def _sha(path: Path) -> str:

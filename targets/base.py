@@ -1,7 +1,9 @@
 """Target plugins: the base class and discovery through the ``quadc.targets`` entry-point group.
 
-A target names the ordered passes it needs, writes its artifact files with ``emit`` and checks them
-with ``verify``. Built-in targets register through the same entry-point group outside packages use::
+A target names the ordered passes it needs, the encoding scheme its quantized graph uses (``scheme``,
+:mod:`quadc.quant.schemes`), its own declared ``options`` (like a pass's), writes its artifact files with
+``emit`` and checks them with ``verify``. ``available()`` says whether the executor or compiler it needs
+is installed (``quadc compile --target all`` builds every available target). Built-in targets register through the same entry-point group outside packages use::
 
     [project.entry-points."quadc.targets"]
     mynpu = "mynpu_quadc:MyNpuTarget"
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import onnx_graphsurgeon as gs
 
 from quadc.errors import QuadcError
+from quadc.options import PassOption, parse_options
 
 if TYPE_CHECKING:
     from quadc.context import CompileContext
@@ -39,6 +42,18 @@ class Target:
     requires_passes: ClassVar[tuple[str, ...]] = ("lora-inputs",)
     #: Passes whose result the artifact cannot hold (e.g. Q/DQ in a float artifact).
     forbids_passes: ClassVar[tuple[str, ...]] = ()
+    #: The encoding scheme the ``quant-plan`` stage derives this target's encodings in (None: qnn-htp).
+    scheme: ClassVar[str | None] = None
+    #: The target's own options (``--set TARGET.OPTION=VALUE``), parsed into ``self.opts``.
+    options: ClassVar[tuple[PassOption, ...]] = ()
+
+    def __init__(self, **values: Any) -> None:
+        self.opts: dict[str, Any] = parse_options(self.options, values, self.name)
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        """``(True, "")`` when what the target needs is installed, else ``(False, why)``."""
+        return True, ""
 
     def pipeline(self) -> PassPipeline:
         """The target's default pipeline, editable by name (``insert_pass``, ``remove_passes``, ...)."""
@@ -46,9 +61,10 @@ class Target:
 
         return PassPipeline(list(self.passes))
 
-    def check_pipeline(self, names: Sequence[str], ctx: CompileContext) -> None:
-        """Refuse, in one line naming the pass, a pipeline that cannot give this target's artifact."""
-        needed = [p for p in self.requires_passes if p != "lora-inputs" or ctx.loras is not None]
+    def check_pipeline(self, names: Sequence[str], with_loras: bool) -> None:
+        """Refuse, in one line naming the pass, a pipeline that cannot give this target's artifact
+        (``with_loras``: whether LoRAs are compiled, which makes ``lora-inputs`` necessary)."""
+        needed = [p for p in self.requires_passes if p != "lora-inputs" or with_loras]
         missing = [p for p in needed if p not in names]
         if missing:
             why = " (LoRAs are given)" if missing[0] == "lora-inputs" else ""
@@ -92,10 +108,10 @@ def discover_targets() -> dict[str, type[Target]]:
     return dict(sorted(found.items()))
 
 
-def get_target(name: str) -> Target:
-    """An instance of the target called ``name``."""
+def get_target(name: str, options: dict[str, Any] | None = None) -> Target:
+    """An instance of the target called ``name`` with its ``options`` parsed and checked."""
     targets = discover_targets()
     if name not in targets:
         known = ", ".join(targets) or "none installed"
         raise QuadcError(f"unknown target '{name}'; known targets: {known}")
-    return targets[name]()
+    return targets[name](**dict(options or {}))

@@ -27,8 +27,9 @@ import onnx_graphsurgeon as gs
 
 from quadc.errors import QuadcError
 from quadc.graph import load_model, save_model
-from quadc.quant.encodings import EncodingsFile, write_encodings
+from quadc.quant.encodings import write_encodings
 from quadc.quant.plan import QuantPlan
+from quadc.quant.plan_file import encodings_file_of
 from quadc.targets.base import Target
 
 if TYPE_CHECKING:
@@ -36,26 +37,6 @@ if TYPE_CHECKING:
 
 GRAPH_FILE = "model.onnx"
 ENCODINGS_FILE = "encodings.json"
-
-
-def plan_encodings_file(plan: QuantPlan) -> EncodingsFile:
-    """The AIMET encodings of a plan: activations and LoRA slot inputs (graph inputs, so activation
-    entries named by input name, one shared encoding each) and weights as param entries."""
-    activations = {k: v for k, v in plan.activations.items() if k not in plan.lora and k not in plan.weights}
-    activations.update(plan.lora)
-    a_bits = sorted({e.qtype.bits for e in plan.activations.values()}) or [16]
-    w_bits = sorted({e.qtype.bits for e in plan.weights.values()}) or [8]
-    args = {
-        "activation_bitwidth": max(a_bits),
-        "param_bitwidth": max(w_bits),
-        "dtype": "int",
-        "per_channel_quantization": bool(plan.per_channel),
-        "quant_scheme": "post_training_tf",
-        "is_symmetric": False,
-        "lora_inputs": sorted(plan.lora),
-        "lora_encodings": "shared by every task",
-    }
-    return EncodingsFile(activations=activations, params=dict(plan.weights), quantizer_args=args)
 
 
 def strip_activation_qdq(graph: gs.Graph) -> int:
@@ -103,7 +84,7 @@ class OnnxQdqTarget(Target):
         if not isinstance(plan, QuantPlan):
             raise QuadcError("target onnx-qdq needs a quantization plan; its pipeline must include quant-plan")
         entries: dict[str, Any] = self.write_graph(graph, out_dir, GRAPH_FILE)
-        write_encodings(out_dir / ENCODINGS_FILE, plan_encodings_file(plan))
+        write_encodings(out_dir / ENCODINGS_FILE, encodings_file_of(plan))
         entries.update({
             "opset": int(graph.opset),
             "precision": plan.precision,

@@ -18,12 +18,14 @@ import onnx_graphsurgeon as gs
 from quadc.context import CompileContext
 from quadc.frontend.model_info import AttachPoint, ModelInfo
 from quadc.graph import to_model_bytes
+from quadc.lora.slots import LoRASlot
+from quadc.options import parse_bool
 from quadc.passes import get_pass
 from quadc.quant.affine import Encoding
 from quadc.quant.plan import QuantPlan
 
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "golden_graphs"
-REGEN = os.environ.get("QUADC_REGEN_GOLDEN") == "1"
+REGEN = parse_bool(os.environ.get("QUADC_REGEN_GOLDEN", "0"), "QUADC_REGEN_GOLDEN")
 
 
 def golden_cases() -> list[tuple[str, Path]]:
@@ -66,8 +68,10 @@ def plan_from_spec(spec: dict) -> QuantPlan:
 
 
 def case_context(in_path: Path) -> CompileContext:
-    """The context for a case: ``<case>.ctx.json`` may give ``options``, attach ``points`` and a ``plan``
-    (a QuantPlan, see :func:`plan_from_spec`) that becomes ``ctx.plan``; ``options`` are the pass's declared options."""
+    """The context for a case: ``<case>.ctx.json`` may give ``options``, attach ``points``, LoRA ``slots``
+    (:class:`~quadc.lora.slots.LoRASlot` fields by module, for passes that run after ``lora-inputs``) and
+    a ``plan`` (a QuantPlan, see :func:`plan_from_spec`) that becomes ``ctx.plan``; ``options`` are the
+    pass's declared options."""
     ctx = CompileContext()
     sidecar = in_path.with_name(in_path.name.replace(".in.onnxtxt", ".ctx.json"))
     if sidecar.exists():
@@ -78,6 +82,9 @@ def case_context(in_path: Path) -> CompileContext:
             fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
             points[module] = AttachPoint(module=module, **fields)
         ctx.model_info = ModelInfo(points=points)
+        for module, fields in spec.get("slots", {}).items():
+            fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+            ctx.lora_slots[module] = LoRASlot(module=module, **fields)
         if "plan" in spec:
             ctx.plan = plan_from_spec(spec["plan"])
     return ctx

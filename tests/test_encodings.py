@@ -104,11 +104,12 @@ def test_aimet_layout_and_offset_convention():
     u16 = acts["/down/conv/Conv_output_0"]
     assert set(u16) == {"name", "dtype", "bw", "enc_type", "is_sym", "scale", "offset"}
     assert (u16["dtype"], u16["bw"], u16["enc_type"], u16["is_sym"]) == ("INT", 16, "PER_TENSOR", False)
-    enc = _sample().activations["/down/conv/Conv_output_0"]
-    assert u16["offset"] == [-int(enc.zero_point)] and u16["scale"] == [float(enc.scale)]
-    # real = scale * (q_unsigned + offset): the offset's grid point is real zero.
-    assert np.float32(u16["scale"][0]) * np.float32(0 - u16["offset"][0] + u16["offset"][0]) == 0.0
-    assert float(enc.grid_min) == np.float32(u16["scale"][0]) * np.float32(u16["offset"][0])
+    # By hand for [-1.3371, 4.2] on uint16: scale 5.5371 / 65535, real zero at q = round(1.3371 / scale) = 15825.
+    scale, offset = u16["scale"][0], u16["offset"][0]
+    assert scale == pytest.approx(5.5371 / 65535, rel=1e-6) and u16["offset"] == [-15825]
+    # AIMET reads real = scale * (q_unsigned + offset): the grid's ends land on the calibrated range.
+    assert scale * (0 + offset) == pytest.approx(-1.3371, abs=scale)
+    assert scale * (65535 + offset) == pytest.approx(4.2, abs=scale)
     # Signed types are written on the unsigned grid: symmetric int8/int16 -> offset -2^(bw-1).
     w = params["conv.weight"]
     assert (w["enc_type"], w["bw"], w["is_sym"], w["offset"]) == ("PER_CHANNEL", 8, True, [-128] * 4)

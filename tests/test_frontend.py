@@ -10,7 +10,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from quadc.errors import QuadcError
-from quadc.frontend import AttachPoint, ModelInfo, analyze, format_inspect, load
+from quadc.frontend import AttachPoint, ModelInfo, format_inspect, load, recognize_unet
 from quadc.graph import load_model
 
 ATTN = "down_blocks.0.attentions.0.transformer_blocks.0"
@@ -75,7 +75,7 @@ def test_point_details(info, tiny_torchscript_onnx, tiny_dynamo_onnx):
     for point in info.points.values():
         node = nodes[point.node]
         weight = tensors[point.weight]
-        assert node.op == {"conv": "Conv", "linear": node.op if node.op in ("MatMul", "Gemm") else "?"}[point.kind]
+        assert node.op in ({"Conv"} if point.kind == "conv" else {"MatMul", "Gemm"}), (point, node.op)
         expected = {"in_out": (point.d_in, point.d_out), "out_in": (point.d_out, point.d_in),
                     "conv": (point.d_out, point.d_in, *point.kernel)}[point.weight_layout]
         assert tuple(weight.shape) == expected, point
@@ -136,9 +136,9 @@ def test_format_inspect(info):
     assert "MatMul" in text and "encoder_hidden_states" in text
 
 
-def test_bundled_model(bundled_unet, tiny_torchscript_onnx, torch_paths):
-    # The session fixture is exported with the bundled model's recipe: the file must be a fresh regeneration.
-    assert bundled_unet.read_bytes() == tiny_torchscript_onnx.read_bytes(), \
+def test_bundled_model(bundled_unet, bundled_unet_export, torch_paths):
+    # The bundled file must be a fresh export of the committed trained weights (quadc/data/tiny_sd/unet).
+    assert bundled_unet.read_bytes() == bundled_unet_export.read_bytes(), \
         "quadc/data/tiny_unet.onnx is stale: run scripts/make_bundled_model.py"
     assert bundled_unet.stat().st_size < 4_000_000
     _, info = load(bundled_unet)
@@ -208,7 +208,7 @@ def test_transposed_weight_and_wrapper_prefix(tiny_torchscript_onnx, tmp_path, t
     q = info.points[f"{ATTN}.attn1.to_q"]
     assert q.weight_layout == "out_in" and q.node.endswith("/to_q/MatMul")
     assert info.points["conv_in"].weight == "unet.conv_in.weight"
-    assert analyze(graph).points.keys() == info.points.keys()
+    assert recognize_unet(graph).points.keys() == info.points.keys()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -33,9 +33,10 @@ def test_full_size_lora_inputs_match_merged_graph(exporter, tmp_path):
     from quadc.compiler import CompileOptions, compile_model
     from quadc.export import example_inputs
     from quadc.graph import load_model, ort_session
-    from quadc.lora import fit_lora, random_lora, read_lora, write_kohya
+    from quadc.lora import fit_lora, read_lora
     from quadc.lora.merge import merge_lora
     from quadc.runtime.engine import Engine
+    from quadc.testing_lora import random_lora, write_kohya
 
     src = _export(exporter)
     _, info = frontend.load(src)

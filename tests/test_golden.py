@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pytest
 from golden import GOLDEN_DIR, REGEN, case_context, case_pass, golden_cases, parse_text, run_case
 
+from quadc.lora.slots import rebind_feeds
 from quadc.passes import registered_passes
 
 CASES = golden_cases()
@@ -42,19 +43,23 @@ NUMERIC_CASES = [(p, f) for p, f in CASES if registered_passes()[p].preserves_nu
 @pytest.mark.parametrize(("pass_name", "in_path"), NUMERIC_CASES, ids=[f"{p}/{f.name}" for p, f in NUMERIC_CASES])
 def test_golden_keeps_numbers(pass_name, in_path):
     before = onnx.parser.parse_model(in_path.read_text())
-    actual, _ = run_case(pass_name, in_path)
+    ctx = case_context(in_path)
+    slots_before = dict(ctx.lora_slots)
+    actual, _ = run_case(pass_name, in_path, lambda _: ctx)
     after = onnx.parser.parse_model(actual)
     rng = np.random.default_rng(0)
     feeds = {}
     after_inputs = {i.name: i for i in after.graph.input}
-    for inp in after_inputs.values():
+    for inp in [*before.graph.input, *after_inputs.values()]:
         shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
         added = inp.name not in {i.name for i in before.graph.input}
         # Inputs a pass adds (LoRA slots) are fed zeros: the base model must come out unchanged.
-        feeds[inp.name] = np.zeros(shape, np.float32) if added else rng.standard_normal(shape).astype(np.float32)
-    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(  # noqa: E731
-        None, {k: v for k, v in feeds.items() if k in {i.name for i in m.graph.input}})
-    for a, b in zip(run(before), run(after), strict=True):
+        feeds.setdefault(inp.name, np.zeros(shape, np.float32) if added else rng.standard_normal(shape).astype(np.float32))
+    # A slot the pass moved to another layout takes the same LoRA factors in its new layout.
+    after_feeds = rebind_feeds(feeds, slots_before, ctx.lora_slots)
+    run = lambda m, f: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(  # noqa: E731
+        None, {k: v for k, v in f.items() if k in {i.name for i in m.graph.input}})
+    for a, b in zip(run(before, feeds), run(after, after_feeds), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 

@@ -8,9 +8,9 @@ import pytest
 from quadc import frontend
 from quadc.compiler import CompileOptions, bundled_loras, bundled_model, compile_model
 from quadc.graph import ort_session
+from quadc.graph_inputs import random_inputs
 from quadc.lora import fit_lora, read_lora
 from quadc.lora.merge import merge_lora
-from quadc.passes.pipeline import verify_inputs
 from quadc.runtime.engine import Engine
 
 
@@ -24,7 +24,7 @@ def artifact(tmp_path_factory):
 @pytest.mark.parametrize("task", sorted(bundled_loras()))
 def test_merged_graph_equals_bound_task(artifact, task):
     graph, info = frontend.load(bundled_model())
-    feeds = verify_inputs(graph, seed=7)
+    feeds = random_inputs(graph, seed=7)
     feeds["timestep"] = np.array([500.0], np.float32)
     base = ort_session(graph).run(None, feeds)[0]
     lora = fit_lora(read_lora(bundled_loras()[task], name=task, info=info), info)

@@ -16,8 +16,8 @@ peft = pytest.importorskip("peft")
 from quadc import frontend  # noqa: E402
 from quadc.compiler import CompileOptions, compile_model  # noqa: E402
 from quadc.export import build_unet, example_inputs  # noqa: E402
-from quadc.lora import random_lora, write_kohya  # noqa: E402
 from quadc.runtime.engine import Engine  # noqa: E402
+from quadc.testing_lora import random_lora, write_kohya  # noqa: E402
 
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 FF_PROJ = ["ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
@@ -100,11 +100,14 @@ def _assert_close(got: np.ndarray, want: np.ndarray, what: str) -> None:
     assert err <= 1e-4 * scale, f"{what}: max abs error {err:.3g} > 1e-4 x output scale {scale:.3g}"
 
 
+@pytest.mark.parametrize("passes", ["float", "float,npu"])
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
-def test_compiled_graph_matches_fused_lora_oracle(exporter, lora_files, tmp_path, request):
+def test_compiled_graph_matches_fused_lora_oracle(exporter, passes, lora_files, tmp_path, request):
+    """The LoRA-as-input graph (after the float passes, and after the whole NPU preset, which moves linear
+    slots to the channels layout and folds scales into them) equals peft/diffusers' fused models."""
     model = request.getfixturevalue(f"tiny_{exporter}_onnx")
     paths, feeds, oracles = lora_files
-    compile_model(model, tmp_path / "out", CompileOptions(loras={t: str(p) for t, p in paths.items()}))
+    compile_model(model, tmp_path / "out", CompileOptions(loras={t: str(p) for t, p in paths.items()}, passes=passes))
     engine = Engine(tmp_path / "out")
     assert sorted(engine.tasks) == sorted(paths)
     # The LoRAs must matter, or this test could not fail.
@@ -114,7 +117,7 @@ def test_compiled_graph_matches_fused_lora_oracle(exporter, lora_files, tmp_path
     order = ["locon_kohya", "attn_peft", "none", "ff_diffusers", "attn_peft", "locon_kohya", "none"]
     for task in order:
         got = engine.run(feeds, task=task)["out_sample"]
-        _assert_close(got, oracles[task], f"{exporter}/{task}")
+        _assert_close(got, oracles[task], f"{exporter}/{passes}/{task}")
 
 
 def test_manifest_lists_each_task_file(lora_files, tiny_torchscript_onnx, tmp_path):

@@ -2,8 +2,8 @@
 encoding per slot, the base model, determinism, verify, the float-input variant and QNN HTP (when the
 onnxruntime-qnn HTP backend runs here).
 
-The quantization plan comes from a stand-in for ``quadc.quant.planner`` (calibration on ORT with every
-task bound, unified LoRA encodings), so these tests depend only on the pass, the packing and the target.
+The artifacts are compiled by the real pipeline, the ``quant-plan`` pass included, calibrated on feeds this
+module writes (``CALIB``); every quality number is measured on other feeds (``EVAL``).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from test_qdq_insert import make_plan
 
 from quadc import frontend
 from quadc.compiler import CompileOptions, compile_model
-from quadc.lora import random_lora, write_kohya
-from quadc.lora.pack import pack_task, quantize_task, read_packed
-from quadc.quant.affine import dequantize, sqnr_db
+from quadc.lora.pack import quantize_task, read_packed
+from quadc.quant.affine import sqnr_db
 from quadc.quant.encodings import read_encodings
 from quadc.runtime.engine import Engine
 from quadc.targets import get_target
+from quadc.testing_lora import random_lora, write_kohya
 
 TASKS = ("alpha", "beta", "gamma")
 MODULES = ["attn1.to_q", "attn2.to_v", "ff.net.2", "resnets.0.conv1", "proj_in"]
@@ -36,21 +36,14 @@ def unet_feeds(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
              "encoder_hidden_states": rng.standard_normal((1, 8, 32)).astype(np.float32)} for _ in range(n)]
 
 
-def stub_build_plan(graph, ctx):
-    """Stand-in planner: ranges over 4 feeds x (base + every task), one unified uint8 encoding per slot."""
-    slots = ctx.lora_slots
-    tasks = [pack_task(None, slots)] + [pack_task(lora, slots) for lora in ctx.loras.values()]
-    lora_inputs = [n for s in slots.values() for n in (s.down_input, s.up_input)]
-    return make_plan(graph, [{**f, **t} for f in unet_feeds(4) for t in tasks], lora_inputs=lora_inputs,
-                     lora_float_inputs=bool(ctx.options.get("test_lora_float")))
+#: Calibration feeds (given to the planner as a calib_dir) and the held-out feeds quality is measured on.
+CALIB = unet_feeds(8, seed=0)
+EVAL = unet_feeds(2, seed=1)
 
 
-def _stub_run(self, graph, ctx):
-    ctx.options["test_lora_float"] = self.opts["lora_float_inputs"]
-    ctx.plan = stub_build_plan(graph, ctx)
-    from quadc.passes import PassResult
-
-    return PassResult(False)
+def test_eval_feeds_are_not_calibration_feeds():
+    for feed in EVAL:
+        assert not any(np.array_equal(feed["sample"], c["sample"]) for c in CALIB)
 
 
 @pytest.fixture(scope="module")
@@ -62,23 +55,25 @@ def compiled(tmp_path_factory, bundled_unet):
     for i, name in enumerate(TASKS):
         lora = random_lora(info, modules=MODULES, rank=4, seed=i, scale_std=0.3, name=name)
         paths[name] = str(write_kohya(lora, root / f"{name}.safetensors"))
-    with pytest.MonkeyPatch.context() as mp:
-        from quadc.passes.quant_plan import QuantPlanStage
-
-        mp.setattr(QuantPlanStage, "run", _stub_run)
-        for out in ("q", "q2"):
-            compile_model(bundled_unet, root / out, CompileOptions(target="onnx-qdq", loras=paths))
-        compile_model(bundled_unet, root / "qf", CompileOptions(target="onnx-qdq", loras=paths,
-                                                                pass_options={"quant-plan": {"lora_float_inputs": True}}))
+    calib = root / "calib"
+    calib.mkdir()
+    for i, feed in enumerate(CALIB):
+        np.savez(calib / f"feed{i}.npz", **feed)
+    plan = {"calib_dir": str(calib)}
+    for out in ("q", "q2"):
+        compile_model(bundled_unet, root / out, CompileOptions(target="onnx-qdq", loras=paths,
+                                                               pass_options={"quant-plan": plan}))
+    compile_model(bundled_unet, root / "qf", CompileOptions(target="onnx-qdq", loras=paths, pass_options={
+        "quant-plan": {**plan, "lora_float_inputs": True}}))
     compile_model(bundled_unet, root / "f", CompileOptions(target="onnx", loras=paths))
     return root, paths
 
 
 @pytest.fixture(scope="module")
 def outputs(compiled):
-    """Per task (None = base): (float output, quantized output) on one calibrated input."""
+    """Per task (None = base): (float output, quantized output) on one held-out input."""
     root, _ = compiled
-    feed = unet_feeds(1)[0]
+    feed = EVAL[0]
     qe, fe = Engine(root / "q"), Engine(root / "f")
     return {task: (fe.run(feed, task)["out_sample"], qe.run(feed, task)["out_sample"]) for task in (None, *TASKS)}
 
@@ -94,6 +89,7 @@ def test_artifact_layout_and_manifest(compiled):
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["target"] == "onnx-qdq" and manifest["precision"] == "w8a16" and manifest["opset"] == 21
     assert manifest["encodings"] == "encodings.json" and manifest["quant"]["lora_inputs"] == "uint8"
+    assert manifest["quant"]["lora_policy"] in ("anchor", "unified")  # chosen by the planner's QSS
     assert manifest["shared_rom_bytes"] == sum((art / f).stat().st_size for f in manifest["graph_files"])
     model = onnx.load(str(art / "model.onnx"), load_external_data=False)
     types_ = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
@@ -103,7 +99,9 @@ def test_artifact_layout_and_manifest(compiled):
     assert all(s[side]["dtype"] == "uint8" for s in manifest["lora_slots"] for side in ("down", "up"))
     for task in TASKS:
         entry = manifest["tasks"][task]
-        assert entry["dtype"] == "uint8" and entry["saturated"] == 0.0
+        assert entry["dtype"] == "uint8" and 0.0 <= entry["saturated"] < 0.01
+        if manifest["quant"]["lora_policy"] == "unified" or task == manifest["quant"]["anchor"]:
+            assert entry["saturated"] == 0.0  # the shared ranges hold all of the anchor's (or every) task
         assert entry["lora_rom_bytes"] == entry["files"]["onnx_adapter"]["bytes"]
         for f in entry["files"].values():
             assert (art / f["path"]).stat().st_size == f["bytes"]
@@ -131,26 +129,40 @@ def test_one_encoding_per_slot_shared_by_every_task(compiled):
             enc = encodings.activations[node.input[0]]
             assert inits[node.input[1]].tobytes() == enc.scale.tobytes()
             assert inits[node.input[2]] == enc.zero_point
-    # ... and every task's stored bytes dequantize with it to that task's packed LoRA (half a step).
+    # ... and every task's stored bytes dequantize with it to that task's packed LoRA: within half a step
+    # inside the grid, the grid's end beyond it; the manifest's saturated fraction counts the latter.
     slots = {s["module"]: s for s in manifest["lora_slots"]}
     assert slots
     for task in TASKS:
         stored = read_packed(art / manifest["tasks"][task]["files"]["safetensors"]["path"])
         adapter = read_packed(art / manifest["tasks"][task]["files"]["onnx_adapter"]["path"])
         assert sorted(stored) == slot_inputs
+        outside = total = 0
         for name in slot_inputs:
             assert stored[name].dtype == np.uint8 and np.array_equal(stored[name], adapter[name])
-            float_stored = read_packed(root / "f" / "lora" / f"{task}.safetensors")[name]
+            want = read_packed(root / "f" / "lora" / f"{task}.safetensors")[name]
             enc = encodings.activations[name]
-            assert np.max(np.abs(dequantize(stored[name], enc) - float_stored)) <= enc.scale * 0.5 + 1e-7
+            step, zp = float(enc.scale), int(enc.zero_point)
+            lo, hi = (0 - zp) * step - step / 2, (255 - zp) * step + step / 2
+            inside = (want >= lo) & (want <= hi)
+            got = (stored[name].astype(np.float64) - zp) * step
+            assert np.all(np.abs(got - want)[inside] <= step * 0.5 + 1e-7), (task, name)
+            assert np.all(stored[name][want < lo] == 0) and np.all(stored[name][want > hi] == 255), (task, name)
+            outside += int(np.count_nonzero(~inside))
+            total += want.size
+        assert manifest["tasks"][task]["saturated"] == pytest.approx(outside / total, abs=1e-8), task
 
 
 def test_each_task_gets_its_own_output(outputs):
+    # On a held-out feed (8 calibration feeds: some activations of a fresh feed leave their ranges) and with
+    # the anchor policy saturating a few values of the other tasks, 28-38 dB were measured here.
     for task, (want, got) in outputs.items():
-        assert sqnr_db(want, got) > 30.0, task
-    # Tasks differ from each other and from the base far more than quantization moves any of them.
+        assert sqnr_db(want, got) > (33.0 if task is None else 26.0), task  # beta saturates under the anchor gamma
+    # Tasks differ from each other and from the base far more (15 dB, 30x in power) than quantization moves
+    # either of them (on the trained bundled U-Net: quantization 40-43 dB, pairs 16.4-18.4 dB).
     for a, b in [("alpha", "beta"), ("beta", "gamma"), ("alpha", None)]:
-        assert sqnr_db(outputs[a][1], outputs[b][1]) < 15.0, (a, b)
+        quant = min(sqnr_db(*outputs[a]), sqnr_db(*outputs[b]))
+        assert sqnr_db(outputs[a][1], outputs[b][1]) < quant - 15.0, (a, b)
 
 
 def test_base_model_binds_the_zero_point(compiled, outputs):
@@ -168,7 +180,7 @@ def test_base_model_binds_the_zero_point(compiled, outputs):
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(art / "model.onnx"), providers=["CPUExecutionProvider"])
-    feed = unet_feeds(1)[0]
+    feed = EVAL[0]
     np.testing.assert_array_equal(sess.run(None, {**feed, **zero_task})[0], outputs[None][1])
 
 
@@ -182,9 +194,9 @@ def test_compile_is_deterministic(compiled):
 
 def test_verify_reports_activation_error(compiled):
     root, _ = compiled
-    report = get_target("onnx-qdq").verify(root / "q", unet_feeds(1)[0], "beta")
+    report = get_target("onnx-qdq").verify(root / "q", EVAL[1], "beta")
     out = report["outputs"]["out_sample"]
-    assert report["task"] == "beta" and out["sqnr_db"] > 35.0 and out["max_abs"] > 0
+    assert report["task"] == "beta" and out["sqnr_db"] > 30.0 and out["max_abs"] > 0
 
 
 def test_float_lora_inputs_variant(compiled, outputs):
@@ -194,7 +206,7 @@ def test_float_lora_inputs_variant(compiled, outputs):
     assert manifest["quant"]["lora_inputs"] == "float"
     assert all(e["dtype"] == "float32" for e in manifest["tasks"].values())
     engine = Engine(art)
-    feed = unet_feeds(1)[0]
+    feed = EVAL[0]
     for task in ("alpha", None):
         got = engine.run(feed, task)["out_sample"]
         assert sqnr_db(outputs[task][0], got) > 30.0
@@ -258,8 +270,8 @@ def test_htp_runs_the_tiny_unet_artifact(compiled, outputs):
     except Exception as exc:  # pragma: no cover - HTP backend not usable on this machine
         pytest.skip(f"QNN HTP backend cannot run here: {exc}")
     assert engine.session.get_providers()[0] == "QNNExecutionProvider"
-    feed = unet_feeds(1)[0]
+    feed = EVAL[0]
     for task in ("beta", None):
         got = engine.run(feed, task)["out_sample"]
-        assert sqnr_db(outputs[task][1], got) > 35.0, task
-        assert sqnr_db(outputs[task][0], got) > 30.0, task
+        assert sqnr_db(outputs[task][1], got) > 27.0, task  # 30-37 dB measured on this held-out feed
+        assert sqnr_db(outputs[task][0], got) > 27.0, task

@@ -9,7 +9,7 @@ import pytest
 
 from quadc.errors import QuadcError
 from quadc.passes.lora_inputs import LoRASlot
-from quadc.quant.affine import Encoding, QType, compute_encoding, dequantize, fake_quant, quantize, sqnr_db
+from quadc.quant.affine import Encoding, QType, dequantize, fake_quant, quantize
 from quadc.quant.qss import (
     branch_output,
     compute_qss,
@@ -18,7 +18,6 @@ from quadc.quant.qss import (
     select_anchor,
     shared_lora_encodings,
     shared_sqnr,
-    task_encodings,
     touched_slots,
 )
 
@@ -56,6 +55,42 @@ def _samples(slots, tasks, seed=0, rows=256):
     feats = {m: int(np.prod(s.down_shape[1:])) if s.kind == "conv" else s.down_shape[0] for m, s in slots.items()}
     rows_by_module = {m: rng.standard_normal((rows, f)).astype(np.float32) for m, f in feats.items()}
     return {t: rows_by_module for t in tasks}
+
+
+def _ref_uint8(lo: float, hi: float) -> tuple[np.float32, int]:
+    """(scale, zero point) of uint8 asymmetric PTQ over [lo, hi] widened to hold 0, written out here."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = np.float32((hi - lo) / 255) if hi > lo else np.float32(1.0)
+    return scale, int(np.clip(np.rint(-lo / float(scale)), 0, 255))
+
+
+def _ref_fake_quant(a: np.ndarray) -> np.ndarray:
+    """``a`` through uint8 PTQ from its own min/max: quantize (round half to even, clip), dequantize."""
+    a = np.asarray(a, np.float32)
+    scale, zp = _ref_uint8(float(a.min()), float(a.max()))
+    q = np.clip(np.rint(a / scale) + zp, 0, 255)
+    return ((q - zp) * scale).astype(np.float32)
+
+
+def _ref_branch(rows: np.ndarray, down: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """``x @ A^T @ B^T`` of a LoRA layer (conv: A [r, c, kh, kw] over im2col rows, B [out, r, 1, 1])."""
+    a = np.asarray(down, np.float64)
+    b = np.asarray(up, np.float64)
+    if a.ndim == 4:
+        a, b = a.reshape(a.shape[0], -1).T, b[:, :, 0, 0].T
+    return np.asarray(rows, np.float64) @ a @ b
+
+
+def _ref_layer_scores(rows: np.ndarray, down: np.ndarray, up: np.ndarray) -> tuple[float, float]:
+    """(mean JS base 2 over rows, SQNR dB) of one layer under its own uint8 PTQ, with scipy's JS."""
+    from scipy.spatial.distance import jensenshannon
+    from scipy.special import softmax
+
+    ref = _ref_branch(rows, down, up)
+    test = _ref_branch(rows, _ref_fake_quant(down), _ref_fake_quant(up))
+    tau = np.sqrt(np.mean(ref**2, axis=1, keepdims=True))
+    js = jensenshannon(softmax(ref / tau, axis=1), softmax(test / tau, axis=1), base=2, axis=1) ** 2
+    return float(np.mean(js)), 10 * math.log10(np.sum(ref**2) / np.sum((ref - test) ** 2))
 
 
 # ---------------------------------------------------------------------------------------------- divergence
@@ -115,18 +150,18 @@ def test_qss_is_higher_for_outliers_and_that_lora_anchors():
     assert qss["heavy"] > 10 * max(qss["smooth_a"], qss["smooth_b"])
     assert scores["heavy"].sqnr_mean_db < scores["smooth_a"].sqnr_mean_db - 6
     assert select_anchor(qss) == "heavy"
-    # The per-layer numbers are what the module says: mean JS and SQNR of the branch under own PTQ.
-    s = slots["block1.to_q"]
-    packed = tasks["heavy"]
-    own = task_encodings(packed, slots)
-    rows = _samples(slots, tasks)["heavy"]["block1.to_q"]
-    ref = branch_output(rows, packed[s.down_input], packed[s.up_input], s.kind)
-    test = branch_output(rows, fake_quant(packed[s.down_input], own[s.down_input]),
-                         fake_quant(packed[s.up_input], own[s.up_input]), s.kind)
-    layer = scores["heavy"].layers["block1.to_q"]
-    assert layer.js == pytest.approx(float(np.mean(output_js(ref, test))))
-    assert layer.sqnr_db == pytest.approx(sqnr_db(ref, test)) and layer.rows == 256
-    assert scores["heavy"].qss == pytest.approx(np.mean([v.js for v in scores["heavy"].layers.values()]))
+    # The per-layer numbers are what the module says, computed here with numpy and scipy: mean JS and
+    # SQNR of the branch under each factor's own uint8 PTQ, for every layer (linear and conv), and the
+    # task's QSS is their mean.
+    samples = _samples(slots, tasks)
+    for task, packed in tasks.items():
+        want = {m: _ref_layer_scores(samples[task][m], packed[s.down_input], packed[s.up_input])
+                for m, s in slots.items()}
+        for module, (js, sqnr) in want.items():
+            layer = scores[task].layers[module]
+            assert layer.js == pytest.approx(js, rel=1e-6), (task, module)
+            assert layer.sqnr_db == pytest.approx(sqnr, rel=1e-6) and layer.rows == 256, (task, module)
+        assert scores[task].qss == pytest.approx(np.mean([js for js, _ in want.values()]), rel=1e-6)
     worst = scores["heavy"].worst_layer
     assert worst.sqnr_db == min(v.sqnr_db for v in scores["heavy"].layers.values())
     row = scores["heavy"].to_dict()
@@ -178,22 +213,22 @@ def test_shared_encodings_anchor_and_unified():
     anchor = shared_lora_encodings(slots, tasks, "anchor", "heavy")
     assert list(anchor) == names and all(isinstance(e, Encoding) for e in anchor.values())
     assert anchor.policy == "anchor" and anchor.anchor == "heavy"
-    own = task_encodings(tasks["heavy"], slots)
     merged_ranges = {n: (min(float(t[n].min()) for t in tasks.values()), max(float(t[n].max()) for t in tasks.values()))
                      for n in names}
+    own_ranges = {n: (float(tasks["heavy"][n].min()), float(tasks["heavy"][n].max())) for n in names}
     for n in names:
         e = anchor[n]
         assert e.qtype is QType.UINT8 and not e.per_channel and not e.symmetric
-        if n.startswith("block2."):  # the anchor does not adapt block2: merged range of all tasks there
-            assert e == compute_encoding(*merged_ranges[n], QType.UINT8)
-        else:
-            assert e == own[n]
+        # The anchor does not adapt block2: the merged range of all tasks there; elsewhere its own range.
+        scale, zp = _ref_uint8(*(merged_ranges[n] if n.startswith("block2.") else own_ranges[n]))
+        assert (float(e.scale), int(e.zero_point)) == (pytest.approx(float(scale), rel=1e-7), zp), n
     assert anchor.fallback == ["block2.to_q.lora_down", "block2.to_q.lora_up"]
 
     unified = shared_lora_encodings(slots, tasks, "unified")
     assert unified.anchor is None and not unified.fallback
     for n in names:
-        assert unified[n] == compute_encoding(*merged_ranges[n], QType.UINT8)
+        scale, zp = _ref_uint8(*merged_ranges[n])
+        assert (float(unified[n].scale), int(unified[n].zero_point)) == (pytest.approx(float(scale), rel=1e-7), zp)
         for t in tasks.values():  # covers every task: no value is off by more than half a step
             err = np.abs(fake_quant(t[n], unified[n]) - t[n]).max()
             assert err <= 0.5001 * float(unified[n].scale)
@@ -201,8 +236,17 @@ def test_shared_encodings_anchor_and_unified():
         assert dequantize(quantize(np.zeros(3), unified[n]), unified[n]).tolist() == [0.0, 0.0, 0.0]
         assert quantize(0.0, anchor[n]) == anchor[n].zero_point
 
-    sq = shared_sqnr(slots, tasks, _samples(slots, tasks), unified)
+    samples = _samples(slots, tasks)
+    sq = shared_sqnr(slots, tasks, samples, unified)
     assert set(sq) == set(tasks) and all(math.isfinite(v) for v in sq.values())
+    # Under the anchor's encodings the anchor keeps its own PTQ: its shared SQNR is its own mean layer SQNR
+    # (computed here); the smooth tasks pay for the anchor's wider outlier ranges.
+    own = {t: {m: _ref_layer_scores(samples[t][m], p[s.down_input], p[s.up_input])[1]
+               for m, s in slots.items() if np.any(p[s.down_input])} for t, p in tasks.items()}
+    shared = shared_sqnr(slots, tasks, samples, anchor)
+    assert shared["heavy"] == pytest.approx(np.mean(list(own["heavy"].values())), rel=1e-6)
+    for t in ("a", "c"):
+        assert shared[t] < np.mean(list(own[t].values())) - 6, t
 
 
 def test_shared_encodings_errors_and_no_tasks():
@@ -215,4 +259,6 @@ def test_shared_encodings_errors_and_no_tasks():
     with pytest.raises(QuadcError, match="policy"):
         shared_lora_encodings(slots, tasks, "average")
     empty = shared_lora_encodings(slots, {}, "unified")
-    assert len(empty) == 4 and all(e == compute_encoding(0.0, 0.0, QType.UINT8) for e in empty.values())
+    # No task: every input holds only zeros, the degenerate range [0, 0] (scale 1, zero point 0).
+    assert len(empty) == 4
+    assert all((float(e.scale), int(e.zero_point), e.qtype) == (1.0, 0, QType.UINT8) for e in empty.values())

@@ -7,6 +7,7 @@ export runs.
 from quadc.export.configs import CONFIGS, TEXT_TOKENS, get_config
 from quadc.export.unet_export import (
     DEFAULT_OPSET,
+    DTYPES,
     EXPORTERS,
     build_unet,
     example_inputs,
@@ -15,6 +16,6 @@ from quadc.export.unet_export import (
 )
 
 __all__ = [
-    "CONFIGS", "DEFAULT_OPSET", "EXPORTERS", "TEXT_TOKENS", "build_unet", "example_inputs", "export_unet",
+    "CONFIGS", "DEFAULT_OPSET", "DTYPES", "EXPORTERS", "TEXT_TOKENS", "build_unet", "example_inputs", "export_unet",
     "get_config", "module_paths",
 ]

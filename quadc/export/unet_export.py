@@ -7,6 +7,13 @@ The graph always has the same signature, whichever exporter wrote it::
     encoder_hidden_states  float32 [batch, T, cross_attention_dim]
     -> out_sample          float32 [batch, 4, S, S]
 
+With ``dtype="fp16"`` every one of them is float16: the model is cast with torch's ``.half()`` after
+its weights are built (or loaded) in float32, and torch exports the fp16 module itself. torch 2.x runs
+every op of the SD1.5 U-Net in float16 on CPU, so no fp32 -> fp16 conversion of the ONNX file is needed;
+exporting the fp16 module keeps what torch computes in float32 on purpose (the timestep embedding's
+frequencies, cast back to the sample's type) instead of converting every tensor blindly. An export that
+fails in fp16 is a QuadcError naming the exporter's message.
+
 ``S`` is the config's ``sample_size`` and ``T`` its text-token count (:data:`configs.TEXT_TOKENS`).
 Shapes are static: NPU graphs are.
 
@@ -52,6 +59,8 @@ Progress = Callable[[str], None]
 
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}
+#: ``dtype`` choices of :func:`export_unet`: the float type of the exported weights, inputs and output.
+DTYPES = ("fp32", "fp16")
 #: Highest opset torch's TorchScript exporter emits directly; above it quadc converts with onnx.
 TORCHSCRIPT_MAX_OPSET = 20
 #: Node metadata keys the dynamo exporter writes that depend on source paths, not on the model.
@@ -178,19 +187,29 @@ def module_paths(config: str = "tiny") -> dict[str, tuple[str, tuple[int, ...]]]
 
 
 def example_inputs(config: str = "tiny", batch: int = 1, seed: int = 0,
-                   model_config: Any = None) -> dict[str, Any]:
-    """Deterministic float32 numpy inputs with the exported graph's names and shapes."""
+                   model_config: Any = None, dtype: str = "fp32") -> dict[str, Any]:
+    """Deterministic numpy inputs with the exported graph's names, shapes and float type (``dtype``);
+    the fp16 inputs are the fp32 ones rounded."""
     import numpy as np
 
     cfg = dict(model_config) if model_config is not None else get_config(config)
     rng = np.random.default_rng(seed)
     size = int(cfg["sample_size"])
+    np_dtype = _np_float(dtype)
     return {
-        "sample": rng.standard_normal((batch, int(cfg["in_channels"]), size, size)).astype(np.float32),
-        "timestep": np.full((batch,), 500.0, dtype=np.float32),
+        "sample": rng.standard_normal((batch, int(cfg["in_channels"]), size, size)).astype(np.float32).astype(np_dtype),
+        "timestep": np.full((batch,), 500.0, dtype=np_dtype),
         "encoder_hidden_states": rng.standard_normal(
-            (batch, TEXT_TOKENS[config], int(cfg["cross_attention_dim"]))).astype(np.float32),
+            (batch, TEXT_TOKENS[config], int(cfg["cross_attention_dim"]))).astype(np.float32).astype(np_dtype),
     }
+
+
+def _np_float(dtype: str) -> Any:
+    import numpy as np
+
+    if dtype not in DTYPES:
+        raise QuadcError(f"unknown export dtype '{dtype}'; use one of {', '.join(DTYPES)}")
+    return np.float16 if dtype == "fp16" else np.float32
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -296,16 +315,18 @@ def _unique_tmp_dir(out: Path) -> Path:
 
 def export_unet(config: str = "tiny", weights: str = "random", exporter: str = "torchscript",
                 out: str | os.PathLike[str] = "unet.onnx", opset: int | None = None, batch: int = 1,
-                seed: int = 0, progress: Progress | None = None) -> Path:
+                seed: int = 0, progress: Progress | None = None, dtype: str = "fp32") -> Path:
     """Export a U-Net (``config`` with random or local ``weights``) to a static-shape ONNX file ``out``.
 
     Returns ``out``. ``exporter`` is ``"torchscript"`` or ``"dynamo"``; ``opset`` defaults to 17 or 18
     respectively. Opsets above what the exporter emits (TorchScript stops at 20) are reached with
-    ``onnx.version_converter``, which only models under 2 GB allow. ``progress`` receives one line
-    per long step.
+    ``onnx.version_converter``, which only models under 2 GB allow. ``dtype`` ``"fp16"`` exports the
+    model cast to float16 (weights, inputs and output; the same weights as ``"fp32"``, rounded).
+    ``progress`` receives one line per long step.
     """
     if exporter not in EXPORTERS:
         raise QuadcError(f"unknown exporter '{exporter}'; use one of {', '.join(EXPORTERS)}")
+    _np_float(dtype)  # validate
     if batch < 1:
         raise QuadcError(f"batch must be at least 1, got {batch}")
     target_opset = DEFAULT_OPSET[exporter] if opset is None else int(opset)
@@ -321,8 +342,10 @@ def export_unet(config: str = "tiny", weights: str = "random", exporter: str = "
     _note(progress, f"building the {config} U-Net ({'random weights, seed ' + str(seed) if weights == 'random' else weights})")
     model = build_unet(config, weights, seed)
     model.__class__ = _static_class(type(model))
+    if dtype == "fp16":
+        model = model.half()
     cfg = dict(model.config)
-    inputs = example_inputs(config, batch, seed, model_config=cfg)
+    inputs = example_inputs(config, batch, seed, model_config=cfg, dtype=dtype)
     args = tuple(torch.from_numpy(inputs[name]) for name in INPUT_NAMES)
     nbytes = _param_bytes(model)
     large = nbytes > EMBED_MAX_BYTES
@@ -340,7 +363,7 @@ def export_unet(config: str = "tiny", weights: str = "random", exporter: str = "
         raw_dir = work / "raw"
         raw_dir.mkdir()
         raw = raw_dir / "model.onnx"
-        _note(progress, f"exporting with the {exporter} exporter (opset {export_opset}, "
+        _note(progress, f"exporting with the {exporter} exporter (opset {export_opset}, {dtype}, "
                         f"{nbytes / 2**20:.0f} MiB of weights)")
         try:
             if exporter == "torchscript":
@@ -351,7 +374,8 @@ def export_unet(config: str = "tiny", weights: str = "random", exporter: str = "
             raise
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
-            raise QuadcError(f"the {exporter} exporter failed ({first[:300]}); try the other exporter") from exc
+            hint = "; try the other exporter" + (" or dtype fp32" if dtype == "fp16" else "")
+            raise QuadcError(f"the {exporter} exporter failed in {dtype} ({first[:300]}){hint}") from exc
         del model
         staged = work / out.name
         if large:

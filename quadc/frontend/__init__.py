@@ -9,6 +9,6 @@ Example::
 
 from quadc.frontend.load import format_inspect, load
 from quadc.frontend.model_info import AttachPoint, AttentionBlock, ModelInfo
-from quadc.frontend.recognize import analyze
+from quadc.frontend.recognize import recognize_unet
 
-__all__ = ["AttachPoint", "AttentionBlock", "ModelInfo", "analyze", "format_inspect", "load"]
+__all__ = ["AttachPoint", "AttentionBlock", "ModelInfo", "format_inspect", "load", "recognize_unet"]

@@ -10,12 +10,12 @@ import onnx_graphsurgeon as gs
 
 from quadc.errors import QuadcError
 from quadc.frontend.model_info import AttachPoint, ModelInfo
-from quadc.frontend.recognize import analyze
+from quadc.frontend.recognize import recognize_unet
 from quadc.graph import load_model
 
 
 def load(path: str | os.PathLike[str]) -> tuple[gs.Graph, ModelInfo]:
-    """Load an ONNX U-Net (weights stay memory-mapped) and analyze it.
+    """Load an ONNX U-Net (weights stay memory-mapped) and recognize it (:func:`recognize_unet`).
 
     Raises a one-sentence QuadcError for a missing, unreadable, truncated or non-ONNX file and for a
     graph without the U-Net inputs (``sample``, ``timestep``, ``encoder_hidden_states``).
@@ -24,7 +24,7 @@ def load(path: str | os.PathLike[str]) -> tuple[gs.Graph, ModelInfo]:
     if path.exists() and path.is_file() and path.stat().st_size == 0:
         raise QuadcError(f"{path}: the file is empty; export the model again")
     graph = load_model(path)
-    info = analyze(graph, source=path)
+    info = recognize_unet(graph, source=path)
     if not info.points:
         raise QuadcError(f"{path}: found no Linear or Conv layer with constant weights; quadc needs a float "
                          "U-Net with its weights as initializers (not an already quantized one)")

@@ -1,4 +1,4 @@
-"""Recognize a U-Net graph: its inputs, every Linear/Conv layer by diffusers module path, attention blocks.
+"""Recognize a U-Net graph (:func:`recognize_unet`): its inputs, every Linear/Conv layer by diffusers module path, attention blocks.
 
 Works on graphs from both of torch's exporters without decoding any weight (shapes come from the lazy
 ``gs.Constant.shape``):
@@ -6,7 +6,13 @@ Works on graphs from both of torch's exporters without decoding any weight (shap
 * Linear layers are ``MatMul(x, W[d_in, d_out])`` with an optional following ``Add(bias)`` (layers on
   3-D activations), ``Gemm(x, W, b, transB=1)`` (layers on 2-D activations, ``W[d_out, d_in]``), or, in
   graphs the dynamo exporter wrote without its optimizer, ``MatMul(x, Transpose(W[d_out, d_in]))``.
-* Conv layers are ``Conv(x, W[d_out, d_in/group, kh, kw], b)``.
+* Conv layers are ``Conv(x, W[d_out, d_in/group, kh, kw], b)``. Their padding is read as ONNX defines
+  it: explicit ``pads``, or for ``auto_pad`` ``VALID`` none and ``SAME_UPPER``/``SAME_LOWER`` the total
+  ``max((ceil(in / stride) - 1) * stride + (k - 1) * dilation + 1 - in, 0)`` per axis, split evenly with
+  the odd pixel at the end (UPPER) or the start (LOWER); with a stride above 1 that needs the input's
+  size, taken from the graph or from onnx shape inference.
+* A weight may reach its layer through ``Cast`` (weights stored as bf16 or fp16 and cast to the
+  compute type); the stored initializer is the layer's weight.
 
 A layer's module path comes, in this order, from its weight initializer's name when that is a parameter
 name (``down_blocks.0.resnets.0.conv1.weight``; TorchScript convs and Gemms, every dynamo weight quadc
@@ -29,6 +35,7 @@ import onnx_graphsurgeon as gs
 
 from quadc.errors import QuadcError
 from quadc.frontend.model_info import AttachPoint, AttentionBlock, ModelInfo
+from quadc.unet_inputs import unet_input_roles
 
 #: First components of diffusers UNet2DConditionModel module paths; anything before them is a wrapper.
 UNET_ROOTS = frozenset({
@@ -57,10 +64,15 @@ def _through_identity(tensor: gs.Tensor) -> gs.Tensor:
 
 
 def _as_constant(tensor: gs.Tensor | None) -> gs.Constant | None:
-    """The constant behind ``tensor``: an initializer, an Identity of one, or a ``Constant`` node's value."""
+    """The constant behind ``tensor``: an initializer, an Identity or Cast of one, or a ``Constant`` node's
+    value."""
     if tensor is None:
         return None
     tensor = _through_identity(tensor)
+    if isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 and tensor.inputs[0].op == "Cast":
+        source = _through_identity(tensor.inputs[0].inputs[0])
+        if isinstance(source, gs.Constant):
+            return source
     if isinstance(tensor, gs.Constant):
         return tensor
     if isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
@@ -234,7 +246,69 @@ def _linear_from_gemm(node: gs.Node) -> _Layer | None:
                   bias=bias_const.name if bias_const is not None else None)
 
 
-def _conv(node: gs.Node) -> _Layer | None:
+class _InputSizes:
+    """Spatial size ``(h, w)`` of a conv's input: from the graph, else from onnx shape inference on a copy
+    of the graph (run once, only when a conv needs it)."""
+
+    def __init__(self, graph: gs.Graph):
+        self.graph = graph
+        self._inferred: dict[str, tuple[int, ...]] | None = None
+
+    def __call__(self, tensor: gs.Tensor) -> tuple[int, int] | None:
+        dims = _static_dims(tensor.shape)
+        if dims is None:
+            if self._inferred is None:
+                from quadc.graph import infer_shapes
+                from quadc.quant.calibrate import clone_graph
+
+                typed = infer_shapes(clone_graph(self.graph))
+                self._inferred = {n: d for n, t in typed.tensors().items()
+                                  if (d := _static_dims(t.shape)) is not None}
+            dims = self._inferred.get(tensor.name)
+        return (dims[2], dims[3]) if dims is not None and len(dims) == 4 else None
+
+
+def _static_dims(shape: object) -> tuple[int, ...] | None:
+    if shape is None or not all(isinstance(d, int | np.integer) and d > 0 for d in shape):  # type: ignore[union-attr]
+        return None
+    return tuple(int(d) for d in shape)  # type: ignore[union-attr]
+
+
+def conv_padding(attrs: dict, kernel: tuple[int, int], in_hw: tuple[int, int] | None = None,
+                 where: str = "conv") -> tuple[int, int, int, int]:
+    """A Conv's padding in ONNX ``pads`` order ``(top, left, bottom, right)`` from its attributes (see
+    the module docstring for ``auto_pad``). ``in_hw`` (the input's height and width) is needed only for
+    ``SAME_*`` with a stride above 1; without it that is a QuadcError naming ``where``."""
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    if auto_pad == "NOTSET":
+        pads = tuple(int(p) for p in attrs.get("pads", [0, 0, 0, 0]))
+        return (pads + (0, 0, 0, 0))[:4]  # type: ignore[return-value]
+    if auto_pad == "VALID":
+        return (0, 0, 0, 0)
+    if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
+        raise QuadcError(f"{where}: unknown auto_pad '{auto_pad}'; ONNX defines NOTSET, VALID, SAME_UPPER, SAME_LOWER")
+    strides = [int(v) for v in attrs.get("strides", [1, 1])]
+    dilations = [int(v) for v in attrs.get("dilations", [1, 1])]
+    begin, end = [], []
+    for axis in range(2):
+        k, s, d = kernel[axis], strides[axis], dilations[axis]
+        if s == 1:
+            total = (k - 1) * d
+        elif in_hw is None:
+            raise QuadcError(f"{where}: auto_pad={auto_pad} with stride {s} needs the input size, which the graph "
+                             "does not give; export the model with static shapes")
+        else:
+            size = in_hw[axis]
+            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        small, large = total // 2, total - total // 2
+        begin.append(small if auto_pad == "SAME_UPPER" else large)
+        end.append(large if auto_pad == "SAME_UPPER" else small)
+    return (begin[0], begin[1], end[0], end[1])
+
+
+def _conv(node: gs.Node, input_sizes: _InputSizes | None = None) -> _Layer | None:
     if len(node.inputs) < 2:
         return None
     const = _as_constant(node.inputs[1])
@@ -243,12 +317,10 @@ def _conv(node: gs.Node) -> _Layer | None:
     d_out, c_in, kh, kw = _shape(const)
     group = int(node.attrs.get("group", 1))
     stride = tuple(int(s) for s in node.attrs.get("strides", [1, 1]))
-    pads = tuple(int(p) for p in node.attrs.get("pads", [0, 0, 0, 0]))
     auto_pad = node.attrs.get("auto_pad", "NOTSET")
-    if isinstance(auto_pad, bytes):
-        auto_pad = auto_pad.decode()
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER") and kh % 2 and kw % 2 and stride == (1, 1):
-        pads = (kh // 2, kw // 2, kh // 2, kw // 2)
+    needs_size = auto_pad not in ("NOTSET", b"NOTSET", "VALID", b"VALID") and stride != (1, 1)
+    in_hw = input_sizes(node.inputs[0]) if needs_size and input_sizes is not None else None
+    pads = conv_padding(node.attrs, (kh, kw), in_hw, where=f"conv '{node.name}'")
     bias_const = _as_constant(node.inputs[2]) if len(node.inputs) > 2 else None
     return _Layer(node, "conv", const, c_in * group, d_out, kernel=(kh, kw), layout="conv",
                   bias=bias_const.name if bias_const is not None else None,
@@ -259,13 +331,14 @@ def _conv(node: gs.Node) -> _Layer | None:
 def find_layers(graph: gs.Graph) -> list[_Layer]:
     """Every Linear (MatMul with a constant 2-D weight, Gemm) and Conv node, in graph order."""
     layers: list[_Layer] = []
+    input_sizes = _InputSizes(graph)
     for node in graph.nodes:
         if node.op == "MatMul":
             layer = _linear_from_matmul(node)
         elif node.op == "Gemm":
             layer = _linear_from_gemm(node)
         elif node.op == "Conv":
-            layer = _conv(node)
+            layer = _conv(node, input_sizes)
         else:
             continue
         if layer is not None:
@@ -391,51 +464,17 @@ def find_attention(graph: gs.Graph, points: dict[str, AttachPoint]) -> list[Atte
 
 
 # ---------------------------------------------------------------------------------------------------
-# Inputs and exporter flavour
+# Exporter flavour
 # ---------------------------------------------------------------------------------------------------
 
-def _describe_inputs(graph: gs.Graph) -> str:
-    if not graph.inputs:
-        return "no inputs"
-    return ", ".join(f"{t.name} {_dtype_name(t.dtype)}{list(_shape_tuple(t))}" for t in graph.inputs)
-
-
 def _is_float_dtype(dtype: object) -> bool:
+    if isinstance(dtype, int) and not isinstance(dtype, bool):  # gs keeps types numpy lacks as ONNX enums
+        return dtype in (onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT,
+                         onnx.TensorProto.DOUBLE)
     try:
-        return np.issubdtype(np.dtype(dtype), np.floating)  # type: ignore[arg-type]
+        return np.issubdtype(np.dtype(dtype), np.floating) or np.dtype(dtype).name == "bfloat16"  # type: ignore[arg-type]
     except TypeError:
         return str(dtype) == "bfloat16"
-
-
-def unet_roles(graph: gs.Graph, where: str = "model") -> dict[str, str]:
-    """Map ``sample``/``timestep``/``encoder_hidden_states`` to the graph's input names, or raise."""
-    inputs = list(graph.inputs)
-
-    def rank(t: gs.Tensor) -> int | None:
-        return len(t.shape) if t.shape is not None else None
-
-    def pick(cands: list[gs.Tensor], words: tuple[str, ...]) -> gs.Tensor | None:
-        for word in words:
-            for t in cands:
-                if word in t.name.lower():
-                    return t
-        return cands[0] if len(cands) == 1 else None
-
-    samples = [t for t in inputs if rank(t) == 4 and _is_float_dtype(t.dtype)]
-    sample = pick(samples, ("sample", "latent"))
-    rest = [t for t in inputs if t is not sample]
-    timesteps = [t for t in rest if rank(t) in (0, 1)]
-    timestep = pick(timesteps, ("timestep", "time", "t"))
-    rest = [t for t in rest if t is not timestep]
-    texts = [t for t in rest if rank(t) == 3 and _is_float_dtype(t.dtype)]
-    text = pick(texts, ("encoder_hidden_states", "hidden", "encoder", "context", "text"))
-    missing = [name for name, t in (("a 4-D float 'sample'", sample), ("a 0-D or 1-D 'timestep'", timestep),
-                                    ("a 3-D float 'encoder_hidden_states'", text)) if t is None]
-    if missing:
-        raise QuadcError(f"{where}: not a U-Net graph: it lacks {', '.join(missing)} input "
-                         f"(found {_describe_inputs(graph)}); export it with 'quadc export'")
-    assert sample is not None and timestep is not None and text is not None
-    return {"sample": sample.name, "timestep": timestep.name, "encoder_hidden_states": text.name}
 
 
 def detect_exporter(graph: gs.Graph) -> str:
@@ -462,16 +501,16 @@ def detect_exporter(graph: gs.Graph) -> str:
 # Entry point
 # ---------------------------------------------------------------------------------------------------
 
-def analyze(graph: gs.Graph, *, source: str | Path | None = None) -> ModelInfo:
+def recognize_unet(graph: gs.Graph, *, source: str | Path | None = None) -> ModelInfo:
     """Recognize a U-Net gs.Graph: inputs and their roles, attach points, attention blocks, statistics.
 
-    Raises a QuadcError when the graph lacks the U-Net inputs. ``source`` (default: the file
+    Raises a QuadcError when the graph lacks the U-Net inputs (:func:`quadc.unet_inputs.unet_input_roles`). ``source`` (default: the file
     :func:`quadc.graph.load_model` read) is consulted for dynamo name-scope metadata only when some
     layers cannot be named from initializer or node names.
     """
     source = source if source is not None else getattr(graph, "_quadc_source", None)
     where = str(source) if source else "model"
-    roles = unet_roles(graph, where)
+    roles = unet_input_roles(graph, where)
     layers = find_layers(graph)
     points, unresolved = _name_layers(layers, {})
     if unresolved and source and Path(source).is_file():

@@ -1,23 +1,17 @@
-"""LoRA adapters: one normalized in-memory form, readers for diffusers/peft/kohya files, fit checks, fixtures.
+"""LoRA adapters: one normalized in-memory form, readers for diffusers/peft/kohya files, fit checks.
 
 >>> lora = read_lora("style.safetensors")          # doctest: +SKIP
 >>> check_fits(lora, info)                         # doctest: +SKIP
 
-See :mod:`quadc.lora.model` for the conventions (``down``/``up`` factors, ``scale``).
+See :mod:`quadc.lora.model` for the conventions (``down``/``up`` factors, ``scale``). Random LoRAs and
+writers of LoRA files (test fixtures) are in :mod:`quadc.testing_lora`.
 """
 
 from __future__ import annotations
 
-from quadc.lora.make import (
-    peft_config,
-    random_lora,
-    save_safetensors,
-    write_diffusers,
-    write_kohya,
-    write_peft,
-)
 from quadc.lora.model import LoRA, LoRALayer, LoRASet
 from quadc.lora.read import read_lora
+from quadc.lora.safetensors_io import save_safetensors
 from quadc.lora.validate import check_fits, fit_lora
 
 __all__ = [
@@ -26,11 +20,6 @@ __all__ = [
     "LoRASet",
     "check_fits",
     "fit_lora",
-    "peft_config",
-    "random_lora",
     "read_lora",
     "save_safetensors",
-    "write_diffusers",
-    "write_kohya",
-    "write_peft",
 ]

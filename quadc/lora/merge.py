@@ -44,10 +44,11 @@ def merge_lora(graph: gs.Graph, info: ModelInfo, lora) -> int:
         weight = tensors.get(point.weight)
         if not isinstance(weight, gs.Constant):
             raise QuadcError(f"layer '{module}': weight '{point.weight}' is not a constant of the graph")
-        base = np.asarray(weight.values, np.float32)
+        stored = np.asarray(weight.values)
+        base = stored.astype(np.float32)
         delta = layer_delta(layer, point)
         if delta.shape != base.shape:
             raise QuadcError(f"layer '{module}': LoRA update {delta.shape} does not fit weight {base.shape}")
-        weight.values = (base + delta).astype(base.dtype)
+        weight.values = (base + delta).astype(stored.dtype)  # the model's own type (fp16, bf16 models)
         merged += 1
     return merged

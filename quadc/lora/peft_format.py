@@ -28,6 +28,7 @@ from typing import Any
 
 from quadc.errors import QuadcError
 from quadc.lora.model import KeyMap
+from quadc.options import parse_bool
 
 #: Weight file names looked for inside an adapter directory, in order.
 WEIGHT_FILES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
@@ -169,6 +170,13 @@ def configured_alpha(config: Mapping[str, Any], module: str) -> float | None:
     return float(value) if value is not None else None
 
 
+def config_flag(config: Mapping[str, Any], key: str, where: str) -> bool:
+    """A boolean of the peft config (missing or null: false), parsed by :func:`quadc.options.parse_bool`,
+    so a hand-written ``"false"`` string is false rather than a truthy non-empty string."""
+    value = config.get(key)
+    return False if value is None else parse_bool(value, f"{where}: {key}")
+
+
 def check_config(config: Mapping[str, Any], where: str) -> None:
     """A QuadcError for peft config features quadc cannot compile (DoRA, LoRA biases, non-LoRA types)."""
     peft_type = config.get("peft_type")
@@ -176,13 +184,13 @@ def check_config(config: Mapping[str, Any], where: str) -> None:
         raise QuadcError(
             f"{where}: peft_type is '{peft_type}'; quadc only compiles plain LoRA adapters (peft_type LORA)"
         )
-    if config.get("use_dora"):
+    if config_flag(config, "use_dora", where):
         raise QuadcError(f"{where}: the adapter uses DoRA (use_dora=true), which quadc does not support")
-    if config.get("lora_bias"):
+    if config_flag(config, "lora_bias", where):
         raise QuadcError(
             f"{where}: the adapter trains LoRA biases (lora_bias=true), which quadc does not support"
         )
-    if config.get("fan_in_fan_out"):
+    if config_flag(config, "fan_in_fan_out", where):
         raise QuadcError(
             f"{where}: fan_in_fan_out=true is for Conv1D (GPT-2 style) layers, not a diffusers U-Net"
         )

@@ -1,7 +1,8 @@
 """Read a LoRA file or adapter directory (diffusers, peft or kohya) into a :class:`~quadc.lora.model.LoRA`.
 
 Everything is read through the ``safetensors`` library with numpy, never torch and never pickle. bf16
-tensors, which numpy cannot represent, are read as raw bytes from the file and widened to float32.
+tensors (numpy has no bfloat16, and older safetensors releases cannot hand them to numpy) are read as raw
+bytes from the file, decoded with ``ml_dtypes.bfloat16`` and widened to float32.
 Every problem is a :class:`~quadc.errors.QuadcError` that names the file and the offending layer or tensor;
 nothing is written anywhere.
 """
@@ -14,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from quadc.errors import QuadcError
@@ -73,8 +75,7 @@ class TensorFile:
         with open(self.path, "rb") as fh:
             fh.seek(self._raw_header["__base__"] + start)
             raw = fh.read(end - start)
-        bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
-        return bits.view(np.float32).reshape(entry["shape"])
+        return np.frombuffer(raw, dtype="<u2").view(ml_dtypes.bfloat16).reshape(entry["shape"])
 
     def get(self, key: str, *, allow_int: bool = False) -> np.ndarray:
         """``key`` as float32; a QuadcError for a non-float dtype or NaN/Inf values."""
@@ -194,7 +195,7 @@ def _build_layer(
     elif down.ndim == 2 and kind == "conv" and kernel == (1, 1):
         down, up = down[:, :, None, None], up[:, :, None, None]
 
-    rslora = bool(config.get("use_rslora")) if config else False
+    rslora = peft_format.config_flag(config, "use_rslora", where) if config else False
     if "alpha" in roles:
         alpha_arr = tf.get(roles["alpha"], allow_int=True)
         if alpha_arr.size != 1:

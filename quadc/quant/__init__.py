@@ -11,6 +11,7 @@ from quadc.quant.affine import (
     merge_ranges,
     quantize,
     sqnr_db,
+    sqnr_db_from_sums,
 )
 from quadc.quant.encodings import (
     ENCODINGS_VERSION,
@@ -37,5 +38,6 @@ __all__ = [
     "quantize",
     "read_encodings",
     "sqnr_db",
+    "sqnr_db_from_sums",
     "write_encodings",
 ]

@@ -493,8 +493,13 @@ def sqnr_db(ref: Any, test: Any) -> float:
     t = np.asarray(test, dtype=np.float64)
     if r.shape != t.shape:
         raise QuadcError(f"sqnr_db needs arrays of one shape, got {r.shape} and {t.shape}")
-    noise = float(np.sum(np.square(r - t)))
-    signal = float(np.sum(np.square(r)))
+    return sqnr_db_from_sums(float(np.sum(np.square(r))), float(np.sum(np.square(r - t))))
+
+
+def sqnr_db_from_sums(signal: float, noise: float) -> float:
+    """``10 log10(signal / noise)`` in dB from the sums of squares ``signal = sum(ref^2)`` and
+    ``noise = sum((ref - test)^2)``, for SQNRs accumulated over many runs; ``inf`` when ``noise`` is 0,
+    ``-inf`` when only ``signal`` is 0 (as :func:`sqnr_db`)."""
     if noise == 0.0:
         return math.inf
     if signal == 0.0:

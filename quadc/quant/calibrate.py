@@ -49,7 +49,8 @@ import onnx_graphsurgeon as gs
 from quadc.context import silent_progress
 from quadc.errors import QuadcError
 from quadc.graph import infer_shapes, ort_session, return_freed_memory, unique_name
-from quadc.quant.affine import Encoding, fake_quant
+from quadc.quant.affine import Encoding, fake_quant, sqnr_db_from_sums
+from quadc.unet_inputs import is_lora_input
 
 __all__ = [
     "Capture",
@@ -63,7 +64,6 @@ __all__ = [
 
 #: Name of the base-model run (all LoRA inputs zero) in progress messages and ``Ranges.samples``.
 BASE = None
-_LORA_SUFFIXES = (".lora_down", ".lora_up")
 _GRAPH_ATTRS = ("_quadc_registry", "_quadc_source", "opset_imports", "ir_version")
 
 
@@ -126,6 +126,8 @@ class Capture:
     """How rows are sampled from a captured tensor so that a LoRA branch can be evaluated on them.
 
     ``kind="linear"``: the tensor is ``[..., d_in]``; a row is one feature vector (token).
+    ``kind="channels"``: the tensor is ``[B, d_in, ...]`` (channels first, after ``linear-to-conv``); a row
+    is the feature vector at one position.
     ``kind="conv"``: the tensor is ``[B, C, H, W]`` feeding a conv with ``kernel``, ``strides``,
     ``pads`` (ONNX order: top, left, bottom, right) and ``dilations``; a row is the receptive field of one
     output pixel flattened in ``(C, kh, kw)`` order, i.e. ``row @ W.reshape(out, -1).T`` is that pixel's
@@ -147,6 +149,10 @@ class Capture:
         """How many rows a tensor of ``shape`` has (tokens, or output pixels of the conv)."""
         if self.kind == "linear":
             return int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+        if self.kind == "channels":
+            if len(shape) < 2:
+                raise QuadcError(f"a channels capture needs a [B, C, ...] tensor, got shape {list(shape)}")
+            return int(shape[0]) * int(np.prod(shape[2:], dtype=np.int64))
         b, _, oh, ow = self._conv_geometry(shape)
         return b * oh * ow
 
@@ -160,6 +166,9 @@ class Capture:
         a = np.asarray(arr)
         if self.kind == "linear":
             flat = a.reshape(-1, a.shape[-1]) if a.ndim > 1 else a.reshape(1, -1)
+            return np.asarray(flat[picks], dtype=np.float32)
+        if self.kind == "channels":
+            flat = np.moveaxis(a.reshape(a.shape[0], a.shape[1], -1), 1, 2).reshape(-1, a.shape[1])
             return np.asarray(flat[picks], dtype=np.float32)
         b, c, oh, ow = self._conv_geometry(a.shape)
         kh, kw = self.kernel
@@ -179,7 +188,7 @@ class Capture:
     def _conv_geometry(self, shape: Sequence[int]) -> tuple[int, int, int, int]:
         """``(batch, channels, out_h, out_w)`` of the conv on an NCHW input of ``shape``."""
         if self.kind != "conv":
-            raise QuadcError(f"unknown capture kind '{self.kind}'; use linear or conv")
+            raise QuadcError(f"unknown capture kind '{self.kind}'; use linear, channels or conv")
         if len(shape) != 4:
             raise QuadcError(f"a conv capture needs an NCHW tensor, got shape {list(shape)}")
         b, c, h, w = (int(d) for d in shape)
@@ -261,7 +270,7 @@ def _runs(graph: gs.Graph, feeds: Iterable[Mapping[str, np.ndarray]],
     graph input missing from a feed is a QuadcError.
     """
     specs = {t.name: t for t in graph.inputs}
-    lora_inputs = [n for n in specs if n.endswith(_LORA_SUFFIXES)]
+    lora_inputs = [n for n in specs if is_lora_input(n)]
     zeros: dict[str, np.ndarray] = {}
     for name in lora_inputs:
         t = specs[name]
@@ -725,15 +734,8 @@ def measure_sqnr(
     return_freed_memory()
     out: dict[str, float] = {}
     for i, name in enumerate(names):
-        out[name] = _sqnr(sig[i], noise[i])
+        out[name] = sqnr_db_from_sums(sig[i], noise[i])
     for name in in_names:
-        out[name] = _sqnr(in_sig[name], in_noise[name])
+        out[name] = sqnr_db_from_sums(in_sig[name], in_noise[name])
     return {name: out[name] for name in encodings}
 
-
-def _sqnr(signal: float, noise: float) -> float:
-    if noise == 0.0:
-        return math.inf
-    if signal == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)

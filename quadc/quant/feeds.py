@@ -30,28 +30,27 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from quadc.errors import QuadcError
+from quadc.graph_inputs import concrete_shape, input_specs, random_inputs
+from quadc.unet_inputs import is_lora_input, unet_input_roles
 
 __all__ = [
     "SCHEDULES",
     "SD15_BETA_END",
     "SD15_BETA_START",
     "SD15_TRAIN_STEPS",
-    "InputSpec",
     "alphas_cumprod",
     "calibration_timesteps",
-    "input_specs",
     "noise_sigma",
     "npz_feeds",
     "random_feeds",
     "schedule_timesteps",
-    "unet_input_names",
 ]
 
 #: Stable Diffusion 1.5's training schedule (``scaled_linear`` betas).
@@ -70,10 +69,6 @@ _SPACINGS = ("leading", "linspace", "trailing")
 LCM_ORIGINAL_STEPS = 50
 #: SD1.5 latents (after the VAE scaling factor) and CLIP-L/14 hidden states; used for symbolic dims.
 _DEFAULT_DIMS = {"batch": 1, "channels": 4, "height": 64, "width": 64, "tokens": 77, "embed": 768}
-_LORA_SUFFIXES = (".lora_down", ".lora_up")
-
-#: ``name -> (shape, dtype)``; a shape entry may be an int, a symbolic name or None.
-InputSpec = tuple[Sequence[int | str | None], Any]
 
 
 # --------------------------------------------------------------------------------------------- schedules
@@ -153,60 +148,7 @@ def calibration_timesteps(n: int, schedules: Sequence[tuple[str, int]] = SCHEDUL
     return pool[idx]
 
 
-# ------------------------------------------------------------------------------------------------- inputs
-def input_specs(graph_or_specs: Any) -> dict[str, tuple[list[int | str | None], np.dtype]]:
-    """``name -> (shape, dtype)`` of every input of a gs.Graph, a sequence of gs tensors, or a mapping."""
-    specs: dict[str, tuple[list[int | str | None], np.dtype]] = {}
-    if isinstance(graph_or_specs, Mapping):
-        for name, spec in graph_or_specs.items():
-            try:
-                shape, dtype = spec
-            except (TypeError, ValueError):
-                raise QuadcError(f"input spec of '{name}' must be (shape, dtype), got {spec!r}") from None
-            specs[str(name)] = (list(shape), np.dtype(dtype))
-        return specs
-    tensors = getattr(graph_or_specs, "inputs", graph_or_specs)
-    for t in tensors:
-        if t.shape is None or t.dtype is None:
-            raise QuadcError(f"graph input '{t.name}' has no shape or dtype; re-export the model with static shapes")
-        specs[t.name] = (list(t.shape), np.dtype(t.dtype))
-    return specs
-
-
-def unet_input_names(specs: Mapping[str, tuple[Sequence[Any], Any]]) -> dict[str, str]:
-    """Map roles ``sample`` / ``timestep`` / ``encoder_hidden_states`` to input names.
-
-    By name first; otherwise by rank among the non-LoRA float inputs (4-D sample, 3-D conditioning,
-    0/1-D timestep). Raises a QuadcError when a role cannot be found.
-    """
-    names = [n for n in specs if not n.endswith(_LORA_SUFFIXES)]
-    roles: dict[str, str] = {}
-    aliases = {"sample": ("sample", "latent", "latents", "x"), "timestep": ("timestep", "timesteps", "t"),
-               "encoder_hidden_states": ("encoder_hidden_states", "context", "text_embeddings", "cond")}
-    for role, options in aliases.items():
-        hit = next((n for n in names if n.lower() in options), None)
-        if hit is not None:
-            roles[role] = hit
-    by_rank = {"sample": (4,), "encoder_hidden_states": (3,), "timestep": (0, 1)}
-    for role, ranks in by_rank.items():
-        if role in roles:
-            continue
-        hits = [n for n in names if len(specs[n][0]) in ranks and n not in roles.values()]
-        if len(hits) == 1:
-            roles[role] = hits[0]
-    missing = [r for r in aliases if r not in roles]
-    if missing:
-        raise QuadcError(
-            f"cannot tell which graph input is the U-Net's {', '.join(missing)} (inputs: {', '.join(names) or 'none'}); "
-            "name them sample, timestep and encoder_hidden_states as diffusers exports do"
-        )
-    return roles
-
-
-def _concrete(shape: Sequence[Any], defaults: Sequence[int]) -> tuple[int, ...]:
-    return tuple(d if isinstance(d, int | np.integer) and d > 0 else defaults[i] for i, d in enumerate(shape))
-
-
+# ------------------------------------------------------------------------------------------------- feeds
 def _smooth_latent(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     """A unit-variance, spatially correlated stand-in for a clean VAE latent ``[B, C, H, W]``."""
     b, c, h, w = shape
@@ -234,18 +176,21 @@ def _cond_profile(d: int) -> tuple[np.ndarray, np.ndarray]:
 def random_feeds(graph_or_input_specs: Any, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """``n`` synthetic feeds for the U-Net inputs of a graph (or ``{name: (shape, dtype)}``); see the module
     docstring for the distributions. Deterministic for a given ``seed``. Symbolic dims default to SD1.5's
-    (batch 1, 64x64 latents, 77 tokens, width 768)."""
+    (batch 1, 64x64 latents, 77 tokens, width 768). The roles come from
+    :func:`quadc.unet_inputs.unet_input_roles`; any other input that is not a LoRA slot input gets
+    :func:`quadc.graph_inputs.random_inputs` values (symbolic dims 1)."""
     if not isinstance(n, int | np.integer) or n < 1:
         raise QuadcError(f"the number of random calibration feeds must be a positive integer, got {n!r}")
     specs = input_specs(graph_or_input_specs)
-    roles = unet_input_names(specs)
+    roles = unet_input_roles(specs, "calibration feeds")
     s_shape, s_dtype = specs[roles["sample"]]
     t_shape, t_dtype = specs[roles["timestep"]]
     c_shape, c_dtype = specs[roles["encoder_hidden_states"]]
+    others = [n for n in specs if n not in roles.values() and not is_lora_input(n)]
     d = _DEFAULT_DIMS
-    sample_shape = _concrete(s_shape, (d["batch"], d["channels"], d["height"], d["width"]))
-    cond_shape = _concrete(c_shape, (sample_shape[0], d["tokens"], d["embed"]))
-    t_conc = _concrete(t_shape, (sample_shape[0],))
+    sample_shape = concrete_shape(s_shape, (d["batch"], d["channels"], d["height"], d["width"]))
+    cond_shape = concrete_shape(c_shape, (sample_shape[0], d["tokens"], d["embed"]))
+    t_conc = concrete_shape(t_shape, (sample_shape[0],))
     batch = sample_shape[0]
     # One timestep per batch element when the timestep input has one entry per element, else per feed.
     per_elem = batch if int(np.prod(t_conc, dtype=np.int64)) == batch else 1
@@ -265,11 +210,13 @@ def random_feeds(graph_or_input_specs: Any, n: int, seed: int = 0) -> list[dict[
         t_arr = np.resize(ts, t_conc).astype(np.float64)
         if np.issubdtype(t_dtype, np.integer):
             t_arr = np.round(t_arr)
-        feeds.append({
+        feed = random_inputs(specs, seed=seed + i, names=others)
+        feed.update({
             roles["sample"]: sample.astype(s_dtype),
             roles["timestep"]: t_arr.astype(t_dtype),
             roles["encoder_hidden_states"]: cond.astype(c_dtype),
         })
+        feeds.append(feed)
     return feeds
 
 
@@ -293,7 +240,7 @@ def npz_feeds(directory: str | os.PathLike[str], graph_or_input_specs: Any = Non
     wanted: dict[str, tuple[list[int | str | None], np.dtype]] | None = None
     if graph_or_input_specs is not None:
         specs = input_specs(graph_or_input_specs)
-        wanted = {k: v for k, v in specs.items() if not k.endswith(_LORA_SUFFIXES)}
+        wanted = {k: v for k, v in specs.items() if not is_lora_input(k)}
     feeds: list[dict[str, np.ndarray]] = []
     for path in files:
         try:

@@ -113,11 +113,14 @@ def output_js(f_ref: np.ndarray, f_test: np.ndarray) -> np.ndarray:
 
 # -------------------------------------------------------------------------------------------- LoRA branch
 def _as_matrices(down: np.ndarray, up: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """Packed slot tensors as ``(D [features, r], U [r, d_out])`` so that ``f = rows @ D @ U``."""
+    """Packed slot tensors as ``(D [features, r], U [r, d_out])`` so that ``f = rows @ D @ U``;
+    ``kind`` is the slot's layout (``conv``, ``channels`` or ``matmul``/``linear``)."""
     if kind == "conv":
         d = np.asarray(down).reshape(down.shape[0], -1).T
         u = np.asarray(up)[:, :, 0, 0].T
         return d, u
+    if kind == "channels":
+        return np.asarray(down).T, np.asarray(up).T
     return np.asarray(down), np.asarray(up)
 
 
@@ -162,7 +165,9 @@ def lora_layer_captures(graph: gs.Graph, slots: Mapping[str, Any]) -> dict[str, 
         x = next((t for t in node.inputs if t.name != slot.down_input), None)
         if x is None or not x.name:
             raise QuadcError(f"the LoRA down node of '{module}' has no activation input")
-        if slot.kind == "conv" or node.op == "Conv":
+        if slot.layout == "channels":
+            cap = Capture("channels")
+        elif slot.kind == "conv" or node.op == "Conv":
             attrs = node.attrs
             kernel = tuple(int(k) for k in attrs.get("kernel_shape", slot.down_shape[2:]))
             strides = tuple(int(s) for s in attrs.get("strides", (1, 1)))
@@ -252,9 +257,9 @@ def compute_qss(
                 raise QuadcError(f"no calibration samples of the input of '{module}' for task '{task}'; "
                                  "calibrate with capture for the LoRA layer inputs")
             down, up = packed[slot.down_input], packed[slot.up_input]
-            ref = branch_output(rows, down, up, slot.kind)
+            ref = branch_output(rows, down, up, slot.layout)
             test = branch_output(rows, fake_quant(down, encs[slot.down_input]),
-                                 fake_quant(up, encs[slot.up_input]), slot.kind)
+                                 fake_quant(up, encs[slot.up_input]), slot.layout)
             layers[module] = LayerScore(module, float(np.mean(output_js(ref, test))), sqnr_db(ref, test), len(rows))
         qss = float(np.mean([s.js for s in layers.values()])) if layers else 0.0
         scores[task] = TaskScore(task, qss, layers)
@@ -354,9 +359,9 @@ def shared_sqnr(
             if rows is None or len(rows) == 0:
                 continue
             down, up = packed[slot.down_input], packed[slot.up_input]
-            ref = branch_output(rows, down, up, slot.kind)
+            ref = branch_output(rows, down, up, slot.layout)
             test = branch_output(rows, fake_quant(down, encodings[slot.down_input]),
-                                 fake_quant(up, encodings[slot.up_input]), slot.kind)
+                                 fake_quant(up, encodings[slot.up_input]), slot.layout)
             vals.append(sqnr_db(ref, test))
         finite = [v for v in vals if math.isfinite(v)]
         out[task] = float(np.mean(finite)) if finite else (math.inf if vals else math.nan)

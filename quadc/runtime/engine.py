@@ -1,5 +1,9 @@
 """Engine: one loaded graph; a task switch binds that task's LoRA tensors, never reloads the model.
 
+The executor is onnxruntime's CPU provider over the artifact's graph, or for an artifact with a QNN
+context (target ``qnn``) that context on the HTP backend when onnxruntime-qnn is installed
+(:mod:`quadc.runtime.qnn_engine`; ``executor="cpu"`` runs its QDQ graph on the CPU instead).
+
 Example::
 
     engine = Engine("out/quadc")
@@ -16,37 +20,60 @@ from typing import Any
 
 import numpy as np
 
-from quadc.artifact import read_manifest
+from quadc.artifact import artifact_file, read_manifest
 from quadc.errors import QuadcError
+from quadc.graph import external_data_files
 from quadc.runtime.lora_store import LoRAStore
 
 BASE_TASKS = (None, "none")
 
 
 class Engine:
-    """One onnxruntime session over an artifact's graph plus a :class:`LoRAStore` for its tasks."""
+    """One onnxruntime session over an artifact's graph plus a :class:`LoRAStore` for its tasks.
+
+    A TFLite artifact (manifest ``runtime: litert``) gets a
+    :class:`~quadc.runtime.tflite_engine.TfliteEngine` instead (same ``run``/``lora_inputs`` API).
+    """
+
+    def __new__(cls, artifact_dir: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
+        if cls is Engine and read_manifest(Path(artifact_dir)).get("runtime") == "litert":
+            from quadc.runtime.tflite_engine import TfliteEngine
+
+            return TfliteEngine(artifact_dir, cache_size=kwargs.get("cache_size", 4))
+        return super().__new__(cls)
 
     def __init__(self, artifact_dir: str | os.PathLike[str], *,
                  providers: Sequence[str] = ("CPUExecutionProvider",),
                  provider_options: Sequence[dict[str, Any]] | None = None, cache_size: int = 4,
-                 session_options: Any = None):
+                 session_options: Any = None, executor: str = "auto"):
         import onnxruntime as ort
+
+        from quadc.runtime.qnn_engine import artifact_context_session, choose_executor
 
         self.dir = Path(artifact_dir)
         self.manifest = read_manifest(self.dir)
-        graph = self.dir / self.manifest["graph"]
-        so = session_options or ort.SessionOptions()
-        so.log_severity_level = 3
-        self.session = ort.InferenceSession(str(graph), so, providers=list(providers),
-                                            provider_options=provider_options)
+        explicit = session_options is not None or tuple(providers) != ("CPUExecutionProvider",)
+        self.executor = choose_executor(self.manifest, "cpu" if explicit and executor == "auto" else executor)
+        if self.executor == "qnn-htp":
+            self.session = artifact_context_session(self.dir, self.manifest)
+        else:
+            graph = self.graph_path
+            if not graph.is_file():
+                raise QuadcError(f"{self.dir}: graph file '{self.manifest['graph']}' is missing; compile again")
+            external_data_files(graph)  # its external data must lie inside the artifact too
+            so = session_options or ort.SessionOptions()
+            so.log_severity_level = 3
+            self.session = ort.InferenceSession(str(graph), so, providers=list(providers),
+                                                provider_options=provider_options)
         slots = self.manifest.get("lora_slots", [])
         tasks = self.manifest.get("tasks", {})
-        self.store = LoRAStore({t: self.dir / e["files"]["onnx_adapter"]["path"] for t, e in tasks.items()},
-                               capacity=cache_size)
+        self.store = LoRAStore({t: self.task_file(t) for t in tasks}, capacity=cache_size)
         specs = {side["name"]: side for slot in slots for side in (slot["down"], slot["up"])}
         self._zeros = {i.name: _zero_lora(i.shape, _np_type(i.type), specs[i.name])
                        for i in self.session.get_inputs() if i.name in specs}
         self.model_inputs = [i.name for i in self.session.get_inputs() if i.name not in self._zeros]
+        self._float_inputs = {i.name: _FLOAT_TYPES[i.type] for i in self.session.get_inputs()
+                              if i.name in self.model_inputs and i.type in _FLOAT_TYPES}
         slot_names = {s["module"]: (s["down"]["name"], s["up"]["name"]) for s in slots}
         self._task_inputs = {t: {n for m in e.get("modules", slot_names) for n in slot_names[m]}
                              for t, e in tasks.items()}
@@ -56,14 +83,29 @@ class Engine:
     def tasks(self) -> list[str]:
         return self.store.tasks
 
+    @property
+    def graph_path(self) -> Path:
+        """The artifact's graph file (checked to lie inside the artifact)."""
+        return artifact_file(self.dir, self.manifest["graph"], what="graph")
+
+    def task_file(self, task: str, kind: str = "onnx_adapter") -> Path:
+        """The ``kind`` file (``onnx_adapter`` or ``safetensors``) of ``task``, checked to lie inside the
+        artifact."""
+        files = self.manifest["tasks"][task].get("files", {})
+        if kind not in files:
+            raise QuadcError(f"{self.dir}: task '{task}' has no {kind} file in the manifest; compile again")
+        return artifact_file(self.dir, files[kind].get("path"), what=f"task '{task}' {kind} file")
+
     def run(self, feeds: Mapping[str, np.ndarray], task: str | None = None) -> dict[str, np.ndarray]:
-        """Run one forward pass with ``task``'s LoRA bound (``None``/"none": the base model)."""
+        """Run one forward pass with ``task``'s LoRA bound (``None``/"none": the base model).
+
+        Float feeds are cast to the graph's float type, so an fp16 artifact takes float32 inputs too."""
         import onnxruntime as ort
 
         missing = [n for n in self.model_inputs if n not in feeds]
         if missing:
             raise QuadcError(f"missing model input(s) {', '.join(missing)}; the graph needs {', '.join(self.model_inputs)}")
-        inputs = {k: v for k, v in feeds.items() if k in self.model_inputs}
+        inputs = {k: _as_float_type(v, self._float_inputs.get(k)) for k, v in feeds.items() if k in self.model_inputs}
         options = ort.RunOptions()
         inputs.update(self._unbound_zeros(task))
         if task not in BASE_TASKS:
@@ -89,7 +131,7 @@ class Engine:
 
         feeds = self._unbound_zeros(task)
         if task not in BASE_TASKS:
-            feeds.update(read_packed(self.dir / self.manifest["tasks"][task]["files"]["onnx_adapter"]["path"]))
+            feeds.update(read_packed(self.task_file(task)))
         return feeds
 
     def preload(self, tasks: Sequence[str]) -> None:
@@ -97,9 +139,24 @@ class Engine:
         self.store.preload(tasks)
 
 
+_FLOAT_TYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16)}
+
+
+def _as_float_type(value: Any, dtype: np.dtype | None) -> Any:
+    """``value`` cast to the graph input's float type when both are floats of different widths."""
+    arr = np.asarray(value)
+    if dtype is None or arr.dtype == dtype or arr.dtype.kind != "f":
+        return value
+    return arr.astype(dtype)
+
+
 def _zero_lora(shape: Sequence[Any], dtype: Any, spec: Mapping[str, Any]) -> np.ndarray:
-    """The base model's value of a LoRA input: float zeros, or for a quantized input (uint8 under a shared
+    """The base model's value of a LoRA input: zeros of the input's float type (float32 or float16, as the
+    slot's packed task files), or for a quantized input (uint8 under a shared
     encoding) its zero point, which dequantizes to exactly 0."""
+    if "dtype" in spec and np.dtype(spec["dtype"]) != np.dtype(dtype):
+        raise QuadcError(f"LoRA input '{spec.get('name')}' is {np.dtype(dtype)} in the graph but {spec['dtype']} in "
+                         "the manifest; the artifact is inconsistent, compile it again")
     zero = np.zeros(shape, dtype)
     if np.dtype(dtype).kind not in "iu":
         return zero

@@ -1,0 +1,91 @@
+"""The options of quantization planning: they are the ``quant-plan`` pass's declared options.
+
+CLI flags map one to one, and strings such as ``"0.3"`` or ``"true"`` are accepted
+(:mod:`quadc.options` parses them):
+
+=====================  ===========  ===================================================================
+option                 default      meaning
+=====================  ===========  ===================================================================
+``precision``          ``w8a16``    ``w8a16``: 16-bit activations; ``w8a8``: 8-bit activations
+``a8_fraction``        ``0``        w8a16 only: this fraction of activations gets uint8 instead, least
+                                    sensitive first (:mod:`quadc.quant.activations`)
+``headroom``           ``2``        16-bit activation ranges are widened by this factor around zero, so
+                                    inputs unlike the calibration feeds do not clip
+``calib_dir``          none         folder of ``.npz`` feeds (:func:`quadc.quant.feeds.npz_feeds`)
+``calib_random``       ``4``        without ``calib_dir``: number of synthetic feeds
+                                    (:func:`quadc.quant.feeds.random_feeds`)
+``calib_seed``         ``0``        seed of the synthetic feeds and of QSS row sampling
+``lora_policy``        ``auto``     ``auto``: anchor (highest QSS) unless all QSS are within
+                                    ``qss_tolerance`` -> unified; ``anchor`` / ``unified`` force one
+``qss_tolerance``      ``0.05``     relative QSS spread under which ``auto`` falls back to unified
+``qss_rows``           ``256``      sampled rows per LoRA layer and task kept for QSS
+``per_channel``        ``false``    weights int8 symmetric per output channel instead of per-tensor (where
+                                    the scheme leaves the choice)
+``lora_float_inputs``  ``false``    LoRA inputs stay float (Q/DQ inside the graph), recorded in the plan
+``encodings_file``     none         AIMET 1.0.0 encodings JSON: take every encoding from it, no calibration
+``scheme``             target's     encoding scheme the encodings are derived in
+                                    (:mod:`quadc.quant.schemes`); default: the target's, else ``qnn-htp``
+=====================  ===========  ===================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from quadc.options import PassOption, parse_options
+from quadc.quant.plan import PRECISIONS
+
+__all__ = ["LORA_POLICY_OPTIONS", "PLAN_OPTIONS", "PlanOptions"]
+
+LORA_POLICY_OPTIONS = ("auto", "anchor", "unified")
+
+#: The planner's options: they are the options of the ``quant-plan`` pass (see the table above).
+PLAN_OPTIONS: tuple[PassOption, ...] = (
+    PassOption("precision", str, "w8a16", "w8a16: 16-bit activations; w8a8: 8-bit activations",
+               choices=PRECISIONS),
+    PassOption("a8_fraction", float, 0.0, "w8a16 only: this fraction of activations becomes uint8",
+               low=0.0, high=1.0),
+    PassOption("headroom", float, 2.0, "widen 16-bit activation ranges by this factor around zero so inputs "
+               "unlike the calibration feeds do not clip", low=1.0),
+    PassOption("calib_dir", str, None, "folder of .npz calibration feeds"),
+    PassOption("calib_random", int, 4, "number of synthetic calibration feeds (without calib_dir)", low=1),
+    PassOption("calib_seed", int, 0, "seed of the synthetic feeds and of QSS row sampling", low=0),
+    PassOption("lora_policy", str, "auto", "shared LoRA encodings: anchor, unified, or auto",
+               choices=LORA_POLICY_OPTIONS),
+    PassOption("qss_tolerance", float, 0.05, "relative QSS spread under which auto falls back to unified",
+               low=0.0),
+    PassOption("qss_rows", int, 256, "sampled rows per LoRA layer and task kept for QSS", low=1),
+    PassOption("per_channel", bool, False, "int8 symmetric per-channel weights instead of per-tensor (where the "
+               "scheme leaves the choice)"),
+    PassOption("lora_float_inputs", bool, False, "keep LoRA inputs float (Q/DQ inside the graph)"),
+    PassOption("encodings_file", str, None, "AIMET encodings JSON to take every encoding from"),
+    PassOption("scheme", str, None, "encoding scheme (quadc.quant.schemes) the encodings are derived in; "
+               "default: the target's, else qnn-htp"),
+)
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """The planner's options, parsed and checked (see the module docstring for their meaning)."""
+
+    precision: str = "w8a16"
+    a8_fraction: float = 0.0
+    headroom: float = 2.0
+    calib_dir: str | None = None
+    calib_random: int = 4
+    calib_seed: int = 0
+    lora_policy: str = "auto"
+    qss_tolerance: float = 0.05
+    qss_rows: int = 256
+    per_channel: bool = False
+    lora_float_inputs: bool = False
+    encodings_file: str | None = None
+    scheme: str | None = None
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> PlanOptions:
+        """Parse option values (missing or None values take the defaults) with :data:`PLAN_OPTIONS`."""
+        values = parse_options(PLAN_OPTIONS, {k: v for k, v in options.items() if v is not None}, "quant-plan")
+        return cls(**values)

@@ -1,0 +1,197 @@
+"""The shared fully integer 16x8 TFLite target; ``neuropilot`` and ``enn`` are its vendor variants.
+
+Pipeline: ``float`` (lora-inputs, const-fold, dce), ``tflite::legalize``, ``quant-plan`` (one calibration
+with every task bound; QSS anchor or unified fallback for the shared LoRA ranges). ``emit`` derives the
+16x8 scheme from the plan's ranges (:func:`~.scheme.scheme_from_plan`), translates the graph
+(:func:`~.convert.translate`), refuses an op outside the vendor plugin's list, and writes::
+
+    model.tflite                 int16 activations (zero point 0), int8 per-channel weights, int32 biases;
+                                 LoRA factors are int8 subgraph inputs (zero point 0), one encoding per slot
+    host.onnx                    the timestep embedding, computed on the host in numpy (see :mod:`.host`)
+    encodings.json               every int16/int8 encoding (quadc's encodings file)
+    lora/<task>.safetensors      the task's int8 LoRA tensors in the TFLite input layout, bound as they are
+    manifest.json                interface (inputs/outputs with layout and quantization), ops, tasks
+
+``verify`` runs the artifact in LiteRT and compares it with the float LoRA-as-input graph of the source
+model with the task's LoRA (ORT CPU).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from quadc.errors import QuadcError
+from quadc.quant.encodings import EncodingsFile, write_encodings
+from quadc.targets.base import Target
+from quadc.targets.tflite.convert import IntPolicy, Translation, check_ops, translate
+from quadc.targets.tflite.host import host_graph, split_host
+from quadc.targets.tflite.scheme import TfliteScheme, quantize_symmetric, scheme_from_plan
+
+if TYPE_CHECKING:
+    from quadc.context import CompileContext
+
+GRAPH_FILE = "model.tflite"
+HOST_FILE = "host.onnx"
+ENCODINGS_FILE = "encodings.json"
+BASE_TASKS = (None, "none")
+
+
+def lora_perms(translation: Translation) -> dict[str, list[int]]:
+    """LoRA input name -> the perm from its slot layout to its TFLite input layout."""
+    return {s.name: s.perm for s in translation.inputs if s.kind == "lora"}
+
+
+def write_tflite_task_files(ctx: CompileContext, out_dir: Path, scheme: TfliteScheme,
+                            perms: Mapping[str, list[int]]) -> dict[str, Any]:
+    """Every task's int8 LoRA tensors (TFLite layout, shared encodings) as ``lora/<task>.safetensors``;
+    returns the manifest's ``lora_slots`` and ``tasks`` entries (with saturation per task)."""
+    from quadc.graph import file_sha256
+    from quadc.lora.pack import pack_task, saturation, write_safetensors
+    from quadc.paths import check_task_names
+
+    slots = ctx.lora_slots
+    entries: dict[str, Any] = {"lora_slots": [], "tasks": {}}
+    for slot in slots.values():
+        entry = slot.to_dict()
+        for side, name in (("down", slot.down_input), ("up", slot.up_input)):
+            enc = scheme.lora[name]
+            entry[side].update({"dtype": "int8", "zero_point": 0, "scale": float(enc.scale),
+                                "tflite_perm": perms.get(name)})
+        entries["lora_slots"].append(entry)
+    if not slots or ctx.loras is None:
+        return entries
+    check_task_names(ctx.loras)
+    slot_of = {n: m for m, s in slots.items() for n in (s.down_input, s.up_input)}
+    lora_dir = out_dir / "lora"
+    lora_dir.mkdir(exist_ok=True)
+    for name, lora in ctx.loras.items():
+        ctx.progress(f"packing task '{name}' (int8, TFLite layout)")
+        modules = [m for m in slots if m in lora.layers]
+        own = {n for m in modules for n in (slots[m].down_input, slots[m].up_input)}
+        params = {k: v for k, v in pack_task(lora, slots).items() if k in own}
+        sat = saturation(params, SimpleNamespace(lora=scheme.lora), slot_of)
+        stored = {k: quantize_symmetric(np.ascontiguousarray(v.transpose(perms[k])), scheme.lora[k], narrow=True)
+                  for k, v in sorted(params.items())}
+        path = write_safetensors(stored, lora_dir / f"{name}.safetensors",
+                                 {"quadc.task": name, "quadc.layout": "tflite", "quadc.encodings": "shared"})
+        entries["tasks"][name] = {
+            "source": Path(str(lora.source)).name,
+            "format": lora.format,
+            "layers": len(lora.layers),
+            "modules": modules,
+            "dtype": "int8",
+            "files": {"safetensors": {"path": str(path.relative_to(out_dir)), "bytes": path.stat().st_size,
+                                      "sha256": file_sha256(path)}},
+            "lora_rom_bytes": path.stat().st_size,
+            **sat.manifest_entry(),
+        }
+    return entries
+
+
+class TfliteTarget(Target):
+    """Fully integer 16x8 TFLite (int16 activations, int8 weights and LoRA inputs) run in LiteRT."""
+
+    name: ClassVar[str] = ""
+    passes = ("float", "tflite::legalize", "quant-plan")
+    requires_passes = ("lora-inputs", "tflite::legalize", "quant-plan")
+    forbids_passes = ("qdq-insert",)
+    #: The TFLite ops the vendor's LiteRT compiler plugin takes (None: any LiteRT builtin).
+    supported_ops: ClassVar[tuple[str, ...] | None] = None
+
+    def build(self, graph: gs.Graph, ctx: CompileContext) -> tuple[TfliteScheme, Translation, Any]:
+        """The scheme, the 16x8 translation and the host split of ``graph`` (after the pipeline)."""
+        if ctx.plan is None:
+            raise QuadcError(f"target {self.name} needs the quantization plan; its pipeline must include quant-plan")
+        scheme = scheme_from_plan(graph, ctx.plan)
+        host = split_host(graph)
+        lora = [n for s in ctx.lora_slots.values() for n in (s.down_input, s.up_input)]
+        policy = IntPolicy(scheme)
+        translation = translate(graph, policy, lora_inputs=lora, host=host)
+        if self.supported_ops is not None:
+            check_ops(translation, self.supported_ops, self.name)
+        scheme.report["bias_values_saturated"] = policy.bias_saturated
+        return scheme, translation, host
+
+    def emit(self, graph: gs.Graph, ctx: CompileContext, out_dir: Path) -> dict[str, Any]:
+        scheme, translation, host = self.build(graph, ctx)
+        (out_dir / GRAPH_FILE).write_bytes(translation.data)
+        files = [GRAPH_FILE]
+        if host.nodes:
+            onnx.save(host_graph(graph, host), str(out_dir / HOST_FILE))
+            files.append(HOST_FILE)
+        write_encodings(out_dir / ENCODINGS_FILE, EncodingsFile(
+            activations={**scheme.activations, **scheme.lora}, params={},
+            quantizer_args={"activation_bitwidth": 16, "param_bitwidth": 8, "dtype": "int", "is_symmetric": True,
+                            "per_channel_quantization": True, "lora_inputs": sorted(scheme.lora),
+                            "lora_encodings": "shared by every task"}))
+        entries: dict[str, Any] = {
+            "graph": GRAPH_FILE,
+            "graph_files": files,
+            "shared_rom_bytes": sum((out_dir / f).stat().st_size for f in files),
+            "runtime": "litert",
+            "precision": "a16w8",
+            "encodings": ENCODINGS_FILE,
+            "quant": {**ctx.plan.summary(), "scheme": "int16 symmetric activations (zp 0), int8 symmetric "
+                      "per-channel weights, int32 biases, int8 zp-0 LoRA inputs", **scheme.report},
+            "tflite": {"inputs": [s.to_dict() for s in translation.inputs],
+                       "outputs": [s.to_dict() for s in translation.outputs],
+                       "ops": translation.ops,
+                       "host_graph": HOST_FILE if host.nodes else None,
+                       "supported_ops": list(self.supported_ops) if self.supported_ops else None},
+        }
+        entries.update(write_tflite_task_files(ctx, out_dir, scheme, lora_perms(translation)))
+        return entries
+
+    def verify(self, artifact_dir: Path, feeds: dict[str, Any], task: str | None = None, *,
+               model: str | os.PathLike[str] | None = None,
+               loras: Mapping[str, str | os.PathLike[str]] | None = None) -> dict[str, Any]:
+        """Run the artifact in LiteRT with ``task`` bound and report per output ``max_abs``, ``max_abs_err``
+        and ``sqnr_db`` against the float LoRA-as-input graph of the source model with the task's float LoRA
+        (ORT CPU). ``model``/``loras`` default to the bundled ones when the artifact was built from them."""
+        from quadc.quant.affine import sqnr_db
+        from quadc.runtime.tflite_engine import TfliteEngine
+
+        engine = TfliteEngine(artifact_dir)
+        out = engine.run(feeds, task=task)
+        ref = float_reference(engine.manifest, feeds, task, model=model, loras=loras)
+        report: dict[str, Any] = {"task": task or "none", "reference": "float LoRA-as-input graph (ORT CPU)",
+                                  "outputs": {}}
+        for name, value in out.items():
+            want = np.asarray(ref[name], np.float64)
+            got = np.asarray(value, np.float64)
+            report["outputs"][name] = {"max_abs": float(np.max(np.abs(got))),
+                                       "max_abs_err": float(np.max(np.abs(got - want))),
+                                       "sqnr_db": round(float(sqnr_db(want, got)), 4)}
+        return report
+
+
+def float_reference(manifest: Mapping[str, Any], feeds: Mapping[str, np.ndarray], task: str | None, *,
+                    model: str | os.PathLike[str] | None = None,
+                    loras: Mapping[str, str | os.PathLike[str]] | None = None) -> dict[str, np.ndarray]:
+    """Outputs of the float LoRA-as-input graph (``float`` preset) of the artifact's source model with
+    ``task``'s float packed LoRA bound (zeros for the base model), on ORT CPU."""
+    from quadc.compiler import prepare
+    from quadc.graph import model_sha256, ort_session
+    from quadc.lora.pack import pack_task
+    from quadc.passes import PassPipeline, run_pipeline
+    from quadc.targets.onnx_ref import _source_lora, _source_model
+
+    model_path = _source_model(manifest, model)
+    if model is not None and model_sha256(model_path) != manifest.get("source", {}).get("sha256"):
+        raise QuadcError(f"{model_path} is not the model this artifact was compiled from (sha256 differs)")
+    paths = {} if task in BASE_TASKS else {task: _source_lora(manifest, task, loras)}
+    graph, ctx, _ = prepare(model_path, paths)
+    graph, _ = run_pipeline(graph, PassPipeline(["float"]).build(), ctx)
+    bound = pack_task(ctx.loras[task], ctx.lora_slots) if paths else {}
+    session = ort_session(graph)
+    names = [i.name for i in session.get_inputs()]
+    inputs = {n: (bound[n] if n in bound else np.asarray(feeds[n])) for n in names}
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, inputs), strict=True))

@@ -1,0 +1,57 @@
+"""Range equalization keeps a LoRA's float product and fits it to the shared grids."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from quadc.align.equalize import equalize
+from quadc.lora.model import LoRA, LoRALayer
+from quadc.lora.pack import pack_task
+from quadc.lora.slots import LoRASlot
+from quadc.quant.affine import QType, compute_encoding, fake_quant, sqnr_db
+from quadc.quant.plan import QuantPlan
+
+
+def _case() -> tuple[LoRA, dict, QuantPlan]:
+    rng = np.random.default_rng(0)
+    # down fills a tenth of its grid, up nine tenths; component 1 is negative where the grid is short
+    down = rng.uniform(-0.1, 0.1, (2, 16)).astype(np.float32)
+    up = rng.uniform(-0.9, 0.9, (12, 2)).astype(np.float32)
+    lora = LoRA("t", {"m": LoRALayer("m", up=up, down=down, alpha=2.0, rank=2)})
+    slot = LoRASlot("m", "linear", 2, "m.lora_down", "m.lora_up", (16, 2), (2, 12))
+    plan = QuantPlan(lora={"m.lora_down": compute_encoding(-1.0, 1.0, QType.UINT8),
+                           "m.lora_up": compute_encoding(-1.0, 1.0, QType.UINT8)})
+    return lora, {"m": slot}, plan
+
+
+def test_equalize_keeps_the_product_and_balances_the_grids() -> None:
+    lora, slots, plan = _case()
+    eq = equalize(lora, slots, plan)
+    before, after = lora.layers["m"], eq.layers["m"]
+    np.testing.assert_allclose(after.delta(), before.delta(), rtol=1e-5, atol=1e-7)
+    assert after.scale == before.scale and after.rank == before.rank
+    packed_b, packed_a = pack_task(lora, slots), pack_task(eq, slots)
+    for name in ("m.lora_down", "m.lora_up"):
+        assert np.abs(packed_a[name]).max() <= 1.0  # nothing saturates
+    # both factors now reach about sqrt(0.1 * 0.9) of their grid, per rank component
+    usage_d = np.abs(packed_a["m.lora_down"]).max(axis=0)
+    usage_u = np.abs(packed_a["m.lora_up"]).max(axis=1)
+    np.testing.assert_allclose(usage_d, usage_u, rtol=0.05)
+    x = np.random.default_rng(1).standard_normal((64, 16)).astype(np.float32)
+    ref = x @ packed_b["m.lora_down"] @ packed_b["m.lora_up"]
+
+    def quantized(p: dict) -> np.ndarray:
+        return x @ fake_quant(p["m.lora_down"], plan.lora["m.lora_down"]) @ fake_quant(p["m.lora_up"],
+                                                                                     plan.lora["m.lora_up"])
+    assert sqnr_db(ref, quantized(packed_a)) > sqnr_db(ref, quantized(packed_b)) + 3
+
+
+def test_equalize_flips_signs_to_fit_an_asymmetric_grid() -> None:
+    lora, slots, plan = _case()
+    layer = lora.layers["m"]
+    layer.down[:] = np.abs(layer.down)  # all positive
+    layer.up[:] = np.abs(layer.up)
+    plan.lora["m.lora_down"] = compute_encoding(-1.0, 0.1, QType.UINT8)  # mostly negative grid
+    eq = equalize(lora, slots, plan)
+    np.testing.assert_allclose(eq.layers["m"].delta(), layer.delta(), rtol=1e-5, atol=1e-7)
+    assert (eq.layers["m"].down <= 0).all()
