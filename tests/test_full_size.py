@@ -77,10 +77,11 @@ def test_full_size_quantized_path(tmp_path):
     from quadc import frontend
     from quadc.export import example_inputs
     from quadc.graph import load_model, ort_session
-    from quadc.lora import fit_lora, random_lora, read_lora, write_diffusers
+    from quadc.lora import fit_lora, read_lora
     from quadc.lora.merge import merge_lora
     from quadc.quant.affine import sqnr_db
     from quadc.runtime.engine import Engine
+    from quadc.testing_lora import random_lora, write_diffusers
 
     if not Path("/proc/self/io").exists():
         pytest.skip("needs /proc/self/io")
