@@ -11,8 +11,9 @@ process, side by side in this one run:
           the weights once
   quadc   ``compile_model`` to ``onnx-qdq``
   task    the artifact's runtime (``Engine``) running one task
-  forward one plain float forward of the LoRA-as-input graph (no taps), times the runs calibration must
-          make (feeds x (tasks + base)): the part of the compile time no implementation can skip
+  forward one plain float forward of the LoRA-as-input graph (no taps; ORT's extended level, as
+          calibration), times the runs calibration must make (feeds x (tasks + base)): the part of the
+          compile time that one forward per (feed, task) cannot go below
 
 For each: wall time, peak RSS (the child's ``ru_maxrss``, also polled, so a child killed for memory
 still reports) and bytes written (the child's ``/proc/self/io`` ``write_bytes``: what it sent to the
@@ -38,7 +39,7 @@ WRITTEN = ("result['write_bytes'] = int(dict(line.split(': ') for line in "
 def make_loras(model: Path, root: Path, n: int, rank: int) -> dict[str, Path]:
     """``n`` random rank-``rank`` LoRAs on every attention and feed-forward projection (cached)."""
     from quadc import frontend
-    from quadc.lora import random_lora, write_diffusers
+    from quadc.testing_lora import random_lora, write_diffusers
 
     root.mkdir(parents=True, exist_ok=True)
     paths = {f"task{i}": root / f"task{i}-r{rank}.safetensors" for i in range(n)}
@@ -126,7 +127,8 @@ def main() -> None:
         "graph, _ = run_pipeline(graph, PassPipeline.parse('float').build(), ctx)\n"
         "feeds = {t.name: np.zeros(t.shape, np.float32) for t in graph.inputs}\n"
         "feeds.update(random_feeds(graph, 1)[0])\n"
-        "session = ort_session(graph)\n"
+        "import onnxruntime as ort\n"
+        "session = ort_session(graph, graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)\n"
         "session.run(None, feeds)\n"
         "t = time.perf_counter()\n"
         "session.run(None, feeds)\n"
