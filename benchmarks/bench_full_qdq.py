@@ -15,7 +15,7 @@ process, side by side in this one run:
           calibration), times the runs calibration must make (feeds x (tasks + base)): the part of the
           compile time that one forward per (feed, task) cannot go below
 
-For each: wall time, peak RSS (the child's ``ru_maxrss``, also polled, so a child killed for memory
+For each: wall time, CPU time (user + system), peak RSS (the child's ``ru_maxrss``, also polled, so a child killed for memory
 still reports) and bytes written (the child's ``/proc/self/io`` ``write_bytes``: what it sent to the
 storage layer, temporary files included). Then the ratios against the issue's targets: time <= 3x plain,
 peak RSS <= 1.5x the fp32 weights, bytes written beyond the artifact <= the artifact's size.
@@ -54,7 +54,7 @@ def make_loras(model: Path, root: Path, n: int, rank: int) -> dict[str, Path]:
 def _line(name: str, r: dict) -> str:
     if "failed" in r:
         return f"{name:<8} FAILED ({r['failed']}) after {r['seconds']:.1f} s, peak RSS {r['peak_rss_gib']:.2f} GiB"
-    return (f"{name:<8} {r['seconds']:7.1f} s   peak RSS {r['peak_rss_gib']:5.2f} GiB   "
+    return (f"{name:<8} {r['seconds']:7.1f} s ({r.get('cpu_s', float('nan')):6.1f} s CPU)   peak RSS {r['peak_rss_gib']:5.2f} GiB   "
             f"written {r['write_bytes'] / 2**30:5.2f} GiB")
 
 
@@ -138,6 +138,9 @@ def main() -> None:
         print(f"forward  {forward['forward_s']:7.1f} s   one float forward; x {runs} calibration runs = {floor:.0f} s "
               f"= {floor / plain['seconds']:.2f}x plain load+save before anything else", flush=True)
 
+    if "failed" not in plain:
+        print(f"compile CPU time / plain load+save CPU time  {quadc['cpu_s'] / plain['cpu_s']:6.2f}  (wall time depends "
+              "on what else runs on the machine; CPU seconds less so)")
     ratios = {
         "time": quadc["seconds"] / plain["seconds"] if "failed" not in plain else float("nan"),
         "rss": quadc["peak_rss_gib"] * 2**30 / weights,
