@@ -28,7 +28,8 @@ def cached_export(config: str = "sd15", exporter: str = "torchscript", opset: in
 
 
 def measure(code: str, *, allow_failure: bool = False) -> dict:
-    """Run ``code`` in a fresh Python process; it sets ``result`` (a dict). Adds seconds and peak RSS.
+    """Run ``code`` in a fresh Python process; it sets ``result`` (a dict). Adds seconds, CPU seconds
+    (``cpu_s``: user + system of the child, less sensitive than wall time to other load) and peak RSS.
 
     Every measurement's peak memory is its own process's ``ru_maxrss``. The parent also polls the child's RSS (psutil), so a child the kernel kills for memory still reports how
     far it got; ``allow_failure`` returns ``{"failed": reason, ...}`` instead of raising.
@@ -42,6 +43,8 @@ def measure(code: str, *, allow_failure: bool = False) -> dict:
         f"{code}\n"
         "result['seconds'] = time.perf_counter() - _t\n"
         "result['peak_rss_gib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20\n"
+        "_u = resource.getrusage(resource.RUSAGE_SELF)\n"
+        "result['cpu_s'] = _u.ru_utime + _u.ru_stime\n"
         "print(json.dumps(result))\n"
     )
     start = time.perf_counter()

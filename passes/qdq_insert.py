@@ -82,7 +82,7 @@ import onnx_graphsurgeon as gs
 
 from quadc.context import CompileContext
 from quadc.errors import QuadcError
-from quadc.graph import computed_weights_as_dims, export_proto
+from quadc.graph import computed_weights_as_dims, constant_values, export_proto
 from quadc.passes.base import GraphPass, PassOption, PassResult, register_pass
 from quadc.quant.affine import Encoding, QType, compute_encoding, quantize
 from quadc.quant.plan import QuantPlan
@@ -521,7 +521,7 @@ class QdqInsert(GraphPass):
             section[name] = in_float_type(section[name], dtype)
         enc = section[name]
         if isinstance(tensor, gs.Constant):
-            values = np.asarray(tensor.values, dtype=np.float32)
+            values = np.asarray(constant_values(tensor), dtype=np.float32)  # .values would keep it mapped
             qvalues = quantize(values, enc)
             qconst = gs.Constant(build.name(f"{name}_quantized"), qvalues)
             scale, zero = build.params(name, enc, dtype)

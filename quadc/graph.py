@@ -15,9 +15,10 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import hashlib
 import os
-import tempfile
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -219,6 +220,14 @@ def _external_value_of(const: gs.Constant, registry: Mapping[int, Any]) -> Exter
     return None
 
 
+def constant_values(const: gs.Constant) -> np.ndarray:
+    """A constant's values without caching them in it: ``const.values`` keeps an external weight's memory
+    map in the constant, so reading every weight of a model that way keeps all of them mapped (3.2 GiB
+    of resident file pages for SD1.5) for as long as the graph lives; here the map goes with the array."""
+    values = const._values
+    return values.load() if isinstance(values, LazyValues) else values
+
+
 class _DimsOnly(LazyValues):
     """Stands in for lazily computed values while a graph is exported for its structure only: exports as a
     data-less external tensor, so nothing computes the values."""
@@ -244,9 +253,8 @@ def computed_weights_as_dims(graph: gs.Graph) -> Iterator[dict[str, LazyValues]]
     """Within the block, constants whose values a pass computes lazily (a ``LazyValues`` other than
     :class:`ExternalValues`, e.g. linear-to-conv's transposed weights) export with their dims only, so
     shape inference or an opset conversion never computes them. Yields tensor name -> the lazy values."""
-    lazy = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)  # gs's own LazyValues read a proto
-            and isinstance(t._values, LazyValues) and type(t._values) is not LazyValues
-            and not isinstance(t._values, ExternalValues | _DimsOnly)]
+    # gs's own LazyValues read a proto, ExternalValues a file: only other LazyValues are computed
+    lazy = [t for t in graph.tensors().values() if isinstance(t, gs.Constant) and _computed_lazily(t._values)]
     saved = [t._values for t in lazy]
     try:
         for t in lazy:
@@ -617,16 +625,102 @@ def model_sha256(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+#: In-memory weights at least this large reach onnxruntime as OrtValues rather than inside the protobuf.
+ORT_VALUE_MIN_BYTES = 1 << 20
+#: Placeholder ``location`` of an initializer whose data onnxruntime receives as an OrtValue.
+_IN_MEMORY = "__quadc_in_memory__"
+#: dtypes ``OrtValue.ortvalue_from_numpy`` takes without conversion.
+_ORT_VALUE_KINDS = ("f", "i", "u", "b")
+
+
+def _ort_value_ready(values: Any) -> bool:
+    """Whether an in-memory array can go to onnxruntime as an OrtValue (large, plain numpy dtype)."""
+    return (isinstance(values, np.ndarray) and values.nbytes >= ORT_VALUE_MIN_BYTES
+            and values.dtype.kind in _ORT_VALUE_KINDS and values.dtype.isnative)
+
+
+def _computed_lazily(values: Any) -> bool:
+    """Whether constant values are computed by a pass on demand (not read from a file or a proto)."""
+    return (isinstance(values, LazyValues) and type(values) is not LazyValues
+            and not isinstance(values, ExternalValues | _DimsOnly))
+
+
+def _set_external(init: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    del init.external_data[:]
+    init.ClearField("raw_data")
+    init.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = init.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def ort_model(graph: gs.Graph) -> tuple[bytes, str | None, dict[str, np.ndarray]]:
+    """What :func:`ort_session` hands onnxruntime, built without copying any weight to disk.
+
+    Returns ``(model bytes, folder, arrays)``. In the model, every initializer still backed by its source
+    file is an external reference into that file relative to ``folder`` (None when there is none), so
+    onnxruntime reads or memory-maps the bytes where they are; every large in-memory weight is an
+    external reference to a placeholder and its array is in ``arrays`` (for
+    ``SessionOptions.add_external_initializers``); the rest is inline.
+    """
+    in_memory: dict[str, np.ndarray] = {}
+    swapped: list[tuple[gs.Constant, Any]] = []
+    registry = graph.__dict__.get("_quadc_registry", {})  # not getattr: gs logs an error for unknown names
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant) and _external_value_of(tensor, registry) is None:
+            values = original = tensor._values
+            if _computed_lazily(values):  # e.g. linear-to-conv's transposed weights: computed once, here
+                values = values.load()
+            if _ort_value_ready(values):
+                # Export a bodiless reference instead of copying the array into protobuf.
+                proto = onnx.TensorProto(name=tensor.name, dims=values.shape,
+                                         data_type=onnx.helper.np_dtype_to_tensor_dtype(values.dtype))
+                _set_external(proto, _IN_MEMORY, 0, values.nbytes)
+                in_memory[tensor.name] = np.ascontiguousarray(values)
+                swapped.append((tensor, original))
+                tensor._values = LazyValues(proto)
+    try:
+        model, sources = export_proto(graph)
+    finally:
+        for tensor, values in swapped:
+            tensor._values = values
+    folder = os.path.commonpath([os.path.dirname(s.path) for s in sources.values()]) if sources else None
+    for init in model.graph.initializer:
+        src = sources.get(init.name)
+        if src is not None and src.length == 0:  # an empty tensor: nothing to read
+            del init.external_data[:]
+            init.data_location = onnx.TensorProto.DEFAULT
+        elif src is not None:
+            _set_external(init, Path(os.path.relpath(src.path, folder)).as_posix(), src.offset, src.length)
+    return model.SerializeToString(), folder, in_memory
+
+
+def return_freed_memory() -> None:
+    """Hand memory that was freed (by an onnxruntime session, say) back to the OS: glibc keeps freed heap
+    pages for reuse, 1.1 GiB after calibrating SD1.5, which later stages would add to the peak RSS.
+    Does nothing where the C library has no ``malloc_trim``."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def ort_session(graph: gs.Graph, providers: Sequence[str] = ("CPUExecutionProvider",), **opts: Any):
-    """An onnxruntime InferenceSession over a gs.Graph (small graphs in memory, large via a temp dir)."""
+    """An onnxruntime InferenceSession over a gs.Graph of any size, writing nothing to disk.
+
+    Weights still in their source file are read (memory-mapped where aligned) by onnxruntime from that
+    file; large in-memory weights are handed over as OrtValues (onnxruntime copies them once); see
+    :func:`ort_model`. ``opts`` are set on the ``SessionOptions``.
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     for key, value in opts.items():
         setattr(so, key, value)
-    if weight_bytes(graph) <= EMBED_MAX_BYTES:
-        return ort.InferenceSession(to_model_bytes(graph), so, providers=list(providers))
-    with tempfile.TemporaryDirectory(prefix="quadc-ort-") as tmp:
-        model_path = save_model(graph, Path(tmp) / "model.onnx", external=True)
-        return ort.InferenceSession(str(model_path), so, providers=list(providers))
+    model, folder, arrays = ort_model(graph)
+    if folder is not None:
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+    if arrays:
+        so.add_external_initializers(list(arrays), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()])
+    return ort.InferenceSession(model, so, providers=list(providers))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gc
+import json
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
@@ -240,13 +243,104 @@ def test_calibrate_streams_feeds(prepared):
     assert many - few < 512 * 1024, (few, many)
 
 
-def test_external_data_path_gives_same_ranges(prepared, monkeypatch):
+def test_external_data_gives_same_ranges(prepared, tmp_path):
+    """Weights that ORT reads from the model's own data file (as for a model over 2 GB) calibrate exactly like
+    weights embedded in the session's protobuf."""
     graph, _, tasks = prepared
     feeds = random_feeds(graph, 1)
     in_memory = calibrate(graph, feeds, tasks)
-    monkeypatch.setattr(quadc.graph, "EMBED_MAX_BYTES", 0)  # force the >2 GB path: temp dir + external data
-    saved = calibrate(graph, feeds, tasks)
-    assert dict(saved) == dict(in_memory)
+    path = quadc.graph.save_model(graph, tmp_path / "float.onnx", external=True)
+    external = quadc.graph.load_model(path)
+    assert any(isinstance(t._values, quadc.graph.ExternalValues) for t in external.tensors().values()
+               if hasattr(t, "_values"))
+    assert dict(calibrate(external, feeds, tasks)) == dict(in_memory)
+
+
+_ATTENTION_PEAK = """
+import json, resource, sys
+import numpy as np
+import onnx_graphsurgeon as gs
+import onnxruntime
+import quadc.quant.calibrate as cal
+cal.ATTENTION_BLOCK_BYTES = int(sys.argv[1])
+h, n, d = 8, 2048, 32  # scores and probabilities: 128 MiB each
+x = {k: gs.Variable(k, np.float32, s) for k, s in (("q", [1, h, n, d]), ("kt", [1, h, d, n]), ("v", [1, h, n, d]))}
+s, p, o = (gs.Variable(k, np.float32) for k in "spo")
+graph = gs.Graph(nodes=[gs.Node("MatMul", inputs=[x["q"], x["kt"]], outputs=[s]),
+                        gs.Node("Softmax", attrs={"axis": -1}, inputs=[s], outputs=[p]),
+                        gs.Node("MatMul", inputs=[p, x["v"]], outputs=[o])],
+                 inputs=list(x.values()), outputs=[o], opset=17)
+rng = np.random.default_rng(0)
+feed = {k: rng.standard_normal(v.shape, np.float32) for k, v in x.items()}
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+ranges = cal.calibrate(graph, [feed])
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+print(json.dumps({"grown": grown, "ranges": {k: ranges[k] for k in "spo"}}))
+"""
+
+
+def _attention(block_bytes: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", _ATTENTION_PEAK, str(block_bytes)], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def test_taps_do_not_keep_activations_alive():
+    """Peak process memory (RSS, fresh process) of calibrating an attention in one piece: the taps on the
+    128 MiB scores run before Softmax, which then reuses their buffer, so the peak stays near one score
+    tensor, not two."""
+    grown = _attention(1 << 40)["grown"]
+    assert grown < 1.5 * 128 * 2**20, f"peak grew by {grown / 2**20:.0f} MiB"
+
+
+def test_large_attention_is_calibrated_in_row_blocks():
+    """With 32 MiB blocks the 128 MiB scores never exist whole (peak RSS well under one score tensor), and
+    the ranges of scores, probabilities and output are still those of the whole tensors (numpy oracle)."""
+    got = _attention(32 << 20)
+    assert got["grown"] < 0.75 * 128 * 2**20, f"peak grew by {got['grown'] / 2**20:.0f} MiB"
+    rng = np.random.default_rng(0)
+    q, kt, v = (rng.standard_normal(shape, np.float32) for shape in ([1, 8, 2048, 32], [1, 8, 32, 2048],
+                                                                     [1, 8, 2048, 32]))
+    scores = q.astype(np.float64) @ kt
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    for name, ref in (("s", scores), ("p", probs), ("o", probs @ v)):
+        np.testing.assert_allclose(got["ranges"][name], (ref.min(), ref.max()), rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+_CAPTURE_PEAK = """
+import resource, sys
+import numpy as np
+import onnx_graphsurgeon as gs
+import onnxruntime
+from quadc.quant.calibrate import Capture, calibrate
+x = gs.Variable("x", np.float32, [16384, 1024])  # 64 MiB activations
+one = gs.Constant("one", np.ones(1, np.float32))
+nodes, t, capture = [], x, {}
+for i in range(6):
+    a, r = gs.Variable(f"a{i}", np.float32, [16384, 1024]), gs.Variable(f"r{i}", np.float32, [16384, 1024])
+    nodes += [gs.Node("Add", inputs=[t, one], outputs=[a]), gs.Node("Relu", inputs=[a], outputs=[r])]
+    capture[f"layer{i}"] = (r.name, Capture("linear"))
+    t = r
+y = gs.Variable("y", np.float32, [16384, 1024])
+graph = gs.Graph(nodes=[*nodes, gs.Node("Add", inputs=[t, one], outputs=[y])], inputs=[x], outputs=[y], opset=17)
+feed = {"x": np.random.default_rng(0).standard_normal((16384, 1024), np.float32)}
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+ranges = calibrate(graph, [feed], capture=capture if sys.argv[1] == "capture" else None)
+assert sys.argv[1] != "capture" or all(v.shape == (64, 1024) for v in ranges.samples[None].values())
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_captured_tensors_are_not_kept_alive():
+    """Sampling rows of six captured 64 MiB activations adds (almost) nothing to the peak process memory
+    (RSS, fresh processes): rows are gathered inside the graph, whole tensors never become outputs."""
+    def peak(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _CAPTURE_PEAK, mode], capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[-1])
+
+    extra = peak("capture") - peak("none")
+    assert extra < 64 * 2**20, f"captures added {extra / 2**20:.0f} MiB"
 
 
 def test_calibrate_errors(prepared):
@@ -330,3 +424,19 @@ def test_measure_sqnr_matches_numpy(prepared):
     for n in names:
         x = np.concatenate(ref[n])
         assert got[n] == pytest.approx(sqnr_db(x, fake_quant(x, encs[n])), abs=0.05), n
+
+
+def test_channels_capture_rows_are_feature_vectors_at_positions():
+    """kind="channels" ([B, C, 1, S] after linear-to-conv): each row is the C-vector at one (batch, position)."""
+    from quadc.quant.calibrate import Capture
+
+    b, c, s = 2, 3, 5
+    arr = np.arange(b * c * s, dtype=np.float32).reshape(b, c, 1, s)
+    every = {tuple(float(arr[i, j, 0, p]) for j in range(c)) for i in range(b) for p in range(s)}
+    how = Capture(kind="channels")
+    assert how.count(arr.shape) == b * s
+    rows = how.rows(arr, 7, np.random.default_rng(0))
+    assert rows.shape == (7, c)
+    got = {tuple(map(float, r)) for r in rows}
+    assert len(got) == 7 and got <= every
+    assert how.rows(arr, 100, np.random.default_rng(0)).shape == (b * s, c)

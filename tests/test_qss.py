@@ -11,6 +11,7 @@ from quadc.errors import QuadcError
 from quadc.passes.lora_inputs import LoRASlot
 from quadc.quant.affine import Encoding, QType, dequantize, fake_quant, quantize
 from quadc.quant.qss import (
+    branch_difference,
     branch_output,
     compute_qss,
     js_divergence,
@@ -139,6 +140,12 @@ def test_branch_output_layouts():
     np.testing.assert_allclose(branch_output(x, cdown, cup, "conv"), ref)
     with pytest.raises(QuadcError, match="features"):
         branch_output(x[:, :5], down, up, "linear")
+    dq, uq = np.round(down * 4) / 4, np.round(up * 4) / 4
+    np.testing.assert_allclose(branch_difference(x, down, up, dq, uq, "linear"), x @ down @ up - x @ dq @ uq,
+                               rtol=1e-9, atol=1e-12)
+    cdq, cuq = np.round(cdown * 4) / 4, np.round(cup * 4) / 4
+    want = ref - (x @ cdq.reshape(3, -1).T) @ cuq[:, :, 0, 0].T
+    np.testing.assert_allclose(branch_difference(x, cdown, cup, cdq, cuq, "conv"), want, rtol=1e-9, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------- QSS
@@ -245,6 +252,10 @@ def test_shared_encodings_anchor_and_unified():
                for m, s in slots.items() if np.any(p[s.down_input])} for t, p in tasks.items()}
     shared = shared_sqnr(slots, tasks, samples, anchor)
     assert shared["heavy"] == pytest.approx(np.mean(list(own["heavy"].values())), rel=1e-6)
+    # With the QSS scores (their signal energies) the same numbers come out.
+    with_scores = shared_sqnr(slots, tasks, samples, anchor, compute_qss(slots, tasks, samples))
+    assert with_scores["heavy"] == pytest.approx(np.mean(list(own["heavy"].values())), rel=1e-6)
+    assert with_scores == pytest.approx(shared, rel=1e-9)
     for t in ("a", "c"):
         assert shared[t] < np.mean(list(own[t].values())) - 6, t
 

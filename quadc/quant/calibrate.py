@@ -6,13 +6,15 @@ task's packed LoRA tensors bound to the slot inputs, and once with zeros (the ba
 the union over all those runs.
 
 **Streaming, memory bounded.** The graph is copied and, for every float node output ``t``, two nodes
-``ReduceMin(t)`` / ``ReduceMax(t)`` (``keepdims=0``, all axes) are appended; only those scalars are graph
-outputs. onnxruntime therefore frees each activation as soon as its last consumer (its reductions
-included) has run, so a run needs about the memory of plain inference, never all activations of the
-network at once, and after each run only a running ``(min, max)`` per tensor is kept. Feeds are consumed
-one at a time (a generator works), so memory does not grow with the number of feeds. Graph-input ranges
-come from the feeds in numpy. A graph over 2 GB is saved with external data to a temporary folder by
-:func:`quadc.graph.ort_session` (through :func:`quadc.graph.save_model`).
+``ReduceMin(t)`` / ``ReduceMax(t)`` (``keepdims=0``, all axes) are placed right after ``t``'s producer;
+only those scalars are graph outputs. onnxruntime therefore frees each activation as soon as its last
+consumer has run, and because the taps run first a consumer that works in place (Softmax on attention
+scores) still reuses the buffer: a run needs about the memory of plain inference, never all activations
+of the network at once, and after each run only a running ``(min, max)`` per tensor is kept. A tensor
+that a Reshape, Transpose, Squeeze, Unsqueeze, Flatten or Identity makes from another tapped tensor has
+exactly its values, so it gets no tap of its own and takes that tensor's range. Feeds are consumed one
+at a time (a generator works), so memory does not grow with the number of feeds. Graph-input ranges come
+from the feeds in numpy. Weights reach onnxruntime without a copy on disk (:func:`quadc.graph.ort_session`).
 
 Why not ``onnxruntime.quantization.MinMaxCalibrater``: it does use the same ReduceMin/ReduceMax
 augmentation, but (as of onnxruntime 1.32) it keeps every run's outputs in a list until the end
@@ -24,7 +26,10 @@ inputs that QSS needs. Its augmentation idea is reused here; the loop is quadc's
 **Captures for QSS.** ``capture`` maps labels (module paths) to a tensor (the input of a LoRA layer) and
 how its values are sampled: per run, up to ``rows_per_feed`` rows (a token's feature vector for linear layers, an im2col patch at a
 random output pixel for conv layers, see :class:`Capture`), kept per task in a reservoir of at most
-``max_rows`` rows per label, so memory stays bounded too.
+``max_rows`` rows per label, so memory stays bounded too. Row indices depend only on shapes, so they are
+drawn before the run and linear rows are gathered inside the graph: a captured activation is freed like
+any other instead of being kept to the end of the run as an output (0.4 GiB on SD1.5 with LoRAs on
+every attention and feed-forward layer).
 
 :func:`measure_sqnr` streams the same way to measure, per tensor, the SQNR of fake-quantizing it with a
 given encoding (``QuantizeLinear -> DequantizeLinear`` inside the graph, squared signal and noise summed
@@ -34,7 +39,7 @@ by ``ReduceSumSquare``), which the planner uses to rank activations for 8-bit.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +48,7 @@ import onnx_graphsurgeon as gs
 
 from quadc.context import silent_progress
 from quadc.errors import QuadcError
-from quadc.graph import infer_shapes, ort_session, unique_name
+from quadc.graph import infer_shapes, ort_session, return_freed_memory, unique_name
 from quadc.quant.affine import Encoding, fake_quant, sqnr_db_from_sums
 from quadc.unet_inputs import is_lora_input
 
@@ -86,7 +91,10 @@ def float_tensors(graph: gs.Graph) -> tuple[list[str], list[str]]:
     Node output dtypes come from onnx shape inference on a copy (``graph`` is not changed); outputs whose
     dtype stays unknown are left out.
     """
-    typed = infer_shapes(clone_graph(graph))
+    return _float_tensor_names(infer_shapes(clone_graph(graph)))
+
+
+def _float_tensor_names(typed: gs.Graph) -> tuple[list[str], list[str]]:
     inputs = [t.name for t in typed.inputs if _is_float(t.dtype)]
     seen = set(inputs)
     outputs: list[str] = []
@@ -135,38 +143,62 @@ class Capture:
     def rows(self, arr: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
         """Up to ``k`` rows of ``arr`` (float32 ``[n, features]``), drawn without replacement."""
         a = np.asarray(arr)
+        return self.take(a, self.draw(a.shape, k, rng))
+
+    def count(self, shape: Sequence[int]) -> int:
+        """How many rows a tensor of ``shape`` has (tokens, or output pixels of the conv)."""
+        if self.kind == "linear":
+            return int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+        if self.kind == "channels":
+            if len(shape) < 2:
+                raise QuadcError(f"a channels capture needs a [B, C, ...] tensor, got shape {list(shape)}")
+            return int(shape[0]) * int(np.prod(shape[2:], dtype=np.int64))
+        b, _, oh, ow = self._conv_geometry(shape)
+        return b * oh * ow
+
+    def draw(self, shape: Sequence[int], k: int, rng: np.random.Generator) -> np.ndarray:
+        """Sorted indices of up to ``k`` distinct rows of a tensor of ``shape`` (see :meth:`take`)."""
+        n = self.count(shape)
+        return np.sort(rng.choice(n, size=min(k, n), replace=False))
+
+    def take(self, arr: np.ndarray, picks: np.ndarray) -> np.ndarray:
+        """The rows ``picks`` (from :meth:`draw`) of ``arr`` as float32 ``[len(picks), features]``."""
+        a = np.asarray(arr)
         if self.kind == "linear":
             flat = a.reshape(-1, a.shape[-1]) if a.ndim > 1 else a.reshape(1, -1)
-            idx = rng.choice(flat.shape[0], size=min(k, flat.shape[0]), replace=False)
-            return np.asarray(flat[np.sort(idx)], dtype=np.float32)
+            return np.asarray(flat[picks], dtype=np.float32)
         if self.kind == "channels":
             flat = np.moveaxis(a.reshape(a.shape[0], a.shape[1], -1), 1, 2).reshape(-1, a.shape[1])
-            idx = rng.choice(flat.shape[0], size=min(k, flat.shape[0]), replace=False)
-            return np.asarray(flat[np.sort(idx)], dtype=np.float32)
-        if self.kind != "conv":
-            raise QuadcError(f"unknown capture kind '{self.kind}'; use linear, channels or conv")
-        if a.ndim != 4:
-            raise QuadcError(f"a conv capture needs an NCHW tensor, got shape {list(a.shape)}")
-        b, c, h, w = a.shape
+            return np.asarray(flat[picks], dtype=np.float32)
+        b, c, oh, ow = self._conv_geometry(a.shape)
         kh, kw = self.kernel
         sh, sw = self.strides
         dh, dw = self.dilations
         pt, pl, pb, pr = self.pads
-        oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
-        ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
-        if oh < 1 or ow < 1:
-            raise QuadcError(f"conv capture: kernel {self.kernel} does not fit a {h}x{w} input")
         padded = np.pad(a, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
-        total = b * oh * ow
-        picks = np.sort(rng.choice(total, size=min(k, total), replace=False))
         out = np.empty((len(picks), c * kh * kw), dtype=np.float32)
-        for i, flat in enumerate(picks):
-            bi, rem = divmod(int(flat), oh * ow)
+        for i, flat_index in enumerate(picks):
+            bi, rem = divmod(int(flat_index), oh * ow)
             oy, ox = divmod(rem, ow)
             y0, x0 = oy * sh, ox * sw
             patch = padded[bi, :, y0:y0 + dh * (kh - 1) + 1:dh, x0:x0 + dw * (kw - 1) + 1:dw]
             out[i] = patch.reshape(-1)
         return out
+
+    def _conv_geometry(self, shape: Sequence[int]) -> tuple[int, int, int, int]:
+        """``(batch, channels, out_h, out_w)`` of the conv on an NCHW input of ``shape``."""
+        if self.kind != "conv":
+            raise QuadcError(f"unknown capture kind '{self.kind}'; use linear, channels or conv")
+        if len(shape) != 4:
+            raise QuadcError(f"a conv capture needs an NCHW tensor, got shape {list(shape)}")
+        b, c, h, w = (int(d) for d in shape)
+        kh, kw = self.kernel
+        pt, pl, pb, pr = self.pads
+        oh = (h + pt + pb - self.dilations[0] * (kh - 1) - 1) // self.strides[0] + 1
+        ow = (w + pl + pr - self.dilations[1] * (kw - 1) - 1) // self.strides[1] + 1
+        if oh < 1 or ow < 1:
+            raise QuadcError(f"conv capture: kernel {self.kernel} does not fit a {h}x{w} input")
+        return b, c, oh, ow
 
 
 class _Reservoir:
@@ -180,17 +212,30 @@ class _Reservoir:
         self.filled = 0
 
     def add(self, rows: np.ndarray) -> None:
-        if self.rows is None:
-            self.rows = np.empty((self.size, rows.shape[1]), dtype=np.float32)
-        for row in rows:
+        self.put(rows, self.plan(len(rows)))
+
+    def plan(self, n: int) -> list[int]:
+        """Offer ``n`` rows: the slot each one goes to, or -1 (dropped). Draws from ``rng`` exactly as
+        offering them one by one would, and depends only on how many rows came before, not on their
+        values, so rows can be planned before they are computed."""
+        slots = []
+        for _ in range(n):
             if self.filled < self.size:
-                self.rows[self.filled] = row
+                slots.append(self.filled)
                 self.filled += 1
             else:
                 j = int(self.rng.integers(0, self.count + 1))
-                if j < self.size:
-                    self.rows[j] = row
+                slots.append(j if j < self.size else -1)
             self.count += 1
+        return slots
+
+    def put(self, rows: np.ndarray, slots: Sequence[int]) -> None:
+        """Store ``rows`` in the ``slots`` that :meth:`plan` gave for them (in order: later rows win)."""
+        if self.rows is None:
+            self.rows = np.empty((self.size, rows.shape[1]), dtype=np.float32)
+        for row, slot in zip(rows, slots, strict=True):
+            if slot >= 0:
+                self.rows[slot] = row
 
     def result(self) -> np.ndarray:
         if self.rows is None:
@@ -264,17 +309,217 @@ def _reduce(graph: gs.Graph, op: str, tensor: gs.Tensor, taken: set[str], suffix
     return out
 
 
-def _tap_session_options() -> dict[str, Any]:
-    """Session options for graphs with a ReduceMin/ReduceMax tap on every activation.
+def _schedule_after_producers(graph: gs.Graph, first_added: int) -> None:
+    """Move the nodes appended from index ``first_added`` on (taps and their helpers) to right after the
+    node that produces their input, keeping their order.
+
+    onnxruntime executes nodes of equal priority in graph order. A tap placed after its producer runs
+    before the tensor's other consumers, so a consumer that can work in place (Softmax on attention
+    scores, elementwise ops) still reuses the buffer: with the taps at the end every tapped tensor
+    stays alive beside its successor (on SD1.5 about 1 GiB more at each 4096-token attention).
+    """
+    original, added = graph.nodes[:first_added], graph.nodes[first_added:]
+    position: dict[str, int] = {}
+    for i, node in enumerate(original):
+        for out in node.outputs:
+            position[out.name] = i
+    first: list[gs.Node] = []
+    after: list[list[gs.Node]] = [[] for _ in original]
+    for node in added:  # helpers come after what they read, so one pass resolves chains
+        where = max((position.get(t.name, -1) for t in node.inputs), default=-1)
+        for out in node.outputs:
+            position[out.name] = where
+        (after[where] if where >= 0 else first).append(node)
+    ordered = first
+    for node, tail in zip(original, after, strict=True):
+        ordered.append(node)
+        ordered.extend(tail)
+    graph.nodes = ordered
+
+
+#: Ops whose output holds exactly the values of their first input, only rearranged.
+_SAME_VALUES = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
+
+
+def _same_range_sources(graph: gs.Graph, names: Collection[str]) -> dict[str, str]:
+    """``tensor -> source`` for each tensor of ``names`` that a value-preserving op (Reshape, Transpose,
+    ...) makes from another tensor of ``names``: its min/max are the source's, so it needs no tap.
+    Chains resolve to their first tensor, which is tapped."""
+    wanted = set(names)
+    source: dict[str, str] = {}
+    for node in graph.nodes:  # topological order: a chain's source is seen first
+        if node.op in _SAME_VALUES and node.inputs and node.outputs:
+            src, out = node.inputs[0].name, node.outputs[0].name
+            if src in wanted and out in wanted:
+                source[out] = source.get(src, src)
+    return source
+
+
+#: Attention scores larger than this are computed in row blocks of about this size in the calibration graph.
+ATTENTION_BLOCK_BYTES = 64 << 20
+
+
+def _consumers(graph: gs.Graph) -> dict[str, list[gs.Node]]:
+    users: dict[str, list[gs.Node]] = {}
+    for node in graph.nodes:
+        for t in node.inputs:
+            users.setdefault(t.name, []).append(node)
+    return users
+
+
+def _split_attention(aug: gs.Graph, typed: gs.Graph, taken: set[str],
+                     block_bytes: int) -> dict[str, list[gs.Variable]]:
+    """Compute each large ``MatMul -> Softmax(last axis) -> MatMul`` in blocks of query rows.
+
+    Softmax is row-wise, so ``Q[rows] @ K`` -> Softmax -> ``@ V`` for each block of rows, concatenated, is
+    the attention output, and the scores and probabilities of the blocks are, together, exactly the
+    full tensors: their min/max union is the full tensors' range. onnxruntime keeps the scores and the
+    probabilities alive together (Softmax does not work in place there), 2 x 512 MiB per 4096-token
+    SD1.5 attention; in blocks, 2 x ``block_bytes``. Returns ``scores or probabilities name -> the
+    blocks``; the original tensors no longer exist in ``aug``.
+    """
+    shapes = {name: _static_shape(t) for name, t in typed.tensors().items()}
+    users = _consumers(aug)
+    graph_outputs = {t.name for t in aug.outputs}
+    opset = int(aug.opset)
+    blocks: dict[str, list[gs.Variable]] = {}
+    replaced: dict[int, list[gs.Node]] = {}
+    position = {id(n): i for i, n in enumerate(aug.nodes)}
+    for softmax in [n for n in aug.nodes if n.op == "Softmax"]:
+        scores, probs = softmax.inputs[0], softmax.outputs[0]
+        first, = scores.inputs if len(scores.inputs) == 1 else (None,)
+        second = users.get(probs.name, [])
+        shape = shapes.get(scores.name)
+        if (first is None or first.op != "MatMul" or len(second) != 1 or second[0].op != "MatMul"
+                or second[0].inputs[0] is not probs or shape is None or len(shape) < 3
+                or users.get(scores.name) != [softmax] or {scores.name, probs.name} & graph_outputs):
+            continue
+        axis = int(softmax.attrs.get("axis", -1 if opset >= 13 else 1))
+        q, q_shape = first.inputs[0], shapes.get(first.inputs[0].name)
+        itemsize = np.dtype(typed.tensors()[scores.name].dtype or np.float32).itemsize
+        nbytes = int(np.prod(shape)) * itemsize
+        if axis % len(shape) != len(shape) - 1 or q_shape is None or len(q_shape) != len(shape) or nbytes <= block_bytes:
+            continue
+        rows = shape[-2]
+        step = max(1, math.ceil(rows / math.ceil(nbytes / block_bytes)))
+        out = second[0].outputs[0]
+        nodes: list[gs.Node] = []
+        parts: list[gs.Variable] = []
+        for start in range(0, rows, step):
+            q_rows, s_rows, p_rows, o_rows = (
+                gs.Variable(unique_name(aug, f"{t.name}__quadc_rows{start}", taken), dtype=None)
+                for t in (q, scores, probs, out))
+            bounds = [gs.Constant(unique_name(aug, f"{q_rows.name}_{what}", taken), np.array([value], np.int64))
+                      for what, value in (("start", start), ("end", min(start + step, rows)), ("axis", len(shape) - 2))]
+            nodes += [
+                gs.Node("Slice", f"{q_rows.name}/node", inputs=[q, *bounds], outputs=[q_rows]),
+                gs.Node("MatMul", f"{s_rows.name}/node", inputs=[q_rows, first.inputs[1]], outputs=[s_rows]),
+                gs.Node("Softmax", f"{p_rows.name}/node", attrs=dict(softmax.attrs), inputs=[s_rows], outputs=[p_rows]),
+                gs.Node("MatMul", f"{o_rows.name}/node", inputs=[p_rows, second[0].inputs[1]], outputs=[o_rows]),
+            ]
+            blocks.setdefault(scores.name, []).append(s_rows)
+            blocks.setdefault(probs.name, []).append(p_rows)
+            parts.append(o_rows)
+        for old in (first, softmax, second[0]):
+            old.outputs.clear()
+            old.inputs.clear()
+        nodes.append(gs.Node("Concat", f"{out.name}__quadc_rows/node", attrs={"axis": len(shape) - 2},
+                             inputs=parts, outputs=[out]))
+        replaced[position[id(second[0])]] = nodes
+    if replaced:
+        aug.nodes = [m for i, n in enumerate(aug.nodes) for m in replaced.get(i, [n]) if m.outputs]
+    return blocks
+
+
+@dataclass(frozen=True)
+class _Sampler:
+    """How calibrate gets the rows of one capture label.
+
+    Rows of a linear capture of a node output are gathered inside the graph (``Flatten`` to
+    ``[rows, features]``, then ``Gather`` at indices fed through the graph input ``index_input``), so only
+    the sampled rows leave onnxruntime and the tensor is freed like any other activation. The indices are
+    drawn from the tensor's shape: the static one, else the one a ``Shape`` output (``shape_output``)
+    reports in the first run. Other captures fetch the whole tensor ``output`` (a graph output, alive for
+    the whole run), or read a graph input from the feed (``output`` None).
+    """
+
+    tensor: str
+    how: Capture
+    shape: tuple[int, ...] | None
+    output: str | None = None
+    index_input: str | None = None
+    shape_output: str | None = None
+
+
+def _static_shape(tensor: gs.Tensor | None) -> tuple[int, ...] | None:
+    shape = getattr(tensor, "shape", None)
+    if shape is None or any(not isinstance(d, int | np.integer) or d < 0 for d in shape):
+        return None
+    return tuple(int(d) for d in shape)
+
+
+def _add_samplers(aug: gs.Graph, typed: gs.Graph, capture: Mapping[str, tuple[str, Capture]], taken: set[str],
+                  *, shapes_before_rows: bool) -> dict[str, _Sampler]:
+    """A :class:`_Sampler` per capture label, adding the nodes and inputs it needs to ``aug``.
+
+    ``shapes_before_rows``: a run without captures (the base model) comes first, so shapes that shape
+    inference leaves unknown are learned before any rows are needed and can be gathered in the graph too.
+    Otherwise, when some captured node output has no static shape, every capture fetches its whole
+    tensor: rows are then drawn after the run, in label order, as the other draws must follow them.
+    """
+    tensors, types = aug.tensors(), typed.tensors()
+    graph_inputs = {t.name for t in aug.inputs}
+    in_graph = shapes_before_rows or all(
+        _static_shape(tensors[name]) or _static_shape(types.get(name)) for name, _ in capture.values()
+        if name not in graph_inputs)
+    flat: dict[str, gs.Variable] = {}
+    probes: dict[str, str] = {}
+    samplers: dict[str, _Sampler] = {}
+    for label, (name, how) in capture.items():
+        shape = _static_shape(tensors[name]) or _static_shape(types.get(name))
+        if name in graph_inputs:
+            samplers[label] = _Sampler(name, how, shape)
+            continue
+        if how.kind != "linear" or not in_graph:
+            samplers[label] = _Sampler(name, how, shape, output=name)
+            continue
+        if name not in flat:
+            flat[name] = gs.Variable(unique_name(aug, f"{name}__quadc_rows_all", taken), dtype=None)
+            aug.nodes.append(gs.Node("Flatten", f"{flat[name].name}/node", attrs={"axis": -1},
+                                     inputs=[tensors[name]], outputs=[flat[name]]))
+            if shape is None:
+                probe = gs.Variable(unique_name(aug, f"{name}__quadc_shape", taken), np.int64)
+                aug.nodes.append(gs.Node("Shape", f"{probe.name}/node", inputs=[tensors[name]], outputs=[probe]))
+                probes[name] = probe.name
+        index = gs.Variable(unique_name(aug, f"{label}__quadc_row_index", taken), np.int64,
+                            [unique_name(aug, f"{label}__quadc_rows", taken)])
+        rows = gs.Variable(unique_name(aug, f"{label}__quadc_rows", taken), dtype=None)
+        aug.nodes.append(gs.Node("Gather", f"{rows.name}/node", attrs={"axis": 0}, inputs=[flat[name], index],
+                                 outputs=[rows]))
+        aug.inputs.append(index)
+        samplers[label] = _Sampler(name, how, shape, output=rows.name, index_input=index.name,
+                                   shape_output=probes.get(name))
+    return samplers
+
+
+def _tap_session_options(level: str = "extended") -> dict[str, Any]:
+    """Session options for graphs with a ReduceMin/ReduceMax tap on every activation, optimized up to
+    ``level`` (``basic`` or ``extended``).
 
     With ORT's default execution order the taps run late and every activation stays alive: on the full
     SD1.5 U-Net, calibration peaked at 21.8 GiB after two inputs (growing per input). Priority-based
     order runs each tap right after its producer and, without the CPU arena, freed memory goes back:
     5.0 GiB peak and 2.5x faster (measured with benchmarks/bench_quant.py --part speed's model).
+    ORT's default level (all) adds the NCHWc conv layout, whose weight reordering made building the
+    full SD1.5 session take 32 s instead of 5 s with ``extended``, for no faster run (measured side by
+    side, 2 cores).
     """
     import onnxruntime as ort
 
-    return {"execution_order": ort.ExecutionOrder.PRIORITY_BASED, "enable_cpu_mem_arena": False}
+    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}
+    return {"execution_order": ort.ExecutionOrder.PRIORITY_BASED, "enable_cpu_mem_arena": False,
+            "graph_optimization_level": levels[level]}
 
 
 def calibrate(
@@ -300,7 +545,8 @@ def calibrate(
     """
     if rows_per_feed < 1 or max_rows < 1:
         raise QuadcError("rows_per_feed and max_rows must be positive")
-    input_names, output_names = float_tensors(graph)
+    typed = infer_shapes(clone_graph(graph))
+    input_names, output_names = _float_tensor_names(typed)
     aug = clone_graph(graph)
     tensors = aug.tensors()
     capture = dict(capture or {})
@@ -308,21 +554,34 @@ def calibrate(
     if unknown:
         raise QuadcError(f"capture tensor '{unknown[0]}' is not in the graph")
     taken = set(tensors) | {n.name for n in aug.nodes}
+    same_range = _same_range_sources(aug, output_names)
+    tapped = [name for name in output_names if name not in same_range]
+    blocks = _split_attention(aug, typed, taken, ATTENTION_BLOCK_BYTES)
+    first_added = len(aug.nodes)
+    # One tap pair per tensor, or per block of a tensor computed in blocks (ranges: min/max over blocks).
+    members = [blocks.get(name) or [tensors[name]] for name in tapped]
+    starts = np.cumsum([0] + [len(group) for group in members[:-1]]).astype(np.intp)
     mins, maxs = [], []
-    for name in output_names:
-        t = tensors[name]
-        mins.append(_reduce(aug, "ReduceMin", t, taken, "min"))
-        maxs.append(_reduce(aug, "ReduceMax", t, taken, "max"))
-    input_set = {t.name for t in aug.inputs}
-    captured_outputs = list(dict.fromkeys(t for t, _ in capture.values() if t not in input_set))
-    extra = [tensors[n] for n in captured_outputs if tensors[n] not in aug.outputs]
-    aug.outputs = [*mins, *maxs, *extra]
-    fetch = [v.name for v in mins] + [v.name for v in maxs] + captured_outputs
-    progress(f"calibration: {len(input_names)} inputs + {len(output_names)} activations, "
-             f"{len(capture)} captured LoRA inputs")
+    for group in members:
+        for t in group:
+            mins.append(_reduce(aug, "ReduceMin", t, taken, "min"))
+            maxs.append(_reduce(aug, "ReduceMax", t, taken, "max"))
+    samplers = _add_samplers(aug, typed, capture, taken, shapes_before_rows=include_base and bool(tasks))
+    _schedule_after_producers(aug, first_added)
+    tensors = aug.tensors()
+    probes = {s.shape_output: s.tensor for s in samplers.values() if s.shape_output}
+    sampled = list(dict.fromkeys([*(s.output for s in samplers.values() if s.output), *probes]))
+    aug.outputs = [*mins, *maxs, *(tensors[n] for n in sampled if tensors[n] not in aug.outputs)]
+    always = [v.name for v in mins] + [v.name for v in maxs] + list(probes)  # fetched in every run
+    no_rows = {s.index_input: np.zeros(0, np.int64) for s in samplers.values() if s.index_input}
+    learned: dict[str, tuple[int, ...]] = {}  # shapes the probes reported
+    progress(f"calibration: {len(input_names)} inputs + {len(output_names)} activations ({len(tapped)} tapped, "
+             f"{len(same_range)} reshaped copies, {len(blocks)} in row blocks), {len(capture)} captured LoRA inputs")
     session = ort_session(aug, **_tap_session_options())
+    n, m = len(tapped), len(mins)
+    del typed, aug, tensors, mins, maxs, blocks, members  # graph copies: not needed while the runs hold the peak
+    return_freed_memory()
 
-    n = len(output_names)
     lo = np.full(n, np.inf)
     hi = np.full(n, -np.inf)
     in_lo = dict.fromkeys(input_names, math.inf)
@@ -333,11 +592,32 @@ def calibrate(
     feeds_seen = -1
     for index, task, bound in _runs(graph, feeds, tasks, include_base, progress, "calibrating"):
         feeds_seen = max(feeds_seen, index)
-        values = session.run(fetch, bound)
+        wanted: list[str] = []
+        if capture and (task is not BASE or not tasks):
+            chosen = capture_tasks.get(task, ()) if (capture_tasks is not None and task is not BASE) else capture
+            wanted = [label for label in chosen if label in capture]
+        store = reservoirs.setdefault(task, {}) if wanted else {}
+        # Rows are drawn before the run where the shape is known (the draws depend only on shapes and
+        # counts), in label order, so the samples do not depend on where the rows are taken.
+        planned: dict[str, tuple[np.ndarray, list[int]]] = {}
+        row_index = dict(no_rows)
+        for label in wanted:
+            sampler = samplers[label]
+            shape = (sampler.shape or learned.get(sampler.tensor)) if sampler.output else np.shape(bound[sampler.tensor])
+            if shape is None:  # drawn after the run, and so is every later label (the draw order is kept)
+                break
+            picks = sampler.how.draw(shape, rows_per_feed, rng)
+            planned[label] = (picks, store.setdefault(label, _Reservoir(max_rows, rng)).plan(len(picks)))
+            if sampler.index_input:
+                row_index[sampler.index_input] = picks.astype(np.int64)
+        fetch = list(dict.fromkeys(samplers[label].output for label in wanted if samplers[label].output))
+        values = session.run(always + fetch, {**bound, **row_index})
         result.runs += 1
         with np.errstate(invalid="ignore"):
-            vmin = np.array([float(v) for v in values[:n]], dtype=np.float64)
-            vmax = np.array([float(v) for v in values[n:2 * n]], dtype=np.float64)
+            vmin = np.array([float(v) for v in values[:m]], dtype=np.float64)
+            vmax = np.array([float(v) for v in values[m:2 * m]], dtype=np.float64)
+            if m:
+                vmin, vmax = np.minimum.reduceat(vmin, starts), np.maximum.reduceat(vmax, starts)
         ok = np.isfinite(vmin) & np.isfinite(vmax)
         lo = np.where(ok, np.minimum(lo, vmin), lo)
         hi = np.where(ok, np.maximum(hi, vmax), hi)
@@ -347,19 +627,23 @@ def calibrate(
             if finite.size:
                 in_lo[name] = min(in_lo[name], float(finite.min()))
                 in_hi[name] = max(in_hi[name], float(finite.max()))
-        if capture and (task is not BASE or not tasks):
-            wanted = capture_tasks.get(task, ()) if (capture_tasks is not None and task is not BASE) else capture
-            got = dict(zip(captured_outputs, values[2 * n:], strict=True))
-            store = reservoirs.setdefault(task, {})
-            for label in wanted:
-                if label not in capture:
-                    continue
-                tensor, how = capture[label]
-                arr = got[tensor] if tensor in got else bound[tensor]
-                rows = how.rows(arr, rows_per_feed, rng)
-                store.setdefault(label, _Reservoir(max_rows, rng)).add(rows)
+        for probe, shape in zip(probes.values(), values[2 * m:len(always)], strict=True):
+            learned[probe] = tuple(int(d) for d in shape)
+        got = dict(zip(fetch, values[len(always):], strict=True))
         del values
+        for label in wanted:
+            sampler = samplers[label]
+            arr = got[sampler.output] if sampler.output else bound[sampler.tensor]
+            if label not in planned:  # a whole tensor whose shape is known only now
+                picks = sampler.how.draw(np.shape(arr), rows_per_feed, rng)
+                planned[label] = (picks, store.setdefault(label, _Reservoir(max_rows, rng)).plan(len(picks)))
+            picks, slots = planned[label]
+            rows = np.asarray(arr, dtype=np.float32) if sampler.index_input else sampler.how.take(arr, picks)
+            store[label].put(rows, slots)
+        del got
+        return_freed_memory()  # else the heap's free holes grow from run to run (+0.3 GiB over 10 SD1.5 runs)
     del session
+    return_freed_memory()
     result.feeds = feeds_seen + 1
     if result.feeds == 0:
         raise QuadcError("calibration got no feeds; give at least one (--calib-random N or --calib-dir)")
@@ -369,7 +653,9 @@ def calibrate(
             result[name] = (in_lo[name], in_hi[name])
         else:
             result.skipped.append(name)
-    for i, name in enumerate(output_names):
+    index = {name: i for i, name in enumerate(tapped)}
+    for name in output_names:
+        i = index[same_range.get(name, name)]
         if math.isfinite(lo[i]):
             result[name] = (float(lo[i]), float(hi[i]))
         else:
@@ -406,6 +692,7 @@ def measure_sqnr(
         raise QuadcError(f"tensor '{unknown[0]}' has an encoding but is not in the graph")
     typed = infer_shapes(clone_graph(graph)).tensors()
     signals, noises = [], []
+    first_added = len(aug.nodes)
     for name in names:
         enc = encodings[name]
         if enc.per_channel:
@@ -425,12 +712,10 @@ def measure_sqnr(
         aug.nodes.append(gs.Node("Sub", f"{diff.name}/node", inputs=[x, dq], outputs=[diff]))
         signals.append(_reduce(aug, "ReduceSumSquare", x, taken, "sig"))
         noises.append(_reduce(aug, "ReduceSumSquare", diff, taken, "noise"))
+    _schedule_after_producers(aug, first_added)
     aug.outputs = [*signals, *noises]
-    import onnxruntime as ort
-
     # Basic optimizations only: extended ones may fuse or drop the Q -> DQ pairs being measured.
-    session = ort_session(aug, graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                          **_tap_session_options()) if names else None
+    session = ort_session(aug, **_tap_session_options("basic")) if names else None
     fetch = [v.name for v in signals] + [v.name for v in noises]
     k = len(names)
     sig = np.zeros(k)
@@ -449,6 +734,8 @@ def measure_sqnr(
             err = arr.astype(np.float64) - fake_quant(arr, encodings[name]).astype(np.float64)
             in_sig[name] += float(np.sum(np.square(arr, dtype=np.float64)))
             in_noise[name] += float(np.sum(np.square(err)))
+    del session
+    return_freed_memory()
     out: dict[str, float] = {}
     for i, name in enumerate(names):
         out[name] = sqnr_db_from_sums(sig[i], noise[i])

@@ -36,7 +36,7 @@ CALIBRATION_OPTIONS = ("calib_dir", "calib_random", "calib_seed", "qss_rows")
 
 def _constant_identity(const: gs.Constant, registry: Mapping[int, Any], h: Any) -> None:
     """Feed ``const``'s content, or its place in the source model's (read-only) data file, to hash ``h``."""
-    from quadc.graph import _external_value_of
+    from quadc.graph import _external_value_of, constant_values
 
     h.update(f"{const.name}|{const.dtype}|{tuple(const.shape)}".encode())
     external = _external_value_of(const, registry)
@@ -46,7 +46,7 @@ def _constant_identity(const: gs.Constant, registry: Mapping[int, Any], h: Any) 
         # one source model, and the key (recorded in manifests) must not depend on where it is stored.
         h.update(f"ext|{Path(src.path).name}|{src.offset}|{src.length}".encode())
         return
-    arr = np.ascontiguousarray(np.asarray(const.values))
+    arr = np.ascontiguousarray(np.asarray(constant_values(const)))  # .values would keep a computed weight
     h.update(arr.view(np.uint8).reshape(-1).tobytes() if arr.size else b"")
 
 

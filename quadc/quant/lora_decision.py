@@ -125,4 +125,4 @@ def decide_lora(slots: Mapping[str, Any], tasks: Mapping[str, Mapping[str, np.nd
         reason += (f"; the anchor does not adapt {len(encodings.fallback)} LoRA input(s), which use the merged "
                    "range of all LoRAs")
     return LoRADecision(scores, requested, policy, anchor, reason, tolerance, encodings,
-                        shared_sqnr(slots, tasks, samples, encodings) if tasks else {}, scheme)
+                        shared_sqnr(slots, tasks, samples, encodings, scores) if tasks else {}, scheme)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from quadc.graph import constant_values
 from quadc.quant.affine import Encoding
 from quadc.quant.schemes import QNN_HTP, EncodingScheme
 
@@ -57,8 +58,8 @@ def weight_encodings(graph: gs.Graph, per_channel: bool = False,
                      scheme: EncodingScheme = QNN_HTP) -> dict[str, Encoding]:
     """Encodings of the weights (:func:`weight_axes`) in the ``scheme``'s types: per-tensor, or per output
     channel when the scheme (or, where it leaves the choice, ``per_channel``) says so; 1-D weights stay
-    per-tensor."""
+    per-tensor. Weights are read with :func:`~quadc.graph.constant_values`, so none stays mapped."""
     consts = {name: t for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
     channel = scheme.weights_per_channel(per_channel)
-    return {name: scheme.weight_encoding(np.asarray(consts[name].values), axis, channel)
+    return {name: scheme.weight_encoding(np.asarray(constant_values(consts[name])), axis, channel)
             for name, axis in weight_axes(graph).items()}
