@@ -27,7 +27,7 @@ from quadc.targets import get_target
 
 pytestmark = pytest.mark.skipif(not qnn_available()[0], reason=f"QNN HTP backend: {qnn_available()[1]}")
 
-TASKS = (None, "object_removal", "sketch_to_image", "stickers")
+TASKS = (None, "background_removal", "edges_to_image", "sepia")
 HELD_OUT_SEED = 4242  # calibration uses seed 0
 
 
@@ -138,7 +138,7 @@ def test_htp_agrees_with_onnx_qdq_on_cpu(runs, task):
 def test_switching_tasks_on_one_context_gives_each_task_its_own_output(out, feeds, runs):
     engine = Engine(out / "qnn")
     feed = feeds[0]
-    order = ["stickers", None, "object_removal", "stickers", "sketch_to_image", None, "object_removal"]
+    order = ["sepia", None, "background_removal", "sepia", "edges_to_image", None, "background_removal"]
     for task in order:
         got = engine.run(feed, task)["out_sample"]
         np.testing.assert_array_equal(got, runs[task, 0]["htp"])  # what a fresh context gave
