@@ -148,9 +148,9 @@ def test_switching_tasks_on_one_context_gives_each_task_its_own_output(out, feed
 
 
 def test_verify_reports_sqnr_against_the_float_lora_as_input_graph(out, feeds, runs):
-    report = get_target("qnn").verify(out / "qnn", feeds[1], "sketch_to_image")
+    report = get_target("qnn").verify(out / "qnn", feeds[1], "edges_to_image")
     assert report["executor"] == "qnn-htp" and report["reference"] == "float LoRA-as-input graph"
-    want = sqnr_db(runs["sketch_to_image", 1]["float"], runs["sketch_to_image", 1]["htp"])
+    want = sqnr_db(runs["edges_to_image", 1]["float"], runs["edges_to_image", 1]["htp"])
     assert report["outputs"]["out_sample"]["sqnr_db"] == pytest.approx(want, abs=0.01)
 
 
@@ -158,14 +158,14 @@ def test_quadc_run_executes_the_context(out, feeds, runs, tmp_path, capsys):
     from quadc.cli import main
 
     np.savez(tmp_path / "in.npz", **feeds[0])
-    assert main(["run", str(out / "qnn"), "--task", "stickers", "--inputs", str(tmp_path / "in.npz"),
+    assert main(["run", str(out / "qnn"), "--task", "sepia", "--inputs", str(tmp_path / "in.npz"),
                  "-o", str(tmp_path / "y.npz")]) == 0
     assert "executor qnn-htp" in capsys.readouterr().out
-    np.testing.assert_array_equal(np.load(tmp_path / "y.npz")["out_sample"], runs["stickers", 0]["htp"])
-    assert main(["run", str(out / "qnn"), "--task", "stickers", "--inputs", str(tmp_path / "in.npz"),
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npz")["out_sample"], runs["sepia", 0]["htp"])
+    assert main(["run", str(out / "qnn"), "--task", "sepia", "--inputs", str(tmp_path / "in.npz"),
                  "-o", str(tmp_path / "c.npz"), "--executor", "cpu"]) == 0
     cpu = np.load(tmp_path / "c.npz")["out_sample"]
-    assert "executor cpu" in capsys.readouterr().out and sqnr_db(cpu, runs["stickers", 0]["htp"]) > 30.0
+    assert "executor cpu" in capsys.readouterr().out and sqnr_db(cpu, runs["sepia", 0]["htp"]) > 30.0
 
 
 # ------------------------------------------------------------------------------------------------- errors
