@@ -10,6 +10,7 @@ is given (``generate(artifact_dir, task, *, sampler, steps, seed)`` returning an
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -72,25 +73,49 @@ def _default_generate() -> Callable[..., Any]:
     return generate
 
 
-def _run_task(generate: Callable[..., Any], artifact: Path, float_artifact: Path | None, task: str,
-              seeds: Sequence[int], sampler: str, steps: int) -> tuple[TaskResult, int]:
-    result = TaskResult(task, list(seeds), [])
-    stages: dict[str, list[float]] = {}
+def _pipeline_runner(generate: Callable[..., Any] | None, artifact: Path) -> Callable[..., Any]:
+    """``run(task, seed, sampler, steps)`` for one artifact: the real pipeline keeps its sessions loaded
+    across calls (one U-Net engine, tasks switched by binding); an injected ``generate`` is called as is."""
+    if generate is not None:
+        return lambda task, **kw: generate(artifact, task, **kw)
+    real = _default_generate()
+    from quadc.pipeline.generate import LoadedPipeline
+
+    pipe = LoadedPipeline(artifact)
+    return lambda task, **kw: real(artifact, task, engine=pipe, **kw)
+
+
+#: Per-stage timing keys left out of the latency table (each step's own time; the per-step mean stays).
+_STEP_KEY = re.compile(r"unet_step_\d+$")
+
+
+def _run_pipeline(run: Callable[..., Any], tasks: Sequence[str], seeds: Sequence[int], sampler: str,
+                  steps: int) -> tuple[dict[str, list[Any]], int]:
+    """Every (task, seed) through one pipeline; results per task and the largest peak RSS seen."""
+    out: dict[str, list[Any]] = {}
     peak = 0
-    for seed in seeds:
-        q = generate(artifact, task, sampler=sampler, steps=steps, seed=seed)
-        result.images.append(np.asarray(q.image))
-        peak = max(peak, int(q.peak_rss or 0))
+    for task in tasks:
+        for seed in seeds:
+            res = run(task, sampler=sampler, steps=steps, seed=seed)
+            out.setdefault(task, []).append(res)
+            peak = max(peak, int(getattr(res, "peak_rss", 0) or 0))
+    return out, peak
+
+
+def _task_result(task: str, seeds: Sequence[int], quant: list[Any], flt: list[Any] | None) -> TaskResult:
+    result = TaskResult(task, list(seeds), [np.asarray(q.image) for q in quant])
+    stages: dict[str, list[float]] = {}
+    for q in quant:
         for stage, seconds in dict(q.timings).items():
-            stages.setdefault(stage, []).append(float(seconds))
-        if float_artifact is not None:
-            f = generate(float_artifact, task, sampler=sampler, steps=steps, seed=seed)
-            result.float_images.append(np.asarray(f.image))
-            result.psnr_db.append(psnr_db(f.image, q.image))
-            result.ssim.append(ssim(f.image, q.image))
-            result.latent_sqnr_db.append(latent_sqnr_db(f.latents, q.latents))
+            if not _STEP_KEY.match(stage):
+                stages.setdefault(stage, []).append(float(seconds))
     result.timings = {stage: statistics.median(v) for stage, v in stages.items()}
-    return result, peak
+    for q, f in zip(quant, flt or [], strict=False):
+        result.float_images.append(np.asarray(f.image))
+        result.psnr_db.append(psnr_db(f.image, q.image))
+        result.ssim.append(ssim(f.image, q.image))
+        result.latent_sqnr_db.append(latent_sqnr_db(f.latents, q.latents))
+    return result
 
 
 def lora_layer_sqnr(artifact: Path, float_artifact: Path, tasks: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -202,14 +227,19 @@ def build_report(artifact: str | os.PathLike[str], float_artifact: str | os.Path
             raise QuadcError(f"unknown task '{t}'; this artifact has: {', '.join(known) or 'no tasks'}")
     if not seeds:
         raise QuadcError("the report needs at least one seed")
-    gen = generate or _default_generate()
-    results, peak, notes = [], 0, []
-    for t in names:
+    if generate is None:
+        _default_generate()  # a missing pipeline is refused before any work
+    # The quantized pipeline runs alone first, so the peak RSS it reports is its own.
+    if progress:
+        progress(f"report: quantized pipeline, {len(names)} task(s) x {len(seeds)} seed(s)")
+    quant, peak = _run_pipeline(_pipeline_runner(generate, artifact), names, seeds, sampler, steps)
+    flt: dict[str, list[Any]] = {}
+    if fart is not None:
         if progress:
-            progress(f"report: task {t}")
-        res, p = _run_task(gen, artifact, fart, t, seeds, sampler, steps)
-        results.append(res)
-        peak = max(peak, p)
+            progress("report: float pipeline on the same seeds")
+        flt, _ = _run_pipeline(_pipeline_runner(generate, fart), names, seeds, sampler, steps)
+    results = [_task_result(t, seeds, quant[t], flt.get(t)) for t in names]
+    notes: list[str] = []
     layers = lora_layer_sqnr(artifact, fart, [t for t in names if t != "none"]) if fart is not None else {}
     if fart is None:
         notes.append("no float artifact given (--float): quality columns and LoRA layer SQNR are left out")
