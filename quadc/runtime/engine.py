@@ -48,7 +48,8 @@ class Engine:
         if cls is Engine and read_manifest(Path(artifact_dir)).get("runtime") == "litert":
             from quadc.runtime.tflite_engine import TfliteEngine
 
-            return TfliteEngine(artifact_dir, cache_size=kwargs.get("cache_size", 4))
+            return TfliteEngine(artifact_dir, cache_size=kwargs.get("cache_size", 4),
+                                cache_bytes=kwargs.get("cache_bytes"))
         return super().__new__(cls)
 
     def __init__(self, artifact_dir: str | os.PathLike[str], *,
