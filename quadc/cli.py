@@ -41,6 +41,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         print_after=[p for item in args.print_after or [] for p in item.split(",") if p],
         force=args.force,
         max_saturation=args.max_saturation,
+        components=_components(args),
     )
     progress = silent_progress if args.quiet else stderr_progress
     if args.align:
@@ -64,6 +65,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
     tasks = ", ".join(manifest.get("tasks", {})) or "none"
     print(f"wrote {args.output} (target {manifest['target']}, tasks: {tasks})")
     return 0
+
+
+def _components(args: argparse.Namespace) -> dict[str, str] | None:
+    """``--vae-encoder``/``--vae-decoder``/``--no-vae`` as CompileOptions.components (None: the default)."""
+    given = {k: v for k, v in (("vae-encoder", args.vae_encoder), ("vae-decoder", args.vae_decoder)) if v}
+    if args.no_vae:
+        if given:
+            raise QuadcError("--no-vae contradicts --vae-encoder/--vae-decoder; give one or the other")
+        return {}
+    return given or None
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -202,6 +213,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     from quadc.export import export_unet
 
     progress = silent_progress if args.quiet else stderr_progress
+    if args.component != "unet":
+        from quadc.export.components import export_component
+
+        unet_only = [flag for flag, value, default in (("--exporter", args.exporter, "torchscript"),
+                                                       ("--dtype", args.dtype, "fp32"), ("--batch", args.batch, 1),
+                                                       ("--opset", args.opset, None)) if value != default]
+        if unet_only:
+            raise QuadcError(f"{', '.join(unet_only)} apply to the U-Net only; the {args.component} is exported "
+                             "in fp32 with the torchscript exporter at batch 1")
+        path = export_component(args.component, config=args.config, weights=args.weights, out=Path(args.output),
+                                seed=args.seed, progress=progress)
+        print(f"wrote {path}")
+        return 0
     path = export_unet(config=args.config, weights=args.weights, exporter=args.exporter, out=Path(args.output),
                        opset=args.opset, batch=args.batch, seed=args.seed, progress=progress, dtype=args.dtype)
     print(f"wrote {path}")
@@ -239,12 +263,28 @@ def cmd_report(args: argparse.Namespace) -> int:
     from quadc.context import stderr_progress
     from quadc.report import build_report, write_report
 
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else []
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise QuadcError(f"--seeds takes comma-separated integers like 0,1, got '{args.seeds}'") from None
     data = build_report(args.artifact, args.float_artifact, tasks=args.task or None, seeds=seeds,
                         sampler=args.sampler, steps=args.steps, model=args.model,
                         ablation=_float_list(args.ablation), progress=stderr_progress)
     path = write_report(data, args.output)
     print(f"wrote {path} ({len(data.tasks)} task(s), seeds {args.seeds})")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from quadc.pipeline.generate import format_timings, generate
+    from quadc.pipeline.images import save_png
+
+    result = generate(args.artifact, args.task, sampler=args.sampler, steps=args.steps, seed=args.seed,
+                      image=args.image, mask=args.mask, prompt_embeds=args.prompt_embeds, strength=args.strength)
+    out = save_png(result.image, args.output)
+    print(format_timings(result))
+    print(f"wrote {out} ({result.image.shape[1]}x{result.image.shape[0]}; task {result.task}, "
+          f"{result.sampler} x {len(result.timesteps)} steps, seed {args.seed})")
     return 0
 
 
@@ -370,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("compile", help="compile an ONNX U-Net and LoRA files into an artifact directory")
-    p.add_argument("model", nargs="?", help="ONNX U-Net (default: the bundled tiny U-Net and its demo LoRAs)")
+    p.add_argument("model", nargs="?", help="ONNX U-Net (default: the bundled tiny U-Net, its VAE and demo LoRAs)")
     p.add_argument("--lora", action="append", metavar="NAME=PATH",
                    help="a LoRA file (or peft directory) for task NAME; repeat for more tasks")
     p.add_argument("--target", default="onnx",
@@ -409,6 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail (writing nothing) when a task saturates more than fraction F of its LoRA values "
                         "under the shared encodings, e.g. 0.01; the manifest records every task's fraction")
     _add_calibration_flags(p)
+    v = p.add_argument_group("pipeline components (compiled by the same target, no LoRA, into OUTPUT/vae_*)")
+    v.add_argument("--vae-encoder", metavar="ONNX", help="VAE encoder (quadc export --component vae-encoder); "
+                   "default: the bundled tiny VAE when MODEL is not given")
+    v.add_argument("--vae-decoder", metavar="ONNX", help="VAE decoder (quadc export --component vae-decoder)")
+    v.add_argument("--no-vae", action="store_true", help="compile the U-Net only")
     p.add_argument("--align", choices=["layer", "model"],
                    help="first align the non-anchor LoRAs (as quadc align, into OUTPUT.align), then compile the "
                         "aligned LoRAs against its encodings.json")
@@ -468,6 +513,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="the HTML file to write")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("generate", help="generate a PNG with a compiled artifact: VAE encoder, the U-Net loop with a "
+                       "task's LoRA bound, VAE decoder; prints per-stage latency and peak RSS")
+    p.add_argument("artifact", help="artifact directory written by quadc compile (with its VAE)")
+    p.add_argument("--task", default="none", help="task name from the manifest, or 'none' for the base model")
+    p.add_argument("--sampler", default="lcm", help="euler, lcm (default), ddim or dpmpp (stands in for OLSS)")
+    p.add_argument("--steps", type=int, default=4, help="sampler steps (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--image", help="input image (default for a bundled task: its bundled example)")
+    p.add_argument("--mask", help="inpainting mask, white = regenerate (default for a bundled task: its own)")
+    p.add_argument("--prompt-embeds", help=".npy prompt embeddings [tokens, width] (default: the bundled null prompt)")
+    p.add_argument("--strength", type=float, help="img2img strength in (0, 1] (default: the task's, else 0.75)")
+    p.add_argument("-o", "--output", required=True, help="PNG to write")
+    p.set_defaults(func=cmd_generate)
+
     p = sub.add_parser("verify", help="run each target's verify for every task on held-out inputs; print a table")
     p.add_argument("artifact", help="an artifact directory, or a --target all output directory")
     p.add_argument("--task", action="append", metavar="NAME",
@@ -492,9 +551,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("targets", help="list the installed target backends")
     p.set_defaults(func=cmd_targets)
 
-    p = sub.add_parser("export", help="build the SD1.5 U-Net with diffusers and export it to ONNX (extra: export)")
-    p.add_argument("--config", choices=["sd15", "tiny"], default="tiny", help="U-Net size (default: tiny)")
-    p.add_argument("--weights", default="random", help="'random' or a local diffusers U-Net folder")
+    p = sub.add_parser("export", help="build an SD1.5 pipeline component (U-Net, VAE encoder/decoder, CLIP text "
+                       "encoder) with diffusers/transformers and export it to ONNX (extra: export)")
+    p.add_argument("--component", choices=["unet", "vae-encoder", "vae-decoder", "text-encoder"], default="unet",
+                   help="what to export (default: unet)")
+    p.add_argument("--config", choices=["sd15", "tiny"], default="tiny", help="model size (default: tiny)")
+    p.add_argument("--weights", default="random",
+                   help="'random' or a local diffusers pipeline folder (its unet/, vae/ or text_encoder/) or the "
+                        "component's own folder")
     p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
                    help="torch.onnx exporter (default: torchscript)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")

@@ -63,6 +63,9 @@ class CompileOptions:
     #: Refuse the compile (nothing written) when a task saturates more than this fraction of its LoRA
     #: values under the shared encodings; None = only report it.
     max_saturation: float | None = None
+    #: Pipeline components compiled beside the U-Net (``{"vae-encoder": path, "vae-decoder": path}``,
+    #: :mod:`quadc.pipeline.components`); None = the bundled VAE when compiling the bundled U-Net, else none.
+    components: Mapping[str, str | os.PathLike[str]] | None = None
 
 
 def _check_saturation_limit(value: float | None) -> None:
@@ -96,6 +99,10 @@ def compile_model(model: str | os.PathLike[str] | None, out_dir: str | os.PathLi
         return compile_all(model, out_dir, options, progress)
     check_output_dir(out_dir, force=options.force)
     _check_saturation_limit(options.max_saturation)
+    if options.components:
+        from quadc.pipeline.components import check_components
+
+        check_components(options.components)
     target = get_target(options.target, dict(options.target_options.get(options.target, {})))
     ok, why = target.available()
     if not ok:
@@ -118,6 +125,7 @@ def compile_model(model: str | os.PathLike[str] | None, out_dir: str | os.PathLi
     progress(f"writing {out_dir}")
     with staged_directory(out_dir, force=options.force) as tmp:
         manifest = _write_artifact(target, graph, ctx, tmp, model_path, records)
+        _add_components(model, options, target, tmp, manifest, progress)
     _report_records(records, progress)
     return manifest
 
@@ -150,6 +158,10 @@ def compile_all(model: str | os.PathLike[str] | None, out_dir: str | os.PathLike
                          "target to change its pipeline)")
     check_output_dir(out_dir, force=options.force)
     _check_saturation_limit(options.max_saturation)
+    if options.components:
+        from quadc.pipeline.components import check_components
+
+        check_components(options.components)
     targets, skipped = _available_targets(options, progress)
     _check_target_options(options, list(targets))
     pipelines = {name: _target_pipeline(t, options) for name, t in targets.items()}
@@ -182,6 +194,7 @@ def compile_all(model: str | os.PathLike[str] | None, out_dir: str | os.PathLike
                 check_max_saturation(task_saturations(tctx), options.max_saturation)
             (tmp / name).mkdir()
             manifest = _write_artifact(target, tgraph, tctx, tmp / name, model_path, [*shared_records, *records])
+            _add_components(model, options, target, tmp / name, manifest, progress)
             index["targets"][name] = {"dir": name, "manifest": f"{name}/{MANIFEST_NAME}",
                                       "shared_rom_bytes": manifest.get("shared_rom_bytes"),
                                       "passes": [r.name for r in records]}
@@ -291,6 +304,30 @@ def _write_artifact(target: Target, graph: Any, ctx: CompileContext, out: Path, 
     manifest.update(entries)
     write_json(out / MANIFEST_NAME, manifest)
     return manifest
+
+
+def _add_components(model: str | os.PathLike[str] | None, options: CompileOptions, target: Target, out: Path,
+                    manifest: dict[str, Any], progress: Callable[[str], None]) -> None:
+    """Compile the pipeline components into ``out`` beside the U-Net and list them in its manifest.
+
+    Components the user named must compile; the bundled VAE (the default with the bundled U-Net) is
+    skipped with a progress line, and listed under ``components_skipped``, where the target refuses it."""
+    from quadc.pipeline.components import bundled_components, compile_components, components_entry
+
+    if options.components is not None:
+        components, required = dict(options.components), True
+    elif model is None:
+        components, required = {k: v for k, v in bundled_components().items() if v.is_file()}, False
+    else:
+        return
+    if not components:
+        return
+    target_options = options.target_options.get(target.name, {})
+    entries, skipped = compile_components(components, target.name, target_options, out, progress, required=required)
+    manifest["components"] = components_entry(manifest, entries)
+    if skipped:
+        manifest["components_skipped"] = skipped
+    write_json(out / MANIFEST_NAME, manifest)
 
 
 def _report_records(records: Sequence[Any], progress: Callable[[str], None], prefix: str = "") -> None:

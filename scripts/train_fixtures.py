@@ -733,6 +733,7 @@ def run(out: Path, scale: float = 1.0, report_path: Path | None = None) -> dict[
 
     print("export: tiny_unet.onnx from tiny_sd/unet", flush=True)
     make_bundled_model.make(out / "tiny_unet.onnx", weights=sd_dir / "unet")
+    make_bundled_model.make_vae(out, weights=sd_dir)
     report["cpu_s"] = time.process_time() - cpu0
     report["wall_s"] = time.time() - wall0
     report["files"] = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*"))

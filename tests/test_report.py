@@ -27,7 +27,6 @@ from quadc.report.build import lora_layer_sqnr
 from quadc.runtime.engine import Engine
 
 
-
 def _have_pipeline() -> bool:
     try:
         return importlib.util.find_spec("quadc.pipeline.generate") is not None
