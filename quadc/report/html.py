@@ -73,9 +73,9 @@ def render(data: ReportData) -> str:
         parts.append(f'<p class="note">{html.escape(note)}</p>')
 
     parts.append("<h2>Cost</h2>")
-    rows = [("shared graph (one per device)", _mib(data.shared_rom_bytes))]
+    rows = [("shared U-Net graph (one for every task)", _mib(data.shared_rom_bytes))]
     for name, comp in (m.get("components") or {}).items():
-        if isinstance(comp, dict) and "rom_bytes" in comp:
+        if name != "unet" and isinstance(comp, dict) and "rom_bytes" in comp:
             rows.append((f"component {name}", _mib(int(comp["rom_bytes"]))))
     rows += [(f"task {t.task} (LoRA)", _mib(data.task_rom_bytes(t.task))) for t in data.tasks if t.task != "none"]
     rows.append(("peak RAM (RSS) of the quantized pipeline", _mib(data.peak_rss_bytes)))
