@@ -103,6 +103,23 @@ def test_runner_reuses_buffers_and_rebinds_only_on_a_switch(artifact):
     assert runner.switches == 2
 
 
+def test_runner_keeps_a_binding_per_cached_task_only(artifact):
+    engine = Engine(artifact, cache_size=2)
+    runner = engine.runner()
+    feeds = _requests(engine, 1, 11)[0][0]
+    a, b, c = engine.tasks[:3]
+    for task in (a, b, a):
+        runner.run(feeds, task=task)
+    first = runner._bindings[a][0]
+    runner.run(feeds, task=b)
+    assert runner._bindings[a][0] is first and set(runner._bindings) == {None, a, b}  # warm: no new binding
+    runner.run(feeds, task=c)  # the cache (2 tasks) drops a: so does the runner
+    assert set(runner._bindings) == {None, b, c} and engine.store.cached() == [b, c]
+    # a comes back through a fresh load and a fresh binding, with its own output.
+    np.testing.assert_array_equal(runner.run(feeds, task=a)["out_sample"], engine.run(feeds, task=a)["out_sample"])
+    assert runner._bindings[a][0] is not first and runner.switches == 5
+
+
 def _hold(sched: Scheduler) -> threading.Event:
     """Make the scheduler's first worker wait, inside its first run, until the returned event is set (the
     real run follows), so that requests submitted meanwhile queue up deterministically."""

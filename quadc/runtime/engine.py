@@ -177,44 +177,60 @@ class Engine:
 
 
 class BoundRunner:
-    """One thread's IOBinding over an :class:`Engine`'s session, reusing its buffers between runs.
+    """One thread's IOBindings over an :class:`Engine`'s session, reusing their buffers between runs.
 
-    Model inputs are copied into input buffers allocated once (per shape), outputs of a static shape are
-    written into output OrtValues allocated once, and the LoRA inputs are rebound only when the task
-    differs from the previous run's. Not thread-safe: give each thread its own (``engine.runner()``).
+    Model inputs are copied into input buffers allocated once (per shape) and outputs of a static shape
+    are written into output OrtValues allocated once. Each task gets its own IOBinding with its LoRA
+    inputs bound once, all sharing those buffers, so a warm switch selects another binding instead of
+    rebinding every LoRA input. A task's binding is dropped when the engine's LoRA cache no longer holds
+    the task, so the bindings keep no LoRA tensors alive beyond the cache's bound. Not thread-safe: give
+    each thread its own (``engine.runner()``).
     """
 
     def __init__(self, engine: Engine):
         import onnxruntime as ort
 
         self.engine = engine
-        self.binding = engine.session.io_binding()
         self.task: str | None = None
         self.switches = 0
         self._bound = False
-        self._lora: Mapping[str, Any] = {}
+        self._bindings: dict[str | None, tuple[Any, Mapping[str, Any]]] = {}
         self._inputs: dict[str, np.ndarray] = {}
+        self._input_values: dict[str, Any] = {}
         self._outputs: dict[str, Any] = {}
         for out in engine.session.get_outputs():
-            shape = out.shape
-            if out.type in _FLOAT_TYPES and all(isinstance(d, int) for d in shape):
-                value = ort.OrtValue.ortvalue_from_shape_and_type(shape, _FLOAT_TYPES[out.type])
-                self._outputs[out.name] = value
-                self.binding.bind_ortvalue_output(out.name, value)
+            if out.type in _FLOAT_TYPES and all(isinstance(d, int) for d in out.shape):
+                self._outputs[out.name] = ort.OrtValue.ortvalue_from_shape_and_type(out.shape, _FLOAT_TYPES[out.type])
             else:
-                self.binding.bind_output(out.name)
+                self._outputs[out.name] = None  # onnxruntime allocates it per run
+        self.binding = self._binding_for(None)
+
+    def _binding_for(self, task: str | None) -> Any:
+        """The IOBinding of ``task``, made (or remade, if the cache reloaded the task) when needed."""
+        values = self.engine.lora_values(task)
+        held = self._bindings.get(task)
+        if held is not None and held[1] is values:
+            return held[0]
+        binding = self.engine.session.io_binding()
+        # The binding refers to the OrtValues' memory without owning it: ``values`` stays referenced with it.
+        for name, value in (*values.items(), *self._input_values.items()):
+            binding.bind_ortvalue_input(name, value)
+        for name, value in self._outputs.items():
+            if value is None:
+                binding.bind_output(name)
+            else:
+                binding.bind_ortvalue_output(name, value)
+        self._bindings[task] = (binding, values)
+        cached = set(self.engine.store.cached())
+        for other in [t for t in self._bindings if t is not None and t != task and t not in cached]:
+            del self._bindings[other]
+        return binding
 
     def bind_task(self, task: str | None) -> None:
-        """Bind ``task``'s LoRA inputs (a no-op when it is already bound)."""
+        """Select ``task``'s binding (a no-op when it is already selected and still cached)."""
         task = None if task in BASE_TASKS else task
-        if self._bound and task == self.task:
-            return
-        # The binding refers to the OrtValues' memory without owning it: keep them referenced while bound,
-        # even if the store evicts the task meanwhile.
-        self._lora = self.engine.lora_values(task)
-        for name, value in self._lora.items():
-            self.binding.bind_ortvalue_input(name, value)
-        self.switches += self._bound
+        self.binding = self._binding_for(task)
+        self.switches += self._bound and task != self.task
         self.task, self._bound = task, True
 
     def run(self, feeds: Mapping[str, np.ndarray], task: str | None = None) -> dict[str, np.ndarray]:
@@ -226,10 +242,11 @@ class BoundRunner:
             arr = np.asarray(value)
             buf = self._inputs.get(name)
             if buf is None or buf.shape != arr.shape or buf.dtype != arr.dtype:
-                buf = np.empty(arr.shape, arr.dtype)
+                buf = np.array(arr, copy=True)
                 self._inputs[name] = buf
-                np.copyto(buf, arr)
-                self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(buf))
+                self._input_values[name] = ort.OrtValue.ortvalue_from_numpy(buf)
+                for binding, _ in self._bindings.values():
+                    binding.bind_ortvalue_input(name, self._input_values[name])
             else:
                 np.copyto(buf, arr)
         self.engine.session.run_with_iobinding(self.binding)
