@@ -136,15 +136,16 @@ result['cached_bytes'] = engine.store.cached_bytes
 def adapter_code(graph: Path, art: Path, config: str, task: str, runs: int) -> str:
     return PRELUDE + f"""
 import onnxruntime as ort
-from quadc.runtime.engine import Engine
+from pathlib import Path
+from quadc.runtime.lora_store import load_packed_task
 feeds = feeds_for({config!r})
-engine = Engine({str(art)!r})  # only for the task file's path and the OrtValues to compare with
+path = Path({str(art)!r}) / 'lora' / '{task}.onnx_adapter'
 so = ort.SessionOptions(); so.log_severity_level = 3
 sess = ort.InferenceSession({str(graph)!r}, so, providers=['CPUExecutionProvider'])
-adapter = ort.LoraAdapter(); adapter.Load(str(engine.task_file({task!r})))
+adapter = ort.LoraAdapter(); adapter.Load(str(path))
 opts = ort.RunOptions(); opts.add_active_adapter(adapter)
+values = load_packed_task({task!r}, path).values  # the other slots keep their zero defaults
 with_adapter = sess.run(None, feeds, opts)[0]
-values = engine.lora_values({task!r})
 as_inputs = sess.run(None, {{**feeds, **values}})[0]
 result['max_abs_diff'] = float(np.abs(with_adapter - as_inputs).max())
 result['adapter_run_ms'], result['ortvalue_run_ms'] = medians_ms(
@@ -184,6 +185,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=10)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--keep", action="store_true", help="keep the merged graph for the next run")
+    parser.add_argument("--resume", action="store_true", help="reuse the phases results.json already holds")
     args = parser.parse_args()
 
     src = cached_export(args.config)
@@ -203,17 +205,29 @@ def main() -> None:
         del graph
     zero_defaults = with_zero_defaults(art)
 
-    log = lambda s: print(f"[bench] {s}", file=sys.stderr, flush=True)  # noqa: E731
-    log("engine: per-step latency and switches")
-    eng = measure(engine_code(art, args.config, tasks, args.runs))
-    log("merged graph: per-step latency")
-    m1 = measure(merged_code(merged, args.config, 1, args.runs))
-    log("adapter path on the zero-default graph")
-    ad = measure(adapter_code(zero_defaults, art, args.config, tasks[0], args.runs))
-    log("peak RSS: 1 and 10 tasks loaded, 2 merged sessions")
-    one = measure(loaded_code(art, args.config, tasks[:1]))
-    ten = measure(loaded_code(art, args.config, tasks))
-    m2 = measure(merged_code(merged, args.config, 2, 0), allow_failure=True)
+    # Each phase's result is kept in results.json as soon as it is measured; --resume skips those already
+    # there (a phase killed for memory by other processes on a shared machine can then be run again).
+    saved = work / "results.json"
+    results = json.loads(saved.read_text()) if args.resume and saved.exists() else {}
+    phases = {
+        "engine": lambda: engine_code(art, args.config, tasks, args.runs),
+        "merged": lambda: merged_code(merged, args.config, 1, args.runs),
+        "adapter": lambda: adapter_code(zero_defaults, art, args.config, tasks[0], args.runs),
+        "one": lambda: loaded_code(art, args.config, tasks[:1]),
+        "ten": lambda: loaded_code(art, args.config, tasks),
+        "merged2": lambda: merged_code(merged, args.config, 2, 0),
+    }
+    for name, code in phases.items():
+        if name in results and "failed" not in results[name]:
+            continue
+        print(f"[bench] {name}", file=sys.stderr, flush=True)
+        results[name] = measure(code(), allow_failure=True)
+        results[name].pop("stderr", None)
+        saved.write_text(json.dumps(results, indent=1))
+    failed = {k: v["failed"] for k, v in results.items() if "failed" in v}
+    if failed:
+        print(f"phases that failed (run again with --resume): {failed}")
+    eng, m1, ad, one, ten, m2 = (results[k] for k in phases)
 
     graph_bytes = dir_bytes(art) - sum(p.stat().st_size for p in (art / "lora").glob("*")) \
         - zero_defaults.stat().st_size
@@ -223,6 +237,8 @@ def main() -> None:
     print(f"model {src.name} ({args.config}), {len(tasks)} LoRAs of rank {args.rank}, float32 on ORT CPU; "
           f"{args.runs} timed runs each")
     print("\n(a) per-step U-Net latency")
+    if failed:
+        return
     base = m1["run_ms"][0]
     print(f"  {'':38} {'best':>10} {'median':>10}  best vs merged")
     for label, (best, med) in (("merged graph (session.run)", m1["run_ms"]),
