@@ -13,11 +13,12 @@ Example::
 A task's LoRA tensors are fed as ordinary graph inputs from OrtValues built once when the task is loaded
 (:class:`~quadc.runtime.lora_store.LoRAStore`); slots a task does not adapt get shared zero OrtValues.
 Nothing is kept per run, so one Engine serves many threads at once (onnxruntime's ``run`` is thread-safe)
-and a thread's outputs depend only on its own feeds and task. This was measured faster than binding
-``onnxruntime.LoraAdapter`` objects through ``RunOptions.add_active_adapter`` (which the public Python
-API only accepts for inputs with initializer defaults): ``benchmarks/bench_runtime.py``.
-:class:`BoundRunner` keeps one thread's IOBinding (reused input/output buffers, LoRA inputs rebound only
-on a task switch); :mod:`quadc.runtime.scheduler` runs requests on those.
+and a thread's outputs depend only on its own feeds and task. Binding ``onnxruntime.LoraAdapter``
+objects through ``RunOptions.add_active_adapter`` instead needs what quadc's graphs do not have: the
+public Python API accepts it only for inputs with initializer defaults, and onnxruntime ignores active
+adapters in IOBinding runs. ``benchmarks/bench_runtime.py`` measures both ways on a copy of the graph
+that has such defaults. :class:`BoundRunner` keeps one thread's IOBindings (reused input/output buffers,
+one binding per cached task); :mod:`quadc.runtime.scheduler` runs requests on those.
 """
 
 from __future__ import annotations
