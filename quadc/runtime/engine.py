@@ -144,7 +144,7 @@ class Engine:
                              "the graph; compile the artifact again")
         values = {k: v for k, v in self._zero_values.items() if k not in own.values}
         values.update(own.values)
-        return LoadedTask(task, values, own.nbytes, own.arrays)
+        return LoadedTask(task, values, own.nbytes, own.owner)
 
     def runner(self) -> BoundRunner:
         """A :class:`BoundRunner` over this engine's session, for one thread."""

@@ -31,17 +31,22 @@ from quadc.errors import QuadcError
 
 @dataclass(frozen=True)
 class LoadedTask:
-    """One task's LoRA tensors ready to feed: ``values`` (input name -> OrtValue) own ``nbytes`` bytes;
-    ``arrays`` keeps the numpy buffers the OrtValues view alive."""
+    """One task's LoRA tensors ready to feed: ``values`` (input name -> OrtValue) hold ``nbytes`` bytes;
+    ``owner`` keeps alive whatever owns the memory the OrtValues view (numpy arrays, an adapter file)."""
 
     task: str
     values: Mapping[str, Any]
     nbytes: int
-    arrays: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    owner: Any = field(default=None, repr=False)
+
+
+_ITEMSIZE = {"tensor(float)": 4, "tensor(float16)": 2, "tensor(bfloat16)": 2, "tensor(uint8)": 1,
+             "tensor(int8)": 1, "tensor(uint16)": 2, "tensor(int16)": 2}
 
 
 def load_packed_task(task: str, path: Path) -> LoadedTask:
-    """Read a packed task file (``.onnx_adapter`` or ``.safetensors``) into OrtValues over its arrays."""
+    """Read a packed task file into OrtValues: an ``.onnx_adapter`` file's own OrtValues (onnxruntime's
+    ``AdapterFormat``, no copy), a ``.safetensors`` file's arrays wrapped as OrtValues."""
     import numpy as np
     import onnxruntime as ort
 
@@ -50,6 +55,11 @@ def load_packed_task(task: str, path: Path) -> LoadedTask:
     if not path.is_file():
         raise QuadcError(f"task '{task}': LoRA file {path} is missing; compile the artifact again")
     try:
+        if path.suffix == ".onnx_adapter":
+            fmt = ort.AdapterFormat.read_adapter(str(path))
+            values = dict(sorted(fmt.get_parameters().items()))
+            nbytes = sum(int(np.prod(v.shape())) * _ITEMSIZE.get(v.data_type(), 4) for v in values.values())
+            return LoadedTask(task, values, nbytes, fmt)
         arrays = {k: np.ascontiguousarray(v) for k, v in read_packed(path).items()}
     except (RuntimeError, OSError, ValueError):
         raise QuadcError(f"task '{task}': LoRA file {path} cannot be read as a packed LoRA file; "
