@@ -258,6 +258,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise QuadcError(f"--ablation takes comma-separated fractions like 0,0.5,1, got '{text}'") from None
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from quadc.context import stderr_progress
+    from quadc.report import build_report, write_report
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise QuadcError(f"--seeds takes comma-separated integers like 0,1, got '{args.seeds}'") from None
+    data = build_report(args.artifact, args.float_artifact, tasks=args.task or None, seeds=seeds,
+                        sampler=args.sampler, steps=args.steps, model=args.model,
+                        ablation=_float_list(args.ablation), progress=stderr_progress)
+    path = write_report(data, args.output)
+    print(f"wrote {path} ({len(data.tasks)} task(s), seeds {args.seeds})")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from quadc.pipeline.generate import format_timings, generate
     from quadc.pipeline.images import save_png
@@ -476,6 +499,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default): a qnn artifact's QNN context on the HTP backend when onnxruntime-qnn is "
                         "installed, else the ONNX graph on the CPU; cpu; qnn-htp")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="quality (quantized vs float pipeline) and cost of an artifact as an HTML page")
+    p.add_argument("artifact", help="the compiled (quantized) artifact directory")
+    p.add_argument("--float", dest="float_artifact", help="the float artifact of the same model and tasks (target onnx)")
+    p.add_argument("--task", action="append", help="a task to report (repeatable; default: every task)")
+    p.add_argument("--seeds", default="0,1", help="comma-separated seeds, the same for both pipelines (default 0,1)")
+    p.add_argument("--sampler", default="lcm", help="sampler of the image pipeline (default lcm)")
+    p.add_argument("--steps", type=int, default=4, help="sampler steps (default 4)")
+    p.add_argument("--model", help="float source U-Net for the W8A8:W8A16 curve (default: the bundled one if the "
+                                   "artifact came from it)")
+    p.add_argument("--ablation", default="0,0.25,0.5,0.75,1",
+                   help="fractions of activations at 8 bits for the W8A8:W8A16 curve ('' leaves it out)")
+    p.add_argument("-o", "--output", required=True, help="the HTML file to write")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("generate", help="generate a PNG with a compiled artifact: VAE encoder, the U-Net loop with a "
                        "task's LoRA bound, VAE decoder; prints per-stage latency and peak RSS")

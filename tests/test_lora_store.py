@@ -1,8 +1,9 @@
-"""LoRAStore: each task's adapter file is read once, an LRU of ``capacity`` tasks, background preloading,
-and one-line errors for unknown tasks and unreadable files.
+"""LoRAStore: each task's adapter file is read once, an LRU bounded in tasks and in bytes, background
+preloading, and one-line errors for unknown tasks and unreadable files.
 
-Adapter files are written here with distinct values per task; which file an adapter came from is read back
-by binding it to a one-node ONNX graph (``y = Identity(w)``) the way the Engine binds LoRA inputs.
+Adapter files are written here with distinct values and sizes per task (task i stores ``w``: 2**(i+2)
+float32 values, all equal to i); which file a loaded task came from is read back by feeding its OrtValues
+to a one-node ONNX graph (``y = Identity(w)``) the way the Engine feeds LoRA inputs.
 """
 
 from __future__ import annotations
@@ -18,34 +19,35 @@ from onnx import TensorProto, helper
 
 from quadc.errors import QuadcError
 from quadc.lora.pack import write_onnx_adapter
-from quadc.runtime.lora_store import LoRAStore
+from quadc.runtime.lora_store import LoRAStore, load_packed_task
 
 TASKS = ("a", "b", "c", "d")
 
 
 @pytest.fixture
 def files(tmp_path: Path) -> dict[str, Path]:
-    """One adapter file per task; task i stores w = [i, i, i]."""
-    return {t: write_onnx_adapter({"w": np.full(3, i, np.float32)}, tmp_path / f"{t}.onnx_adapter")
+    """One adapter file per task; task i stores w = [i] * 2**(i+2) (16, 32, 64, 128 bytes)."""
+    return {t: write_onnx_adapter({"w": np.full(2 ** (i + 2), i, np.float32)}, tmp_path / f"{t}.onnx_adapter")
             for i, t in enumerate(TASKS)}
+
+
+NBYTES = {t: 4 * 2 ** (i + 2) for i, t in enumerate(TASKS)}
 
 
 @pytest.fixture(scope="module")
 def session() -> ort.InferenceSession:
     """``y = Identity(w)``: running it with an adapter active returns the adapter's ``w``."""
     graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g",
-                              [helper.make_tensor_value_info("w", TensorProto.FLOAT, [3])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])])
+                              [helper.make_tensor_value_info("w", TensorProto.FLOAT, ["n"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-def value_of(session: ort.InferenceSession, adapter) -> float:
-    """The ``w`` the adapter binds (the C++ session applies active adapters before it checks inputs)."""
-    options = ort.RunOptions()
-    options.add_active_adapter(adapter)
-    (y,) = session._sess.run(["y"], {}, options)
-    assert np.all(y == y[0])
+def value_of(session: ort.InferenceSession, loaded) -> float:
+    """The ``w`` the loaded task feeds, checked against the size its file was written with."""
+    (y,) = session.run(["y"], dict(loaded.values))
+    assert np.all(y == y[0]) and y.nbytes == NBYTES[loaded.task] == loaded.nbytes
     return float(y[0])
 
 
@@ -91,16 +93,15 @@ def test_capacity(files):
         LoRAStore(files, capacity=0)
 
 
-def test_preload_loads_in_the_background_before_get(files, session, monkeypatch):
+def test_preload_loads_in_the_background_before_get(files, session):
     threads: list[str] = []
-    real_load = LoRAStore._load
+    real_load = load_packed_task
 
-    def spy(self, task):  # records where the real load runs, then does it
+    def spy(task, path):  # records where the real load runs, then does it
         threads.append(threading.current_thread().name)
-        return real_load(self, task)
+        return real_load(task, path)
 
-    monkeypatch.setattr(LoRAStore, "_load", spy)
-    store = LoRAStore(files, capacity=4)
+    store = LoRAStore(files, capacity=4, loader=spy)
     store.preload(["c", "a"])
     # Both files are read without any get: they show up in the cache.
     assert wait_until(lambda: sorted(store.cached()) == ["a", "c"]), store.cached()
@@ -158,3 +159,34 @@ def test_unreadable_file_is_one_line(files, damage):
     with pytest.raises(QuadcError, match="'b'"):
         store.get("b")  # the background load's error comes out of get
     store.close()
+
+
+def test_cache_is_bounded_in_bytes(files, session):
+    store = LoRAStore(files, capacity=None, max_bytes=100)
+    store.get("a")
+    store.get("b")
+    assert store.cached() == ["a", "b"] and store.cached_bytes == NBYTES["a"] + NBYTES["b"] == 48
+    store.get("c")  # 16 + 32 + 64 > 100: the least recently used task (a) goes
+    assert store.cached() == ["b", "c"] and store.cached_bytes == 96
+    store.get("b")
+    assert store.cached() == ["c", "b"]
+    # d alone (128 bytes) is over the bound: served, not kept, and nothing else is evicted for it.
+    assert value_of(session, store.get("d")) == 3.0
+    assert store.cached() == ["c", "b"] and store.cached_bytes == 96
+    assert value_of(session, store.get("d")) == 3.0 and store.loads == 5  # read again each time
+    store.close()
+
+
+def test_byte_bound_holds_under_preloading_and_both_bounds(files):
+    store = LoRAStore(files, capacity=None, max_bytes=NBYTES["c"] + NBYTES["b"])
+    store.preload(list(TASKS))
+    store.close()
+    # a + b + c = 112 > 96: c evicts a; d (128 B) never fits and evicts nothing.
+    assert store.cached() == ["b", "c"] and store.cached_bytes == 96 and store.loads == 4
+    both = LoRAStore(files, capacity=1, max_bytes=1000)
+    both.get("a")
+    both.get("b")
+    assert both.cached() == ["b"]
+    both.close()
+    with pytest.raises(QuadcError, match="byte bound"):
+        LoRAStore(files, max_bytes=-1)

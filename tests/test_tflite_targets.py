@@ -200,6 +200,40 @@ def test_task_switch_on_one_interpreter(artifacts, test_feeds, references):
         np.testing.assert_array_equal(out, first[task])
 
 
+def test_threads_on_one_interpreter_and_byte_bounded_cache(artifacts, test_feeds):
+    """Several threads with interleaved tasks on one TfliteEngine get their single-threaded outputs; the
+    task cache keeps at most ``cache_bytes`` of int8 tensors."""
+    import threading
+
+    one_task = max(sum(np.prod(s) for s in _task_shapes(artifacts / "neuropilot", t)) for t in TASKS)
+    engine = TfliteEngine(artifacts / "neuropilot", cache_size=None, cache_bytes=int(one_task))
+    jobs = [(f, t) for f in test_feeds for t in (None, *TASKS)]
+    want = [engine.run(f, t)["out_sample"] for f, t in jobs]
+    got: dict[tuple[int, int], np.ndarray] = {}
+
+    def work(i: int) -> None:
+        for k in range(len(jobs)):
+            j = (k + i) % len(jobs)
+            got[i, j] = engine.run(*jobs[j])["out_sample"]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 3 * len(jobs)
+    for (i, j), out in got.items():
+        np.testing.assert_array_equal(out, want[j], err_msg=f"thread {i} job {j}")
+    assert len(engine.store.cached()) <= 1 and engine.store.cached_bytes <= one_task
+
+
+def _task_shapes(art, task):
+    manifest = json.loads((art / "manifest.json").read_text())
+    modules = set(manifest["tasks"][task]["modules"])
+    return [side["shape"] for slot in manifest["lora_slots"] if slot["module"] in modules
+            for side in (slot["down"], slot["up"])]
+
+
 def test_verify_reports(artifacts, test_feeds):
     report = get_target("enn").verify(artifacts / "enn", test_feeds[0], TASKS[0])
     assert report["outputs"]["out_sample"]["sqnr_db"] >= 30.0

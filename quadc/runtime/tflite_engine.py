@@ -16,7 +16,7 @@ Example::
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ import numpy as np
 
 from quadc.artifact import artifact_file, read_manifest
 from quadc.errors import QuadcError
+from quadc.runtime.lora_store import LoadedTask, LoRAStore
 
 BASE_TASKS = (None, "none")
 
@@ -35,9 +36,12 @@ def _quantize(x: np.ndarray, scale: float, dtype: np.dtype) -> np.ndarray:
 
 
 class TfliteEngine:
-    """LiteRT interpreter + host embedding + int8 LoRA tensors per task (an LRU of ``cache_size`` tasks)."""
+    """LiteRT interpreter + host embedding + int8 LoRA tensors per task (a :class:`LoRAStore` bounded by
+    ``cache_size`` tasks and ``cache_bytes`` bytes). ``run`` may be called from several threads: the
+    interpreter runs one request at a time."""
 
-    def __init__(self, artifact_dir: str | os.PathLike[str], *, cache_size: int = 4, num_threads: int | None = None):
+    def __init__(self, artifact_dir: str | os.PathLike[str], *, cache_size: int | None = 4,
+                 num_threads: int | None = None, cache_bytes: int | None = None):
         try:
             from ai_edge_litert.interpreter import Interpreter
         except ImportError:  # pragma: no cover - the tflite extra is not installed
@@ -46,8 +50,6 @@ class TfliteEngine:
         self.manifest = read_manifest(self.dir)
         if "tflite" not in self.manifest:
             raise QuadcError(f"{self.dir}: not a TFLite artifact (its manifest has no 'tflite' section)")
-        if cache_size < 1:
-            raise QuadcError("the LoRA cache needs room for at least one task")
         path = artifact_file(self.dir, self.manifest["graph"], what="graph")
         if not path.is_file():
             raise QuadcError(f"{self.dir}: graph file '{self.manifest['graph']}' is missing; compile again")
@@ -69,9 +71,14 @@ class TfliteEngine:
         self.model_inputs = direct + [n for n in (self.host.input_names if self.host else []) if n not in direct]
         self._host_inputs = host_outputs
         self._zeros = {s["name"]: np.zeros(d["shape"], d["dtype"]) for s, d in self._inputs if s["kind"] == "lora"}
-        self._cache: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
-        self._capacity = cache_size
-        self.loads = 0
+        self.store = LoRAStore({t: self.dir for t in self.tasks}, capacity=cache_size, max_bytes=cache_bytes,
+                               loader=self._load_task)
+        self._lock = threading.Lock()
+
+    @property
+    def loads(self) -> int:
+        """How many times a task file was read."""
+        return self.store.loads
 
     @property
     def tasks(self) -> list[str]:
@@ -81,13 +88,10 @@ class TfliteEngine:
         if task not in self.manifest.get("tasks", {}):
             raise QuadcError(f"unknown task '{task}'; this artifact has: {', '.join(self.tasks) or 'no tasks'}")
 
-    def _task_tensors(self, task: str) -> dict[str, np.ndarray]:
-        """The task's stored int8 tensors (read once, then cached)."""
+    def _load_task(self, task: str, _: Path) -> LoadedTask:
+        """The store's loader: the task's stored int8 tensors, checked against the model's LoRA inputs."""
         from quadc.lora.pack import read_packed
 
-        if task in self._cache:
-            self._cache.move_to_end(task)
-            return self._cache[task]
         files = self.manifest["tasks"][task].get("files", {})
         if "safetensors" not in files:
             raise QuadcError(f"{self.dir}: task '{task}' has no safetensors file in the manifest; compile again")
@@ -99,11 +103,11 @@ class TfliteEngine:
             want = self._zeros.get(name)
             if want is None or arr.shape != want.shape or arr.dtype != want.dtype:
                 raise QuadcError(f"task '{task}': tensor '{name}' does not match the model's LoRA input; compile again")
-        self.loads += 1
-        self._cache[task] = tensors
-        while len(self._cache) > self._capacity:
-            self._cache.popitem(last=False)
-        return tensors
+        return LoadedTask(task, tensors, sum(a.nbytes for a in tensors.values()), tensors)
+
+    def _task_tensors(self, task: str) -> Mapping[str, np.ndarray]:
+        """The task's stored int8 tensors (read once, then cached)."""
+        return self.store.get(task).values
 
     def lora_inputs(self, task: str | None) -> dict[str, np.ndarray]:
         """Every LoRA input's int8 tensor (TFLite layout) for ``task``: its file plus zeros elsewhere."""
@@ -114,9 +118,8 @@ class TfliteEngine:
         return bound
 
     def preload(self, tasks: Sequence[str]) -> None:
-        for task in tasks:
-            self._check_task(task)
-            self._task_tensors(task)
+        """Load these tasks' tensors in the background (the base model needs none)."""
+        self.store.preload([t for t in tasks if t not in BASE_TASKS])
 
     def run(self, feeds: Mapping[str, np.ndarray], task: str | None = None) -> dict[str, np.ndarray]:
         """One forward pass with ``task``'s LoRA bound (``None``/"none": the base model)."""
@@ -127,6 +130,10 @@ class TfliteEngine:
         if self.host is not None:
             values.update(self.host(feeds))
         lora = self.lora_inputs(task)
+        with self._lock:  # one interpreter: set, invoke and read back as one step
+            return self._invoke(values, lora)
+
+    def _invoke(self, values: Mapping[str, Any], lora: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         for spec, detail in self._inputs:
             if spec["kind"] == "lora":
                 data = lora[spec["name"]]

@@ -1,0 +1,280 @@
+"""Claims measured: serving many tasks from one loaded LoRA-as-input graph costs little per step against a
+merged graph (<= 10 %), a warm task switch is about a millisecond or less, 10 loaded tasks need far less
+RAM than 10 sessions of merged graphs, and 10 tasks store in far fewer bytes than 10 compiled graphs.
+Also: which way of binding a task's tensors is faster, OrtValues fed as ordinary inputs (what
+quadc.runtime.Engine does) or onnxruntime LoraAdapter objects through RunOptions.add_active_adapter.
+
+Run: ``.venv/bin/python benchmarks/bench_runtime.py`` (full SD1.5 U-Net with random weights, the cached
+export; ``--config tiny`` for a quick run). Ten random rank-64 LoRAs on every attention and feed-forward
+layer, compiled for the float ``onnx`` target, so both sides of each comparison are float32 on ORT's CPU
+provider. Each measurement runs in a fresh process (its peak RSS is its own). The VAE is not part of it:
+the image pipeline's components are not on this branch.
+
+(a) per-step latency (best and median of --runs forwards after a warm-up, the compared ones in turns;
+    best is the figure that other processes on a shared machine disturb least): Engine.run with a task bound,
+    BoundRunner (IOBinding, reused buffers), and the merged graph's session;
+(b) switch latency: warm (task cached: BoundRunner selects the task's IOBinding), cold (read the task
+    file into OrtValues, then bind every LoRA input into a new IOBinding), and onnxruntime.LoraAdapter.Load for comparison;
+(c) the public adapter path: a copy of the graph whose LoRA inputs have zero initializer defaults, run
+    with RunOptions.add_active_adapter, against the same task fed as OrtValues;
+(d) peak RSS: the engine with 1 task loaded, with 10, and k sessions of merged graphs (k = 1, 2; 10 is
+    extrapolated from the increment, since ten full-size sessions do not fit this machine's memory);
+(e) storage: graph + N adapter files against N merged graphs (all merged graphs have the same size:
+    the same tensors; one is written and measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from _common import CACHE, cached_export, dir_bytes, measure
+from bench_lora_storage_switch import make_loras
+
+from quadc import frontend
+from quadc.compiler import CompileOptions, compile_model
+from quadc.context import stderr_progress
+from quadc.graph import load_model, save_model
+from quadc.lora import fit_lora, read_lora
+from quadc.lora.merge import merge_lora
+
+BENCH = Path(__file__).resolve().parent
+
+PRELUDE = f"""
+import sys, time, statistics
+sys.path.insert(0, {str(BENCH)!r})
+import numpy as np
+from bench_lora_storage_switch import feeds_for
+def median_ms(fn, runs):
+    fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter(); fn(); times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+def medians_ms(fns, runs):
+    # Median ms of each function, run in turns (a, b, a, b, ...): load from other processes hits both alike.
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(runs):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter(); fn(); times[i].append(time.perf_counter() - t)
+    return [(1000 * min(ts), 1000 * statistics.median(ts)) for ts in times]
+"""
+
+
+def engine_code(art: Path, config: str, tasks: list[str], runs: int) -> str:
+    return PRELUDE + f"""
+from quadc.runtime.engine import Engine
+from quadc.runtime.lora_store import load_packed_task
+import onnxruntime as ort
+feeds = feeds_for({config!r})
+tasks = {tasks!r}
+engine = Engine({str(art)!r}, cache_size=None)
+runner = engine.runner()
+result['engine_run_ms'], result['runner_run_ms'] = medians_ms(
+    [lambda: engine.run(feeds, task=tasks[0]), lambda: runner.run(feeds, task=tasks[0])], {runs})
+for t in tasks:
+    engine.store.get(t)
+b = engine.runner()
+for t in tasks:
+    b.bind_task(t)  # each cached task gets its binding once
+order = [tasks[i % len(tasks)] for i in range(200)]
+t0 = time.perf_counter()
+for t in order:
+    b.bind_task(t)
+result['warm_switch_ms'] = 1000 * (time.perf_counter() - t0) / len(order)
+t0 = time.perf_counter()
+for t in order:
+    engine.lora_values(t)
+result['warm_lookup_us'] = 1e6 * (time.perf_counter() - t0) / len(order)
+cold, adapter = [], []
+for t in tasks:
+    path = engine.task_file(t)
+    t0 = time.perf_counter(); loaded = engine._load_task(t, path)  # read the file into OrtValues
+    fresh = engine.session.io_binding()
+    for name, value in loaded.values.items():
+        fresh.bind_ortvalue_input(name, value)
+    cold.append(time.perf_counter() - t0)
+    t0 = time.perf_counter(); a = ort.LoraAdapter(); a.Load(str(path)); adapter.append(time.perf_counter() - t0)
+result['cold_switch_ms'] = 1000 * statistics.median(cold)
+result['lora_adapter_load_ms'] = 1000 * statistics.median(adapter)
+result['task_bytes'] = engine.store.get(tasks[0]).nbytes
+"""
+
+
+def merged_code(graph: Path, config: str, sessions: int, runs: int) -> str:
+    return PRELUDE + f"""
+import onnxruntime as ort
+feeds = feeds_for({config!r})
+so = ort.SessionOptions(); so.log_severity_level = 3
+t0 = time.perf_counter()
+sess = [ort.InferenceSession({str(graph)!r}, so, providers=['CPUExecutionProvider']) for _ in range({sessions})]
+result['create_s'] = (time.perf_counter() - t0) / {sessions}
+for s in sess:
+    s.run(None, feeds)
+if {runs}:
+    (result['run_ms'],) = medians_ms([lambda: sess[0].run(None, feeds)], {runs})
+"""
+
+
+def loaded_code(art: Path, config: str, tasks: list[str]) -> str:
+    return PRELUDE + f"""
+from quadc.runtime.engine import Engine
+feeds = feeds_for({config!r})
+engine = Engine({str(art)!r}, cache_size=None)
+for t in {tasks!r}:
+    engine.store.get(t)
+engine.run(feeds, task={tasks[0]!r})
+result['cached_bytes'] = engine.store.cached_bytes
+"""
+
+
+def adapter_code(graph: Path, art: Path, config: str, task: str, runs: int) -> str:
+    return PRELUDE + f"""
+import onnxruntime as ort
+from pathlib import Path
+from quadc.runtime.lora_store import load_packed_task
+feeds = feeds_for({config!r})
+path = Path({str(art)!r}) / 'lora' / '{task}.onnx_adapter'
+so = ort.SessionOptions(); so.log_severity_level = 3
+sess = ort.InferenceSession({str(graph)!r}, so, providers=['CPUExecutionProvider'])
+adapter = ort.LoraAdapter(); adapter.Load(str(path))
+opts = ort.RunOptions(); opts.add_active_adapter(adapter)
+values = load_packed_task({task!r}, path).values  # the other slots keep their zero defaults
+with_adapter = sess.run(None, feeds, opts)[0]
+as_inputs = sess.run(None, {{**feeds, **values}})[0]
+result['max_abs_diff'] = float(np.abs(with_adapter - as_inputs).max())
+result['adapter_run_ms'], result['ortvalue_run_ms'] = medians_ms(
+    [lambda: sess.run(None, feeds, opts), lambda: sess.run(None, {{**feeds, **values}})], {runs})
+def switch():
+    o = ort.RunOptions(); o.add_active_adapter(adapter)
+result['adapter_switch_us'] = 1e3 * median_ms(switch, 200)
+"""
+
+
+def with_zero_defaults(art: Path) -> Path:
+    """A copy of the artifact's graph (sharing its external data file) whose LoRA inputs have zero
+    initializer defaults, so that onnxruntime's Python API accepts adapter-bound runs."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    out = art / "model_zero_defaults.onnx"
+    if out.exists():
+        return out
+    manifest = json.loads((art / "manifest.json").read_text())
+    names = {side["name"] for slot in manifest["lora_slots"] for side in (slot["down"], slot["up"])}
+    model = onnx.load(str(art / manifest["graph"]), load_external_data=False)
+    for inp in model.graph.input:
+        if inp.name in names:
+            dims = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
+            model.graph.initializer.append(numpy_helper.from_array(np.zeros(dims, dtype), inp.name))
+    onnx.save(model, str(out))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default="sd15", choices=["sd15", "tiny"])
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--tasks", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--keep", action="store_true", help="keep the merged graph for the next run")
+    parser.add_argument("--resume", action="store_true", help="reuse the phases results.json already holds")
+    args = parser.parse_args()
+
+    src = cached_export(args.config)
+    _, info = frontend.load(src)
+    work = CACHE / f"runtime-bench-{args.config}-r{args.rank}"
+    loras = make_loras(info, work / "loras", args.tasks, args.rank)
+    tasks = list(loras)
+    art = work / "artifact"
+    if not (art / "manifest.json").exists():
+        compile_model(src, art, CompileOptions(loras={k: str(v) for k, v in loras.items()}, force=True),
+                      progress=stderr_progress)
+    merged = work / "merged" / "unet.onnx"
+    if not merged.exists():
+        graph = load_model(src)
+        merge_lora(graph, info, fit_lora(read_lora(loras[tasks[0]], name=tasks[0], info=info), info))
+        save_model(graph, merged)
+        del graph
+    zero_defaults = with_zero_defaults(art)
+
+    # Each phase's result is kept in results.json as soon as it is measured; --resume skips those already
+    # there (a phase killed for memory by other processes on a shared machine can then be run again).
+    saved = work / "results.json"
+    results = json.loads(saved.read_text()) if args.resume and saved.exists() else {}
+    phases = {
+        "engine": lambda: engine_code(art, args.config, tasks, args.runs),
+        "merged": lambda: merged_code(merged, args.config, 1, args.runs),
+        "adapter": lambda: adapter_code(zero_defaults, art, args.config, tasks[0], args.runs),
+        "one": lambda: loaded_code(art, args.config, tasks[:1]),
+        "ten": lambda: loaded_code(art, args.config, tasks),
+        "merged2": lambda: merged_code(merged, args.config, 2, 0),
+    }
+    for name, code in phases.items():
+        if name in results and "failed" not in results[name]:
+            continue
+        print(f"[bench] {name}", file=sys.stderr, flush=True)
+        results[name] = measure(code(), allow_failure=True)
+        results[name].pop("stderr", None)
+        saved.write_text(json.dumps(results, indent=1))
+    failed = {k: v["failed"] for k, v in results.items() if "failed" in v}
+    if failed:
+        print(f"phases that failed (run again with --resume): {failed}")
+    eng, m1, ad, one, ten, m2 = (results[k] for k in phases)
+
+    graph_bytes = dir_bytes(art) - sum(p.stat().st_size for p in (art / "lora").glob("*")) \
+        - zero_defaults.stat().st_size
+    adapter_bytes = [(art / "lora" / f"{t}.onnx_adapter").stat().st_size for t in tasks]
+    merged_bytes = dir_bytes(merged.parent)
+
+    print(f"model {src.name} ({args.config}), {len(tasks)} LoRAs of rank {args.rank}, float32 on ORT CPU; "
+          f"{args.runs} timed runs each")
+    print("\n(a) per-step U-Net latency")
+    if failed:
+        return
+    base = m1["run_ms"][0]
+    print(f"  {'':38} {'best':>10} {'median':>10}  best vs merged")
+    for label, (best, med) in (("merged graph (session.run)", m1["run_ms"]),
+                               ("LoRA-as-input, Engine.run", eng["engine_run_ms"]),
+                               ("LoRA-as-input, BoundRunner (IOBinding)", eng["runner_run_ms"])):
+        print(f"  {label:38} {best:7.1f} ms {med:7.1f} ms  {100 * (best / base - 1):+6.1f} %")
+    print("\n(b) task switch")
+    print(f"  warm: cached task, BoundRunner.bind_task    {eng['warm_switch_ms']:8.3f} ms "
+          f"(Engine.run's look-up alone {eng['warm_lookup_us']:.1f} us)")
+    print(f"  cold: read task file into OrtValues + bind  {eng['cold_switch_ms']:8.1f} ms "
+          f"({eng['task_bytes'] / 2**20:.1f} MiB per task)")
+    print(f"  for comparison: LoraAdapter.Load (cold)     {eng['lora_adapter_load_ms']:8.1f} ms")
+    print(f"  new session for a merged graph              {1000 * m1['create_s']:8.0f} ms")
+    print("\n(c) binding path, same graph with zero defaults for the LoRA inputs")
+    print(f"  RunOptions.add_active_adapter  best {ad['adapter_run_ms'][0]:8.1f} ms, median "
+          f"{ad['adapter_run_ms'][1]:8.1f} ms per run (+ {ad['adapter_switch_us']:.1f} us to build the run options)")
+    print(f"  OrtValues as ordinary inputs   best {ad['ortvalue_run_ms'][0]:8.1f} ms, median "
+          f"{ad['ortvalue_run_ms'][1]:8.1f} ms per run (outputs differ by {ad['max_abs_diff']:.2g})")
+    print("\n(d) peak RSS")
+    print(f"  engine, 1 task loaded            {one['peak_rss_gib']:7.2f} GiB")
+    print(f"  engine, {len(tasks)} tasks loaded          {ten['peak_rss_gib']:7.2f} GiB "
+          f"({ten['cached_bytes'] / 2**20:.0f} MiB of LoRA tensors)")
+    print(f"  1 merged session                 {m1['peak_rss_gib']:7.2f} GiB")
+    if "failed" in m2:
+        print(f"  2 merged sessions                failed ({m2['failed']}) at {m2['peak_rss_gib']:.2f} GiB")
+    else:
+        step = m2["peak_rss_gib"] - m1["peak_rss_gib"]
+        print(f"  2 merged sessions                {m2['peak_rss_gib']:7.2f} GiB")
+        print(f"  {len(tasks)} merged sessions (extrapolated) {m1['peak_rss_gib'] + (len(tasks) - 1) * step:7.2f} GiB")
+    print("\n(e) storage")
+    print(f"  graph {graph_bytes / 2**20:.1f} MiB + {len(tasks)} adapters {sum(adapter_bytes) / 2**20:.1f} MiB = "
+          f"{(graph_bytes + sum(adapter_bytes)) / 2**20:.1f} MiB; {len(tasks)} merged graphs "
+          f"{len(tasks) * merged_bytes / 2**20:.1f} MiB (ratio {len(tasks) * merged_bytes / (graph_bytes + sum(adapter_bytes)):.2f})")
+    if not args.keep:
+        shutil.rmtree(merged.parent, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
