@@ -81,6 +81,47 @@ def synthetic_loras(folder: Path) -> dict[str, str]:
     return out
 
 
+FULL_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+FULL_STRENGTHS = (("style_a", 0.02, 11), ("style_b", 0.04, 12), ("style_c", 0.07, 13), ("style_d", 0.12, 14))
+
+
+def full_size(args) -> dict:
+    """``quadc align --level layer`` on the full SD1.5 U-Net (cached TorchScript export) with four random
+    rank-16 attention LoRAs of different strengths, in its own process: time and peak RSS."""
+    from _common import cached_export, measure
+
+    model = cached_export("sd15", "torchscript")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-align-full-"))
+    made = measure(
+        "from quadc import frontend\n"
+        "from quadc.testing_lora import random_lora, write_diffusers\n"
+        f"_, info = frontend.load({str(model)!r})\n"
+        f"for name, std, seed in {FULL_STRENGTHS!r}:\n"
+        f"    write_diffusers(random_lora(info, {FULL_MODULES!r}, rank=16, seed=seed, scale_std=std, name=name),\n"
+        f"                    {str(tmp)!r} + f'/{{name}}.safetensors')\n")
+    loras = [a for name, _, _ in FULL_STRENGTHS for a in ("--lora", f"{name}={tmp / (name + '.safetensors')}")]
+    out = tmp / "aligned"
+    cli = [str(model), *loras, "--level", "layer", "--steps", str(args.steps), "--feeds", str(args.full_feeds),
+           "--calib-random", str(args.full_feeds), "--eval-feeds", str(args.full_eval_feeds), "--lora-policy",
+           args.lora_policy, "-q", "--force", "-o", str(out)]
+    print("[bench] quadc align " + " ".join(cli), file=sys.stderr)
+    res = measure("from quadc.cli import main\n"
+                  f"assert main(['align', *{cli!r}]) == 0\n"
+                  f"result['report'] = json.loads(open({str(out / 'report.json')!r}).read())\n")
+    rep = res["report"]
+    print(f"\nFull size: quadc align --level layer, sd15 U-Net (TorchScript export), 4 rank-16 LoRAs on "
+          f"{', '.join(FULL_MODULES)}; {args.steps} steps, {args.full_feeds} calibration/training feeds, "
+          f"{args.full_eval_feeds} evaluation feeds")
+    print(f"  {res['seconds']:.0f} s, peak RSS {res['peak_rss_gib']:.1f} GiB (writing the LoRAs: "
+          f"{made['seconds']:.0f} s); policy {rep['lora_policy']}, anchor {rep['anchor']}")
+    for task, e in rep["tasks"].items():
+        b, a = e["before"], e["after"]
+        print(f"  {task:<10} {e['role']:<8} effect {_f(b['effect_sqnr_db'])} ->{_f(a['effect_sqnr_db'])}  output "
+              f"{_f(b['output_sqnr_db'])} ->{_f(a['output_sqnr_db'])}  float{_f(a['float_sqnr_db'])}")
+    return {"seconds": round(res["seconds"], 1), "peak_rss_gib": round(res["peak_rss_gib"], 2),
+            "steps": args.steps, "feeds": args.full_feeds, "eval_feeds": args.full_eval_feeds, "report": rep}
+
+
 def eval_feeds(graph, args) -> list:
     if args.eval_dir:
         return npz_feeds(args.eval_dir, graph)
@@ -135,7 +176,16 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--data", help="task examples for the model level's diffusion loss")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--full-size", action="store_true",
+                   help="only the full-size run: quadc align --level layer on the sd15 U-Net, 4 rank-16 LoRAs")
+    p.add_argument("--full-feeds", type=int, default=4, help="full size: calibration and training feeds")
+    p.add_argument("--full-eval-feeds", type=int, default=2, help="full size: evaluation feeds")
     args = p.parse_args()
+    if args.full_size:
+        result = full_size(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        return 0
     tmp = Path(tempfile.mkdtemp(prefix="bench-align-"))
     if args.synthetic:
         loras = synthetic_loras(tmp)
