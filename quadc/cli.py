@@ -335,12 +335,25 @@ _TARGET_FLAG_OPTIONS = {
 }
 
 
+#: Flags whose False is a choice (given), not the flag's absence.
+_CHOICE_FLAGS = {"per_channel"}
+
+
+def _add_weight_flags(group: argparse._ArgumentGroup) -> None:
+    """``--per-channel`` / ``--per-tensor``; neither: the target's encoding scheme's default."""
+    w = group.add_mutually_exclusive_group()
+    w.add_argument("--per-channel", dest="per_channel", action="store_const", const=True,
+                   help="int8 symmetric per-channel weights")
+    w.add_argument("--per-tensor", dest="per_channel", action="store_const", const=False,
+                   help="8-bit per-tensor weights (default: the target scheme's, see `quadc targets`)")
+
+
 def _pass_options(args: argparse.Namespace) -> dict[str, dict[str, object]]:
     """Pass options from the convenience flags given and from ``--set PASS.OPTION=VALUE``."""
     out: dict[str, dict[str, object]] = {}
     for flag, (pass_name, option) in _FLAG_OPTIONS.items():
         value = getattr(args, flag, None)
-        if value not in (None, False):
+        if value is not None and (value is not False or flag in _CHOICE_FLAGS):
             out.setdefault(pass_name, {})[option] = value
     for item in getattr(args, "set", None) or []:
         key, sep, value = item.partition("=")
@@ -432,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--a8-fraction", type=float, metavar="F",
                    help="fraction of activations made 8-bit, least output error first (the timestep path stays "
                         "16-bit; onnx-qdq only)")
-    q.add_argument("--per-channel", action="store_true", help="int8 symmetric per-channel weights")
+    _add_weight_flags(q)
     q.add_argument("--lora-float", dest="lora_float_inputs", action="store_true",
                    help="keep LoRA inputs float (Q->DQ in the graph) instead of uint8 inputs")
     q.add_argument("--encodings", dest="encodings_file", metavar="FILE",
@@ -476,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = p.add_argument_group("quantization (as in compile)")
     q.add_argument("--precision", choices=["w8a16", "w8a8"], help="weights/activations bits (default w8a16)")
     q.add_argument("--a8-fraction", type=float, metavar="F", help="fraction of activations made 8-bit")
-    q.add_argument("--per-channel", action="store_true", help="int8 symmetric per-channel weights")
+    _add_weight_flags(q)
     q.add_argument("--encodings", dest="encodings_file", metavar="FILE", help="fixed encodings (AIMET JSON)")
     _add_calibration_flags(p)
     _add_align_flags(p)

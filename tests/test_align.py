@@ -42,7 +42,8 @@ def loras(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("align_loras")
     _, info = frontend.load(bundled_model())
     out = {}
-    for name, std, seed in (("small", 0.03, 1), ("mid", 0.1, 2), ("big", 0.3, 3)):
+    # seeds chosen so that QSS (scale-invariant: it ranks the seeds, not the strengths) makes "mid" the anchor
+    for name, std, seed in (("small", 0.03, 2), ("mid", 0.1, 1), ("big", 0.3, 3)):
         lora = random_lora(info, MODULES, rank=4, seed=seed, scale_std=std, name=name)
         path = root / f"{name}.safetensors"
         (write_kohya if name == "small" else write_diffusers)(lora, path)
@@ -87,7 +88,9 @@ def test_layer_alignment_report(aligned, loras) -> None:
     for task in ("small", "big"):
         t = tasks[task]
         assert list(t["training"]) == ["layer"] and t["training"]["layer"]["steps"] > 0
-        assert t["after"]["output_sqnr_db"] >= t["before"]["output_sqnr_db"]
+        # no output gets worse beyond noise: small's 42 dB output SQNR is the base model's quantization error,
+        # which its 7 dB better effect moves by a few hundredths of a dB either way
+        assert t["after"]["output_sqnr_db"] >= t["before"]["output_sqnr_db"] - 0.1
     big = tasks["big"]["training"]["layer"]["validation_loss"]
     assert big["best"] < big["initial"]
     # equalization moves no float output; training moves the unsaturated task's little
@@ -218,3 +221,25 @@ def test_align_user_errors(tmp_path, loras, capsys, args, needle) -> None:
     lora_args = [a for name, path in loras.items() for a in ("--lora", f"{name}={path}")]
     assert main(["align", *lora_args, *args, "-q", "-o", str(tmp_path / "x")]) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_validation_check_keeps_only_a_better_lora(loras) -> None:
+    """The last check puts the original back where the 'aligned' LoRA does worse on the validation feeds
+    (here: ``big`` with its sign flipped) and keeps one that does better (``small`` equalized to the shared
+    grids: the same float LoRA, 7 dB better quantized on the evaluation feeds)."""
+    from quadc.align.api import AlignOptions, _keep_better
+    from quadc.align.equalize import equalize
+    from quadc.align.workspace import build_workspace
+    from quadc.lora.model import LoRA, LoRALayer
+
+    ws = build_workspace(None, {k: str(v) for k, v in loras.items()}, pass_options={"quant-plan": {"lora_policy": "anchor"}})
+    big, small = ws.loras["big"], ws.loras["small"]
+    flipped = LoRA(name="big", layers={m: LoRALayer(module=m, up=-layer.up, down=layer.down, alpha=layer.alpha,
+                                                    rank=layer.rank) for m, layer in big.layers.items()})
+    aligned = {"big": flipped, "small": equalize(small, ws.slots, ws.plan), "mid": ws.loras["mid"]}
+    kept = _keep_better(ws, aligned, {"big": None, "small": None}, random_feeds(ws.float_graph, 10, seed=0),
+                        AlignOptions(), lambda _msg: None)
+    assert kept["big"]["which"] == "original" and aligned["big"] is big
+    assert kept["small"]["which"] == "aligned" and aligned["small"] is not small
+    scores = kept["small"]["validation_effect_sqnr_db"]
+    assert scores["aligned"] > scores["original"]

@@ -114,7 +114,7 @@ def test_interpreter_equals_onnxruntime_on_the_float_graph(artifacts) -> None:
     graph = load_model(engine.graph_path)
     net = OnnxModule(graph)
     for i, feed in enumerate(random_feeds(graph, 2, seed=31)):
-        task = None if i == 0 else "stickers"
+        task = None if i == 0 else "background_removal"
         want = engine.run(feed, task=task)["out_sample"]
         inputs = {k: torch.from_numpy(v) for k, v in {**feed, **engine.lora_inputs(task)}.items()}
         with torch.no_grad():
@@ -146,14 +146,15 @@ def test_default_ort_session_adds_int8_matmuls(artifacts) -> None:
     """The default CPU session differs from the graph's own arithmetic (MatMulNBits, int8 activations)."""
     exact, default = _exact_engine(artifacts / "qdq"), Engine(artifacts / "qdq")
     feed = random_feeds(load_model(exact.graph_path), 1, seed=5)[0]
-    a, b = exact.run(feed, task="stickers")["out_sample"], default.run(feed, task="stickers")["out_sample"]
+    task = "background_removal"
+    a, b = exact.run(feed, task=task)["out_sample"], default.run(feed, task=task)["out_sample"]
     assert sqnr_db(a, b) < 60
 
 
 def test_gradients_reach_the_lora_factors_and_nothing_else(artifacts) -> None:
     engine = Engine(artifacts / "qdq")
     graph = load_model(engine.graph_path)
-    sim = QuantSim(graph, slots_from_manifest(engine.manifest), _task_lora(engine, "object_removal"))
+    sim = QuantSim(graph, slots_from_manifest(engine.manifest), _task_lora(engine, "inpaint"))
     params = dict(sim.named_parameters())
     assert params and all(name.startswith("factors.") for name in params)
     assert len(params) == 2 * len(sim.factors.modules_) == 2 * len(sim.factors.lora.layers)

@@ -218,3 +218,20 @@ def test_run_with_a_missing_task_file_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("quadc: error: ") and "Traceback" not in err, err
     assert f"task '{task}'" in err and "is missing" in err
+
+
+@pytest.mark.parametrize("flags,want", [([], {}), (["--per-channel"], {"per_channel": True}),
+                                        (["--per-tensor"], {"per_channel": False})])
+def test_weight_granularity_flags(flags, want):
+    """Neither flag leaves per_channel unset (the scheme's default); --per-tensor is a choice, not absence."""
+    from quadc.cli import _pass_options, build_parser
+
+    for cmd in ("compile", "align"):
+        args = build_parser().parse_args([cmd, *flags, "-o", "x"])
+        assert _pass_options(args).get("quant-plan", {}) == want
+
+
+def test_per_channel_and_per_tensor_exclude_each_other(capsys):
+    with pytest.raises(SystemExit):
+        main(["compile", "--per-channel", "--per-tensor", "-o", "x"])
+    assert "not allowed with" in capsys.readouterr().err

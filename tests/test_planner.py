@@ -393,3 +393,17 @@ def test_analyze_picks_heavy_lora(bundled_unet, tmp_path):
         next(i for i, line in enumerate(format_analysis(report).splitlines()) if line.startswith("heavy"))]
     with pytest.raises(QuadcError, match="at least one LoRA"):
         analyze(bundled_unet, {})
+
+
+def test_unset_per_channel_follows_the_scheme_default(setup, default_plan):
+    """Weight granularity: an unset ``per_channel`` is the scheme's measured default (qnn-htp: uint8 per
+    tensor, README "Weights"), a given value overrides it, a scheme that forces one ignores it."""
+    from quadc.quant.schemes import EncodingScheme, register_scheme
+
+    assert not default_plan.per_channel
+    assert all(e.qtype is QType.UINT8 and not e.per_channel for e in default_plan.weights.values())
+    register_scheme(EncodingScheme(name="test-per-channel-default", description="t", per_channel_default=True))
+    by_default = _plan(setup, scheme="test-per-channel-default")
+    assert by_default.per_channel and any(e.per_channel and e.qtype is QType.INT8 for e in by_default.weights.values())
+    assert not _plan(setup, scheme="test-per-channel-default", per_channel="false").per_channel
+    assert EncodingScheme(name="x", description="x", per_channel=False, per_channel_default=True).weights_per_channel(True) is False

@@ -6,13 +6,16 @@ graph, the plan with every encoding), equalizes each non-anchor LoRA's rank comp
 grids (:mod:`quadc.align.equalize`: the same float LoRA, better quantized), trains it at ``level``
 ``layer`` or ``model`` (:mod:`quadc.align.objectives`, :mod:`quadc.align.trainer`; ``model`` first runs
 the layer level and distills the whole network from there, as block-wise reconstruction before
-end-to-end tuning usually is: the layer level is cheap and the model level then starts close), measures
-every task before and after on evaluation feeds that neither calibration nor training used (:mod:`quadc.align.evaluate`), and
-writes into ``out_dir`` (staged, renamed when complete):
+end-to-end tuning usually is: the layer level is cheap and the model level then starts close), keeps each
+aligned LoRA only where the quantized graph on onnxruntime gives it a higher effect SQNR than the original
+on the validation share of the training feeds (``_keep_better``), measures every task before and after on
+evaluation feeds that neither calibration nor training used (:mod:`quadc.align.evaluate`), and writes into
+``out_dir`` (staged, renamed when complete):
 
     <task>.safetensors   each LoRA, aligned (the anchor as it was), diffusers format (quadc.align.files)
     encodings.json       the shared encodings (AIMET 1.0.0), the same a compile with these options writes
-    report.json          per task: effect and output SQNR before/after, float SQNR, training curve
+    report.json          per task: effect and output SQNR before/after, float SQNR, training curve, and
+                         ``kept``: which LoRA the validation check kept
 
 :func:`compile_aligned` is ``quadc compile --align LEVEL``: it aligns into ``<OUT>.align`` and compiles the
 aligned files against ``<OUT>.align/encodings.json``, which is exactly what the two commands
@@ -272,6 +275,7 @@ def align(model: str | os.PathLike[str] | None, loras: Mapping[str, str | os.Pat
     finish_distributed()
     if rank != 0:
         return {}
+    kept = _keep_better(ws, aligned, results, train_feeds, options, progress)
     progress(f"measuring every task before and after on {eval_desc}")
     evaluator = Evaluator(ws, eval_feeds)
     report: dict[str, Any] = {
@@ -295,6 +299,7 @@ def align(model: str | os.PathLike[str] | None, loras: Mapping[str, str | os.Pat
         }
         if task in results:
             entry["training"] = {phase: r.to_dict() for phase, r in results[task].items()}
+            entry["kept"] = kept[task]
         report["tasks"][task] = entry
         progress(f"task '{task}': effect SQNR {_db(before['effect_sqnr_db'])} -> {_db(after['effect_sqnr_db'])}, "
                  f"output SQNR {_db(before['output_sqnr_db'])} -> {_db(after['output_sqnr_db'])}, float "
@@ -305,6 +310,43 @@ def align(model: str | os.PathLike[str] | None, loras: Mapping[str, str | os.Pat
         write_encodings(tmp / "encodings.json", encodings_file_of(ws.plan))
         write_json(tmp / "report.json", report)
     return report
+
+
+def _keep_better(ws: Any, aligned: dict[str, Any], results: Mapping[str, Any],
+                 train_feeds: Sequence[Mapping[str, np.ndarray]], options: AlignOptions,
+                 progress: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """The last check of every trained task, on onnxruntime (the artifact's graph, not the simulation): on
+    the validation share of the training feeds (the model level's held-out feeds; never the evaluation
+    feeds), keep the aligned LoRA only where its effect SQNR beats the original's, else put the original
+    back in ``aligned``. Neither objective is the effect SQNR of the whole quantized network (the layer
+    level sees one branch at a time, the model level a few feeds), so this keeps alignment from ever
+    shipping a LoRA that its own data says got worse. Returns per task the two validation scores and
+    which one was kept."""
+    from quadc.align.evaluate import Evaluator
+    from quadc.align.objectives import split_ids
+
+    if not results:
+        return {}
+    _, val = split_ids(len(train_feeds), options.val_fraction, options.seed)
+    evaluator = Evaluator(ws, [train_feeds[i] for i in val])
+    out: dict[str, dict[str, Any]] = {}
+    for task in results:
+        original = ws.loras[task]
+        before, after = evaluator.scores(original), evaluator.scores(original, aligned[task])
+        better = _higher(after["effect_sqnr_db"], before["effect_sqnr_db"])
+        if not better:
+            aligned[task] = original
+        out[task] = {"which": "aligned" if better else "original", "validation_feeds": len(val),
+                     "validation_effect_sqnr_db": {"original": before["effect_sqnr_db"],
+                                                   "aligned": after["effect_sqnr_db"]}}
+        progress(f"task '{task}': validation effect SQNR {_db(before['effect_sqnr_db'])} original, "
+                 f"{_db(after['effect_sqnr_db'])} aligned: keeping the {out[task]['which']} LoRA")
+    return out
+
+
+def _higher(a: float | None, b: float | None) -> bool:
+    """Whether SQNR ``a`` is above ``b`` (None: exact, infinite)."""
+    return (a is None and b is not None) or (a is not None and b is not None and a > b)
 
 
 def _gain(before: float | None, after: float | None) -> float | None:

@@ -26,8 +26,9 @@ option                 default      meaning
                                     ``qss_tolerance`` -> unified; ``anchor`` / ``unified`` force one
 ``qss_tolerance``      ``0.05``     relative QSS spread under which ``auto`` falls back to unified
 ``qss_rows``           ``256``      sampled rows per LoRA layer and task kept for QSS
-``per_channel``        ``false``    weights int8 symmetric per output channel instead of per-tensor (where
-                                    the scheme leaves the choice)
+``per_channel``        scheme's     weights int8 symmetric per output channel (true) or per-tensor (false)
+                                    where the scheme leaves the choice; unset: the scheme's measured
+                                    default (``EncodingScheme.per_channel_default``)
 ``lora_float_inputs``  ``false``    LoRA inputs stay float (Q/DQ inside the graph), recorded in the plan
 ``encodings_file``     none         AIMET 1.0.0 encodings JSON: take every encoding from it, no calibration
 ``scheme``             target's     encoding scheme the encodings are derived in
@@ -69,8 +70,8 @@ PLAN_OPTIONS: tuple[PassOption, ...] = (
     PassOption("qss_tolerance", float, 0.05, "relative QSS spread under which auto falls back to unified",
                low=0.0),
     PassOption("qss_rows", int, 256, "sampled rows per LoRA layer and task kept for QSS", low=1),
-    PassOption("per_channel", bool, False, "int8 symmetric per-channel weights instead of per-tensor (where the "
-               "scheme leaves the choice)"),
+    PassOption("per_channel", bool, None, "int8 symmetric per-channel (true) or per-tensor (false) weights where the "
+               "scheme leaves the choice; default: the scheme's"),
     PassOption("lora_float_inputs", bool, False, "keep LoRA inputs float (Q/DQ inside the graph)"),
     PassOption("encodings_file", str, None, "AIMET encodings JSON to take every encoding from"),
     PassOption("scheme", str, None, "encoding scheme (quadc.quant.schemes) the encodings are derived in; "
@@ -94,7 +95,7 @@ class PlanOptions:
     lora_policy: str = "auto"
     qss_tolerance: float = 0.05
     qss_rows: int = 256
-    per_channel: bool = False
+    per_channel: bool | None = None
     lora_float_inputs: bool = False
     encodings_file: str | None = None
     scheme: str | None = None

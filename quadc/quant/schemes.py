@@ -57,7 +57,8 @@ class EncodingScheme:
     tensors and ``w8a8`` the second); ``activation_symmetric``: zero point at the type's midpoint (0 for
     signed types). ``weight``: per-tensor weight type; ``weight_channel``: the type of per-channel
     weights (always symmetric); ``per_channel``: ``None`` follows the ``per_channel`` option, True or
-    False forces it. ``lora``/``lora_symmetric``: the type of the LoRA slot inputs and their shared
+    False forces it; ``per_channel_default``: what an unset ``per_channel`` option means (chosen by
+    measurement, ``benchmarks/bench_align.py``). ``lora``/``lora_symmetric``: the type of the LoRA slot inputs and their shared
     encodings. ``matmul_pairs``: the (input 0, input 1) types a MatMul of two activations may take
     (empty: any).
     """
@@ -71,6 +72,7 @@ class EncodingScheme:
     weight_symmetric: bool = False
     weight_channel: QType = QType.INT8
     per_channel: bool | None = None
+    per_channel_default: bool = False
     lora: QType = QType.UINT8
     lora_symmetric: bool = False
     matmul_pairs: frozenset[tuple[QType, QType]] = frozenset()
@@ -86,9 +88,11 @@ class EncodingScheme:
         """The encoding of an activation calibrated to ``[lo, hi]``."""
         return compute_encoding(lo, hi, self.activation_qtype(bits), symmetric=self.activation_symmetric)
 
-    def weights_per_channel(self, requested: bool) -> bool:
-        """Whether weights are per channel, given the ``per_channel`` option."""
-        return requested if self.per_channel is None else self.per_channel
+    def weights_per_channel(self, requested: bool | None) -> bool:
+        """Whether weights are per channel, given the ``per_channel`` option (None: not set)."""
+        if self.per_channel is not None:
+            return self.per_channel
+        return self.per_channel_default if requested is None else requested
 
     def weight_encoding(self, values: np.ndarray, axis: int, per_channel: bool) -> Encoding:
         """The encoding of a constant weight (``axis``: its output-channel axis); 1-D weights stay per

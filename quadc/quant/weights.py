@@ -54,11 +54,12 @@ def weight_axes(graph: gs.Graph) -> dict[str, int]:
     return axes
 
 
-def weight_encodings(graph: gs.Graph, per_channel: bool = False,
+def weight_encodings(graph: gs.Graph, per_channel: bool | None = None,
                      scheme: EncodingScheme = QNN_HTP) -> dict[str, Encoding]:
     """Encodings of the weights (:func:`weight_axes`) in the ``scheme``'s types: per-tensor, or per output
-    channel when the scheme (or, where it leaves the choice, ``per_channel``) says so; 1-D weights stay
-    per-tensor. Weights are read with :func:`~quadc.graph.constant_values`, so none stays mapped."""
+    channel when the scheme (or, where it leaves the choice, ``per_channel``; None: the scheme's default)
+    says so; 1-D weights stay per-tensor. Weights are read with :func:`~quadc.graph.constant_values`, so
+    none stays mapped."""
     consts = {name: t for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
     channel = scheme.weights_per_channel(per_channel)
     return {name: scheme.weight_encoding(np.asarray(constant_values(consts[name])), axis, channel)
