@@ -83,7 +83,9 @@ def derive_plan(graph: gs.Graph, slots: Mapping[str, Any], cal: Calibration, sch
     if tasks:
         progress(f"[{scheme.name}] LoRA policy {decision.policy}"
                  + (f", anchor '{decision.anchor}'" if decision.anchor else "") + f": {decision.reason}")
-    activations, a8, a8_report = activation_encodings(graph, ranges, sensitivity_feeds(graph, cal, opts), tasks,
+    # Fresh feeds only where an A8 choice is measured: they are U-Net feeds, and components (the VAE) never mix.
+    a8_feeds = sensitivity_feeds(graph, cal, opts) if opts.a8_fraction else list(cal.feeds)
+    activations, a8, a8_report = activation_encodings(graph, ranges, a8_feeds, tasks,
                                                       opts.precision,
                                                       opts.a8_fraction, progress, unquantized,
                                                       headroom=opts.headroom, scheme=scheme,
