@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from quadc.errors import QuadcError
-from quadc.quant.feeds import SCHEDULES, alphas_cumprod, schedule_timesteps
+from quadc.quant.feeds import SCHEDULES, alphas_cumprod, read_npz, schedule_timesteps
 from quadc.unet_inputs import is_lora_input, unet_input_roles
 
 __all__ = ["TaskExamples", "task_examples"]
@@ -131,10 +131,6 @@ def task_examples(directory: str | os.PathLike[str], task: str, graph: Any, seed
     roles = unet_input_roles(specs, "task examples")
     items: list[dict[str, np.ndarray]] = []
     for path in files:
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {k: np.asarray(data[k]) for k in data.files}
-        except (OSError, ValueError) as exc:
-            raise QuadcError(f"task data file '{path}' is not a readable .npz file ({exc})") from None
+        arrays = read_npz(path, "task data file")
         items += _split(path, arrays, specs, roles)
     return TaskExamples(items, specs, seed)

@@ -58,8 +58,9 @@ class NoiseSchedule:
     @property
     def alphas_cumprod(self) -> np.ndarray:
         """``abar_t`` for ``t = 0..train_steps-1`` (float64)."""
-        betas = np.linspace(math.sqrt(self.beta_start), math.sqrt(self.beta_end), self.train_steps) ** 2
-        return np.cumprod(1.0 - betas)
+        from quadc.quant.feeds import alphas_cumprod  # the one place of the scaled_linear formula
+
+        return alphas_cumprod(self.beta_start, self.beta_end, self.train_steps)
 
     @property
     def sigmas(self) -> np.ndarray:

@@ -50,6 +50,7 @@ __all__ = [
     "noise_sigma",
     "npz_feeds",
     "random_feeds",
+    "read_npz",
     "schedule_timesteps",
 ]
 
@@ -220,6 +221,15 @@ def random_feeds(graph_or_input_specs: Any, n: int, seed: int = 0) -> list[dict[
     return feeds
 
 
+def read_npz(path: str | os.PathLike[str], what: str) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` file ``path`` (no pickles); one line naming ``what`` if it is unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: np.asarray(data[k]) for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise QuadcError(f"{what} '{path}' is not a readable .npz file ({exc})") from None
+
+
 def npz_feeds(directory: str | os.PathLike[str], graph_or_input_specs: Any = None) -> list[dict[str, np.ndarray]]:
     """One feed per ``*.npz`` file in ``directory`` (sorted by name).
 
@@ -243,11 +253,7 @@ def npz_feeds(directory: str | os.PathLike[str], graph_or_input_specs: Any = Non
         wanted = {k: v for k, v in specs.items() if not is_lora_input(k)}
     feeds: list[dict[str, np.ndarray]] = []
     for path in files:
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {k: np.asarray(data[k]) for k in data.files}
-        except (OSError, ValueError) as exc:
-            raise QuadcError(f"calibration file '{path}' is not a readable .npz file ({exc})") from None
+        arrays = read_npz(path, "calibration file")
         if wanted is None:
             feeds.append(arrays)
             continue
