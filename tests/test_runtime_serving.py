@@ -198,6 +198,22 @@ def test_preloading_hides_the_load(artifact):
             return real(task, path)
 
         engine.store = LoRAStore({t: engine.task_file(t) for t in engine.tasks}, loader=slow)
+        # Each base-model run takes at least 40 ms, so the 25 queued before the task's request (>= 1 s) outlast
+        # the load on any machine: on a fast one the tiny U-Net's runs alone took less than the 0.5 s load.
+        make_runner = engine.runner
+
+        def slow_runner() -> object:
+            inner = make_runner()
+
+            class Runner:
+                def run(self, feeds, task=None):
+                    if task is None:
+                        time.sleep(0.04)
+                    return inner.run(feeds, task)
+
+            return Runner()
+
+        engine.runner = slow_runner
         return engine
 
     waits = {}
