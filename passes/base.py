@@ -22,7 +22,6 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import onnx_graphsurgeon as gs
@@ -106,20 +105,15 @@ def _load_plugins() -> None:
     if _PLUGINS_LOADED:
         return
     _PLUGINS_LOADED = True
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            cls = ep.load()
-        except Exception as exc:  # a broken third-party plugin must say so in one line
-            raise QuadcError(f"pass plugin '{ep.name}' ({ep.value}) failed to import: {exc}") from None
-        if not (isinstance(cls, type) and issubclass(cls, GraphPass)):
-            raise QuadcError(f"pass plugin '{ep.name}' ({ep.value}) is not a quadc.passes.GraphPass subclass")
+    from quadc.plugins import plugin_label, plugins
+
+    for ep, cls in plugins(ENTRY_POINT_GROUP, "pass", GraphPass):
         if "::" not in cls.name:
-            raise QuadcError(f"pass plugin '{ep.name}' ({ep.value}) must name its pass 'namespace::name', "
-                             f"got '{cls.name}'")
+            raise QuadcError(f"{plugin_label('pass', ep)} must name its pass 'namespace::name', got '{cls.name}'")
         try:
             register_pass(cls)
         except ValueError as exc:
-            raise QuadcError(f"pass plugin '{ep.name}' ({ep.value}): {exc}") from None
+            raise QuadcError(f"{plugin_label('pass', ep)}: {exc}") from None
 
 
 def registered_passes() -> dict[str, type[GraphPass]]:

@@ -14,7 +14,6 @@ so adding a vendor never means editing quadc.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -101,13 +100,9 @@ class Target:
 def discover_targets() -> dict[str, type[Target]]:
     """All targets registered under the ``quadc.targets`` entry-point group, by name."""
     found: dict[str, type[Target]] = {}
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            cls = ep.load()
-        except Exception as exc:  # a broken third-party plugin must not break quadc
-            raise QuadcError(f"target plugin '{ep.name}' ({ep.value}) failed to import: {exc}") from None
-        if not (isinstance(cls, type) and issubclass(cls, Target)):
-            raise QuadcError(f"target plugin '{ep.name}' ({ep.value}) is not a quadc.targets.Target subclass")
+    from quadc.plugins import plugins
+
+    for ep, cls in plugins(ENTRY_POINT_GROUP, "target", Target):
         found[cls.name or ep.name] = cls
     return dict(sorted(found.items()))
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -171,12 +170,13 @@ def _load_plugins() -> None:
     if _PLUGINS_LOADED:
         return
     _PLUGINS_LOADED = True
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+    from quadc.plugins import plugin_label, plugins
+
+    for ep, obj in plugins(ENTRY_POINT_GROUP, "encoding scheme"):
         try:
-            obj = ep.load()
             scheme = obj() if isinstance(obj, type) else obj
         except Exception as exc:  # a broken plugin says so in one line
-            raise QuadcError(f"encoding scheme plugin '{ep.name}' ({ep.value}) failed to load: {exc}") from None
+            raise QuadcError(f"{plugin_label('encoding scheme', ep)} failed to load: {exc}") from None
         register_scheme(scheme)
 
 
