@@ -94,13 +94,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def _write_report(path: str, report: object) -> None:
     """Write ``report`` as JSON at ``path`` in one step (a ``.partial`` file renamed), then say so."""
     from quadc.artifact import write_json
+    from quadc.paths import replaced_atomically
 
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    write_json(tmp, report)
-    tmp.replace(out)
-    print(f"wrote {out}")
+    with replaced_atomically(path) as tmp:
+        write_json(tmp, report)
+    print(f"wrote {path}")
 
 
 def _align_options(args: argparse.Namespace, level: str) -> object:
@@ -247,11 +245,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     feeds = _load_npz(args.inputs)
     task = None if args.task == "none" else args.task
     outputs = engine.run(feeds, task=task)
+    from quadc.paths import replaced_atomically
+
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial.npz")
-    np.savez(tmp, **outputs)
-    tmp.replace(out)
+    with replaced_atomically(out, suffix=".npz") as tmp:
+        np.savez(tmp, **outputs)
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in outputs.items())
     executor = getattr(engine, "executor", None) or engine.manifest.get("runtime", "cpu")
     print(f"wrote {out} ({shapes}; task {args.task}; executor {executor})")

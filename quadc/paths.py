@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from quadc.errors import QuadcError
@@ -76,3 +77,19 @@ def resolve_inside(base_dir: str | os.PathLike[str], relative: object, *, what: 
         raise QuadcError(f"{label}: {what} path {relative!r} leads outside {base_dir} (to {str(target)!r}); "
                          "only files inside it are read, refusing it")
     return target
+
+
+@contextmanager
+def replaced_atomically(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
+    """A temporary path beside ``path`` (``<name>.partial<suffix>``; ``suffix`` for writers that append
+    one, like ``numpy.savez``) to write into: it replaces ``path`` when the block ends and is removed if the
+    block fails, so a reader never sees half a file. The parent folder is created."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial" + suffix)
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

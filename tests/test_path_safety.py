@@ -323,3 +323,17 @@ def test_cli_compile_refuses_a_unet_whose_data_lies_outside(tmp_path, capsys):
     assert main(["compile", "-q", str(folder / "unet.onnx"), "--lora", f"t={LORA}", "-o", str(tmp_path / "o")]) == 2
     assert "leads outside" in _one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_partial(tmp_path):
+    from quadc.paths import replaced_atomically
+
+    out = tmp_path / "report.json"
+    out.write_text("old")
+    with pytest.raises(RuntimeError), replaced_atomically(out) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("writer failed")
+    assert out.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+    with replaced_atomically(out) as tmp:
+        tmp.write_text("new")
+    assert out.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]

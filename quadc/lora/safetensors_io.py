@@ -19,6 +19,7 @@ import ml_dtypes
 import numpy as np
 
 from quadc.errors import QuadcError
+from quadc.paths import replaced_atomically
 
 __all__ = ["FLOAT_DTYPES", "save_safetensors"]
 
@@ -74,12 +75,9 @@ def save_safetensors(
     head = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
     head += b" " * (-len(head) % 8)
     path = Path(os.fspath(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with replaced_atomically(path) as tmp, open(tmp, "wb") as f:
         f.write(len(head).to_bytes(8, "little"))
         f.write(head)
         for *_, raw, _ in prepared:
             f.write(raw)
-    os.replace(tmp, path)
     return path

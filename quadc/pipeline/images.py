@@ -64,11 +64,11 @@ def save_png(image: np.ndarray, path: str | os.PathLike[str]) -> Path:
     """Write a uint8 ``H x W x 3`` image as PNG (through a temporary file); returns the path."""
     from PIL import Image
 
+    from quadc.paths import replaced_atomically
+
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    Image.fromarray(image).save(tmp, format="PNG")
-    tmp.replace(out)
+    with replaced_atomically(out) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
     return out
 
 

@@ -49,7 +49,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +57,7 @@ from typing import Any
 import numpy as np
 
 from quadc.errors import QuadcError
+from quadc.paths import replaced_atomically
 from quadc.quant.affine import Encoding, QType
 
 __all__ = [
@@ -170,23 +170,10 @@ def write_encodings(path: str | os.PathLike[str], file: EncodingsFile) -> Path:
         raise QuadcError(
             f"quantizer_args cannot be written as JSON ({exc}); keep only strings, numbers, bools, lists and dicts"
         ) from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; an artifact is read by others
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with replaced_atomically(out) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
     return out
 
 
