@@ -21,6 +21,12 @@ it reads and writes is uint8, uint16 otherwise (the op runs its 16-bit kernel un
   (u16, u8), and a (u8, u16) -> u8 unit failed validation): a uint16 second input is converted to uint8
   over its uint16 range, as ``qdq-insert``'s ``act_matmul_8bit`` does for u16 x u16.
 
+A data-movement op (Reshape, Transpose, Resize, Slice, Split, ...) computes nothing: it runs at its input's
+type and writes its input's encoding, and where its planned output has another encoding and either side
+is 8-bit, a convert follows (the tiny U-Net at ``a8_fraction=0.6`` failed to finalize on one Resize whose
+uint16 output encoding differed from its input's, converted from uint8; with the same encoding on both
+sides it finalizes). Purely 16-bit movement ops keep their calibrated encodings, as in w8a16 graphs.
+
 Constant weights, biases and LoRA slot inputs (DequantizeLinear of an initializer or of a graph input) are
 not activations here and keep their types. A graph without uint8 activations is left unchanged. Each
 tensor is converted once per type, however many ops read it. Idempotent.
@@ -52,6 +58,9 @@ __all__ = ["QnnRequantize", "UPCAST", "mixed_units"]
 #: uint8 -> uint16 without loss: 65535 = 255 * 257, so ``(q - zp) * s == (257 q - 257 zp) * (s / 257)``.
 UPCAST = 257
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+#: Ops that move data without computing: on HTP their output must keep their input's encoding.
+MOVEMENT_OPS = ("Reshape", "Transpose", "Resize", "Slice", "Split", "Squeeze", "Unsqueeze", "Flatten", "Identity",
+                "Expand", "Cast", "DepthToSpace", "SpaceToDepth", "Tile")
 
 
 @dataclass(frozen=True)
@@ -163,7 +172,8 @@ class QnnRequantize(GraphPass):
 
     def run(self, graph: gs.Graph, ctx: CompileContext) -> PassResult:
         chains = _Chains(graph)
-        counts = {"units_u8": 0, "units_u16": 0, "inputs_up": 0, "inputs_down": 0, "outputs_up": 0}
+        counts = {"units_u8": 0, "units_u16": 0, "inputs_up": 0, "inputs_down": 0, "outputs_up": 0,
+                  "movement_converts": 0}
         if not any(a.qtype is QType.UINT8 for n in graph.nodes if n.op not in QDQ_OPS
                    for t in n.inputs if (a := _activation_in(t)) is not None):
             return PassResult(False, counts)
@@ -179,6 +189,9 @@ class QnnRequantize(GraphPass):
         ins = {i: a for i, t in enumerate(node.inputs) if (a := _activation_in(t)) is not None}
         outs = [(t, q) for t in node.outputs for q in _activation_out(t)]
         if not outs:
+            return
+        if node.op in MOVEMENT_OPS and 0 in ins:
+            QnnRequantize._movement(node, ins[0], outs, chains, counts)
             return
         widths = {a.qtype.bits for i, a in ins.items() if i != rhs} | {_per_tensor(q)[2].bits for _, q in outs}  # type: ignore[index]
         unit = 16 if 16 in widths else 8
@@ -197,6 +210,20 @@ class QnnRequantize(GraphPass):
                 if qtype.bits == 8:
                     q.inputs[0] = chains.upcast(t, scale, zero, np.dtype(q.inputs[1].dtype))
                     counts["outputs_up"] += 1
+
+    @staticmethod
+    def _movement(node: gs.Node, src: _Act, outs: list[tuple[gs.Tensor, gs.Node]], chains: _Chains,
+                  counts: dict[str, int]) -> None:
+        """A data-movement op runs at its input's type and writes its input's encoding; where a planned
+        output differs and either side is 8-bit, a convert follows (HTP failed to finalize a Resize whose
+        uint16 output encoding differed from its input's, when that input came from a uint8 tensor)."""
+        counts[f"units_u{src.qtype.bits}"] += 1
+        for t, q in outs:
+            scale, zero, qtype = _per_tensor(q)  # type: ignore[misc]
+            same = (qtype, zero) == (src.qtype, src.zero_point) and np.isclose(scale, src.scale, rtol=1e-6)
+            if not same and 8 in (qtype.bits, src.qtype.bits):
+                q.inputs[0] = chains.qdq(t, src.qtype, src.scale, src.zero_point, src.float_dtype, "moved")
+                counts["movement_converts"] += 1
 
     def postcondition(self, graph: gs.Graph, ctx: CompileContext) -> list[str]:
         """Every op's activation inputs (but a MatMul's uint8 second input) and outputs share one type."""
