@@ -7,6 +7,13 @@ another layout). A :class:`Policy` decides the tensor types: :class:`FloatPolicy
 translation) or :class:`IntPolicy` (a :class:`~.scheme.TfliteScheme`: int16 activations with zero point 0,
 int8 per-channel weights, int32 biases, int8 LoRA inputs).
 
+**Mixed widths.** Each op gets a type before it is translated: int8 when every activation it reads and
+writes is int8 (the plan's 8-bit tensors), else int16. An input stored at the other width is read through a
+QUANTIZE (int16 <-> int8, over the stored tensor's range; once per tensor and width); an output planned at
+the other width is written at the op's width (:meth:`~.scheme.TfliteScheme.as_type`: the same range, or
+the fixed LOGISTIC/SOFTMAX/TANH encoding that width requires) and a QUANTIZE after the op gives the planned
+tensor. Constant operands of elementwise ops take the op's width; LoRA factors stay int8 weights.
+
 =====================================  ==================================================================
 ONNX                                   TFLite
 =====================================  ==================================================================

@@ -6,7 +6,9 @@ with every task bound; QSS anchor or unified fallback for the shared LoRA ranges
 (:func:`~.convert.translate`), refuses an op outside the vendor plugin's list, and writes::
 
     model.tflite                 int16 activations (zero point 0), int8 per-channel weights, int32 biases;
-                                 LoRA factors are int8 subgraph inputs (zero point 0), one encoding per slot
+                                 LoRA factors are int8 subgraph inputs (zero point 0), one encoding per slot;
+                                 the plan's 8-bit activations (a8_fraction, w8a8) int8 asymmetric, each op
+                                 on its int8 kernel when all its I/O are int8, QUANTIZE at width changes
     host.onnx                    the timestep embedding, computed on the host in numpy (see :mod:`.host`)
     encodings.json               every int16/int8 encoding (quadc's encodings file)
     lora/<task>.safetensors      the task's int8 LoRA tensors in the TFLite input layout, bound as they are
