@@ -7,7 +7,7 @@ same compile) and against ``onnx-qdq`` at the same fraction, the minimum over th
 task, plus how many ops run 8-bit (qnn: ``qnn::requantize``'s uint8 units; TFLite: ops whose activations
 are all int8) and how many converts the mix costs (QNN converts; TFLite QUANTIZE ops).
 
-    python benchmarks/bench_a8_targets.py --out /tmp/a8 --fractions 0,0.2,0.6,1
+    python benchmarks/bench_a8_targets.py --out /tmp/a8 --fractions 0,0.2,0.6,1,w8a8
 """
 
 from __future__ import annotations
@@ -70,19 +70,20 @@ def _qnn_widths(manifest: dict[str, Any]) -> dict[str, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--fractions", default="0,0.2,0.6,1")
+    ap.add_argument("--fractions", default="0,0.2,0.6,1,w8a8", help="comma-separated; w8a8: --precision w8a8")
     ap.add_argument("--feeds", type=int, default=4)
     args = ap.parse_args()
     feeds = random_feeds(load_model(bundled_model()), args.feeds, seed=HELD_OUT_SEED)
     print("| target | F | 8-bit activations | 8-bit ops / 16-bit ops | converts | min SQNR vs float (dB) "
           "| min SQNR vs onnx-qdq (dB) | executor |")
     print("|---|---|---|---|---|---|---|---|")
-    for f in (float(x) for x in args.fractions.split(",")):
-        out = args.out / f"F{f:g}"
+    for f in args.fractions.split(","):
+        plan = {"precision": "w8a8"} if f == "w8a8" else {"a8_fraction": float(f)}
+        out = args.out / f"F{f}"
         if not out.exists():
             t0 = time.perf_counter()
-            compile_model(None, out, CompileOptions(target="all", pass_options={"quant-plan": {"a8_fraction": f}}))
-            print(f"<!-- compiled --target all --a8-fraction {f:g} in {time.perf_counter() - t0:.0f} s -->", flush=True)
+            compile_model(None, out, CompileOptions(target="all", pass_options={"quant-plan": plan}))
+            print(f"<!-- compiled --target all {plan} in {time.perf_counter() - t0:.0f} s -->", flush=True)
         tasks = [None, *sorted(json.loads((out / "onnx" / "manifest.json").read_text())["tasks"])]
         ref = _run(out / "onnx", feeds, tasks)
         qdq = _run(out / "onnx-qdq", feeds, tasks)
@@ -100,7 +101,7 @@ def main() -> None:
             executor = manifest.get("executor") or manifest.get("runtime") or "ort-cpu"
             eight = manifest["quant"].get("int8_activations", manifest["quant"].get("a8_tensors"))
             ops = f"{widths['int8 ops']} / {widths['int16 ops']}" if widths else "-"
-            print(f"| {target} | {f:g} | {eight} | {ops} | {widths.get('converts', '-')} | {vs_float:.1f} | "
+            print(f"| {target} | {f} | {eight} | {ops} | {widths.get('converts', '-')} | {vs_float:.1f} | "
                   f"{'-' if target == 'onnx-qdq' else f'{vs_qdq:.1f}'} | {executor} |",
                   flush=True)
 

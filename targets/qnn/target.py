@@ -18,7 +18,7 @@ Pipeline (:attr:`QnnTarget.passes`)::
   uint8, one of HTP's MatMul type pairs, so the ORT CPU graph computes what HTP computes;
 - ``qnn::requantize`` (:mod:`.requantize`): with ``a8_fraction`` mixing uint8 and uint16, each op gets
   activations of one type (uint8 when all its I/O are, else uint16) through explicit requantize chains
-  (QNN ``Convert``); w8a16 and w8a8 graphs are left as they are.
+  (QNN ``Convert``); w8a16 graphs are left as they are.
 
 The NPU passes (preset ``npu``) go before ``qnn-groupnorm`` (they change the graph, so calibration
 must see their result): ``passes = ("float", "npu", "qnn-groupnorm", "quant-plan", "qnn-gelu",
