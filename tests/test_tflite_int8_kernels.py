@@ -141,6 +141,21 @@ def test_int8_data_kernels():
                 [i32([8, 8])], **same) > 30
 
 
+def test_int8_split_and_transposed_batch_matmul():
+    enc = _enc8(X4)
+    w = TfliteWriter()
+    a = w.tensor("x", X4.shape, "int8", quant=Quant.per_tensor(*enc))
+    outs = [w.tensor(f"y{i}", (1, 4, 4, 4), "int8", quant=Quant.per_tensor(*enc)) for i in range(2)]
+    w.op("SPLIT", [w.constant("axis", np.array(3, np.int32)), a], outs, _opts(S.SplitOptionsT, numSplits=2))
+    w.set_io([a], outs)
+    got = _run(w, {"x": _q8(X4, enc)})
+    for want, g in zip(np.split(X4, 2, axis=3), got, strict=True):
+        assert _sqnr(want, _dq(g, enc)) > 30
+    # BATCH_MATMUL with adjY (the right operand stored transposed), both int8 with zero points
+    b = (RNG.standard_normal((1, 4, 6, 8)) + 0.5).astype(np.float32)
+    assert _op8("BATCH_MATMUL", [X4, b], X4 @ b.transpose(0, 1, 3, 2), _opts(S.BatchMatMulOptionsT, adjY=True)) > 30
+
+
 def test_int8_concatenation_with_one_encoding():
     z = (RNG.standard_normal((1, 4, 4, 8)) * 3).astype(np.float32)
     y = np.concatenate([X4, z], -1)
