@@ -28,7 +28,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from quadc.targets.tflite.scheme import TfliteScheme, weight_encoding
-from quadc.targets.tflite.target import TfliteTarget
+from quadc.targets.tflite.target import TfliteTarget, precision_label
 
 if TYPE_CHECKING:
     from quadc.context import CompileContext
@@ -98,7 +98,7 @@ class EnnTarget(TfliteTarget):
                                                 for t in qgraph.outputs}}
         manifest.update(self.write_graph(qgraph, qdir, "model.onnx"))
         write_encodings(qdir / "encodings.json", encodings_file_of(qctx.plan))
-        manifest.update({"opset": int(qgraph.opset), "precision": "a16w8", "encodings": "encodings.json",
+        manifest.update({"opset": int(qgraph.opset), "precision": precision_label(scheme), "encodings": "encodings.json",
                          "quant": qctx.plan.summary()})
         manifest.update(write_task_files(qctx, qdir, quantized=True, plan=qctx.plan))
         write_json(qdir / MANIFEST_NAME, manifest)

@@ -3,7 +3,8 @@
 A task switch rebinds the int8 LoRA input tensors (the task's stored bytes as they are, zeros for the
 slots it does not adapt); the model is loaded once. Before each run the host part of the graph (the
 sinusoidal timestep embedding, ``host.onnx``) is evaluated in numpy (onnx's reference evaluator) and fed
-like any other input. Float inputs are quantized with each input tensor's int16 scale and transposed
+like any other input. Float inputs are quantized with each input tensor's scale and zero point (int16, or
+int8 where the plan made the input 8-bit) and transposed
 to its TFLite layout (4-D NCHW -> NHWC); outputs are dequantized and transposed back, so feeds and
 results look exactly like those of the ONNX artifacts.
 
@@ -30,9 +31,13 @@ from quadc.runtime.lora_store import LoadedTask, LoRAStore
 BASE_TASKS = (None, "none")
 
 
-def _quantize(x: np.ndarray, scale: float, dtype: np.dtype) -> np.ndarray:
+def _quantize(x: np.ndarray, scale: float, dtype: np.dtype, zero_point: int = 0) -> np.ndarray:
     info = np.iinfo(dtype)
-    return np.clip(np.rint(np.asarray(x, np.float64) / scale), info.min, info.max).astype(dtype)
+    return np.clip(np.rint(np.asarray(x, np.float64) / scale) + zero_point, info.min, info.max).astype(dtype)
+
+
+def _dequantize(q: np.ndarray, scale: float, zero_point: int = 0) -> np.ndarray:
+    return (q.astype(np.int32) - np.int32(zero_point)).astype(np.float32) * np.float32(scale)
 
 
 class TfliteEngine:
@@ -142,12 +147,14 @@ class TfliteEngine:
                 if list(arr.shape) != spec["shape"]:
                     raise QuadcError(f"input '{spec['name']}' has shape {list(arr.shape)}; the model takes {spec['shape']}")
                 arr = arr.transpose(spec["perm"])
-                data = _quantize(arr, spec["scale"], detail["dtype"]) if spec.get("scale") else arr
+                data = _quantize(arr, spec["scale"], detail["dtype"], spec.get("zero_point") or 0) \
+                    if spec.get("scale") else arr
             self.interpreter.set_tensor(detail["index"], np.ascontiguousarray(data))
         self.interpreter.invoke()
         out: dict[str, np.ndarray] = {}
         for spec, detail in self._outputs:
             raw = self.interpreter.get_tensor(detail["index"])
-            val = raw.astype(np.float32) * np.float32(spec["scale"]) if spec.get("scale") else raw.astype(np.float32)
+            val = _dequantize(raw, spec["scale"], spec.get("zero_point") or 0) if spec.get("scale") \
+                else raw.astype(np.float32)
             out[spec["name"]] = np.ascontiguousarray(val.transpose(np.argsort(spec["perm"])))
         return out

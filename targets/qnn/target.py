@@ -3,7 +3,7 @@ encodings for Qualcomm's own converter, and a QNN context binary compiled by onn
 
 Pipeline (:attr:`QnnTarget.passes`)::
 
-    float, qnn-groupnorm, quant-plan, qnn-gelu, qnn-const-first, qdq-insert(act_matmul_8bit)
+    float, qnn-groupnorm, quant-plan, qnn-gelu, qnn-const-first, qdq-insert(act_matmul_8bit), qnn::requantize
 
 - ``qnn-groupnorm`` lowers GroupNormalization to the InstanceNormalization form HTP runs; it adds
   tensors with ranges of their own, so it comes before calibration (on TorchScript exports, which have
@@ -15,11 +15,14 @@ Pipeline (:attr:`QnnTarget.passes`)::
 - ``qnn-const-first`` puts the constant operand of Add/Mul first (with it second, as the dynamo exporter
   writes linear biases, the HTP backend fails to finalize the graph); numbers and names unchanged;
 - ``qdq-insert`` with ``act_matmul_8bit``: a MatMul of two 16-bit activations takes its second input as
-  uint8, one of HTP's MatMul type pairs, so the ORT CPU graph computes what HTP computes.
+  uint8, one of HTP's MatMul type pairs, so the ORT CPU graph computes what HTP computes;
+- ``qnn::requantize`` (:mod:`.requantize`): with ``a8_fraction`` mixing uint8 and uint16, each op gets
+  activations of one type (uint8 when all its I/O are, else uint16) through explicit requantize chains
+  (QNN ``Convert``); w8a16 graphs are left as they are.
 
 The NPU passes (preset ``npu``) go before ``qnn-groupnorm`` (they change the graph, so calibration
 must see their result): ``passes = ("float", "npu", "qnn-groupnorm", "quant-plan", "qnn-gelu",
-"qnn-const-first", "qdq-insert")``; :meth:`QnnTarget.pipeline` then keeps SiLU as Sigmoid*Mul
+"qnn-const-first", "qdq-insert", "qnn::requantize")``; :meth:`QnnTarget.pipeline` then keeps SiLU as Sigmoid*Mul
 (``conv-act-fusion.silu=keep``). Measured that way on the bundled model (16 calibration inputs): every
 node on HTP, 36 dB against the float graph and 43 dB against the same QDQ graph on the CPU.
 
@@ -56,6 +59,7 @@ from quadc.quant.plan_file import encodings_file_of
 from quadc.quant.schemes import get_scheme
 from quadc.targets.base import Target
 from quadc.targets.qnn import legality
+from quadc.targets.qnn.requantize import mixed_units
 
 if TYPE_CHECKING:
     from quadc.context import CompileContext
@@ -73,7 +77,7 @@ class QnnTarget(Target):
     name = "qnn"
     description = ("Qualcomm HTP: HTP-legal QDQ ONNX (opset 21), AIMET encodings and a QNN context binary "
                    "compiled by onnxruntime-qnn; uint8 LoRA inputs under one shared encoding per slot")
-    passes = ("float", "qnn-groupnorm", "quant-plan", "qnn-gelu", "qnn-const-first", "qdq-insert")
+    passes = ("float", "qnn-groupnorm", "quant-plan", "qnn-gelu", "qnn-const-first", "qdq-insert", "qnn::requantize")
     requires_passes = ("lora-inputs", "quant-plan", "qdq-insert")
     scheme = "qnn-htp"
     options = (
@@ -90,18 +94,6 @@ class QnnTarget(Target):
         from quadc.runtime.qnn_engine import qnn_available
 
         return qnn_available()
-
-    def check_plan_options(self, plan_options: Mapping[str, Any]) -> None:
-        """Refuse ``a8_fraction`` > 0 under w8a16: the HTP backend of onnxruntime-qnn fails to finalize the
-        uint8/uint16 mixes quadc writes (QNN_COMMON_ERROR_MEM_ALLOC on the tiny U-Net at a8_fraction 0.3,
-        while w8a16 and w8a8 compile), so the mix is refused before any work."""
-        from quadc.quant.plan_options import PlanOptions
-
-        opts = PlanOptions.from_options(plan_options)
-        if opts.precision == "w8a16" and opts.a8_fraction > 0:
-            raise QuadcError(f"target qnn does not take --a8-fraction {opts.a8_fraction:g} yet: the HTP backend fails "
-                             "to finalize graphs mixing uint8 and uint16 activations as quadc writes them; use "
-                             "--precision w8a8 or w8a16 here, or --target onnx-qdq for mixed precision")
 
     def pipeline(self) -> PassPipeline:
         pipeline = super().pipeline().set_options("qdq-insert", act_matmul_8bit=True, opset="21")
@@ -127,6 +119,8 @@ class QnnTarget(Target):
             (legality.dynamic_dims(graph), "export the model with static shapes (quadc export --batch N)"),
             (legality.matmul_pairs(graph, get_scheme(plan.scheme)),
              "keep qdq-insert's act_matmul_8bit option on, as the qnn pipeline sets it"),
+            (mixed_units(graph),
+             "keep pass qnn::requantize after qdq-insert, as the qnn pipeline has it"),
         ]
         for problems, fix in checks:
             if problems:

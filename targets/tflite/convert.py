@@ -7,6 +7,13 @@ another layout). A :class:`Policy` decides the tensor types: :class:`FloatPolicy
 translation) or :class:`IntPolicy` (a :class:`~.scheme.TfliteScheme`: int16 activations with zero point 0,
 int8 per-channel weights, int32 biases, int8 LoRA inputs).
 
+**Mixed widths.** Each op gets a type before it is translated: int8 when every activation it reads and
+writes is int8 (the plan's 8-bit tensors), else int16. An input stored at the other width is read through a
+QUANTIZE (int16 <-> int8, over the stored tensor's range; once per tensor and width); an output planned at
+the other width is written at the op's width (:meth:`~.scheme.TfliteScheme.as_type`: the same range, or
+the fixed LOGISTIC/SOFTMAX/TANH encoding that width requires) and a QUANTIZE after the op gives the planned
+tensor. Constant operands of elementwise ops take the op's width; LoRA factors stay int8 weights.
+
 =====================================  ==================================================================
 ONNX                                   TFLite
 =====================================  ==================================================================
@@ -42,9 +49,11 @@ import onnx_graphsurgeon as gs
 from ai_edge_litert import schema_py_generated as schema
 
 from quadc.errors import QuadcError
+from quadc.quant.affine import quantize
 from quadc.targets.tflite import layout as L
 from quadc.targets.tflite.scheme import (
     TfliteScheme,
+    int8_asymmetric_encoding,
     int16_encoding,
     quantize_symmetric,
     weight_encoding,
@@ -64,13 +73,25 @@ class Policy:
     def act(self, name: str) -> Quant | None:
         return None
 
+    def dtype_of(self, name: str) -> str:
+        """The stored type of activation ``name`` (``act_dtype`` unless the scheme makes it 8-bit)."""
+        return self.act_dtype
+
+    def has(self, name: str) -> bool:
+        """Whether ``name`` is an activation with an encoding of its own."""
+        return False
+
+    def act_as(self, name: str, dtype: str) -> Quant | None:
+        """The quantization of activation ``name`` when an op of type ``dtype`` writes it."""
+        return self.act(name)
+
     def weight(self, values: np.ndarray, axis: int) -> tuple[np.ndarray, Quant | None]:
         return np.asarray(values, np.float32), None
 
     def bias(self, values: np.ndarray, x: Quant | None, w: Quant | None) -> tuple[np.ndarray, Quant | None]:
         return np.asarray(values, np.float32), None
 
-    def const_act(self, values: np.ndarray) -> tuple[np.ndarray, Quant | None]:
+    def const_act(self, values: np.ndarray, dtype: str | None = None) -> tuple[np.ndarray, Quant | None]:
         return np.asarray(values, np.float32), None
 
     def lora(self, name: str) -> tuple[str, Quant | None]:
@@ -83,7 +104,7 @@ class FloatPolicy(Policy):
 
 def _quant(enc: Any) -> Quant:
     if enc.axis is None:
-        return Quant.per_tensor(float(enc.scale), 0)
+        return Quant.per_tensor(float(enc.scale), int(enc.zero_point))
     return Quant.per_channel([float(s) for s in enc.scale], enc.axis)
 
 
@@ -97,11 +118,24 @@ class IntPolicy(Policy):
         self.bias_saturated = 0
 
     def act(self, name: str) -> Quant:
+        return _quant(self._enc(name))
+
+    def _enc(self, name: str) -> Any:
         enc = self.scheme.activations.get(name)
         if enc is None:
             raise QuadcError(f"no calibrated range for tensor '{name}'; the scheme must come from calibrating this "
                              "graph (after tflite::legalize)")
-        return _quant(enc)
+        return enc
+
+    def dtype_of(self, name: str) -> str:
+        return self._enc(name).qtype.value
+
+    def has(self, name: str) -> bool:
+        return name in self.scheme.activations
+
+    def act_as(self, name: str, dtype: str) -> Quant:
+        self._enc(name)
+        return _quant(self.scheme.as_type(name, dtype))
 
     def weight(self, values: np.ndarray, axis: int) -> tuple[np.ndarray, Quant]:
         enc = weight_encoding(values, axis)
@@ -118,9 +152,13 @@ class IntPolicy(Policy):
         quant = Quant.per_channel(scales, 0) if len(w.scale) > 1 else Quant.per_tensor(scales[0])
         return np.clip(q, info.min, info.max).astype(np.int32), quant
 
-    def const_act(self, values: np.ndarray) -> tuple[np.ndarray, Quant]:
+    def const_act(self, values: np.ndarray, dtype: str | None = None) -> tuple[np.ndarray, Quant]:
         arr = np.asarray(values, np.float32)
-        enc = int16_encoding(float(arr.min(initial=0.0)), float(arr.max(initial=0.0)))
+        lo, hi = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))
+        if dtype == "int8":
+            enc = int8_asymmetric_encoding(lo, hi)
+            return quantize(arr, enc), _quant(enc)
+        enc = int16_encoding(lo, hi)
         return quantize_symmetric(arr, enc), _quant(enc)
 
     def lora(self, name: str) -> tuple[str, Quant]:
@@ -169,6 +207,13 @@ class _T:
     perm: Perm
 
 
+def _grid_range(dtype: str, q: Quant) -> tuple[float, float]:
+    """The real range an integer tensor of ``dtype`` covers under per-tensor ``q``."""
+    info = np.iinfo(np.dtype(dtype))
+    scale, zp = float(q.scale[0]), int(q.zero_point[0])
+    return (info.min - zp) * scale, (info.max - zp) * scale
+
+
 def _const(t: gs.Tensor) -> np.ndarray | None:
     return np.asarray(t.values) if isinstance(t, gs.Constant) else None
 
@@ -194,7 +239,7 @@ class Converter:
         self.p = policy
         self.w = TfliteWriter(description="quadc 16x8" if policy.act_dtype == "int16" else "quadc float")
         self.t: dict[str, _T] = {}
-        self._converted: dict[tuple[str, Perm], _T] = {}
+        self._converted: dict[tuple[str, Perm, str], _T] = {}
         self.skip: set[int] = {id(n) for n in host_nodes}
         self.host_outputs = list(host_outputs)
         self.lora = set(lora_inputs)
@@ -202,6 +247,10 @@ class Converter:
         self.io_in: list[IOSpec] = []
         self.ops: dict[str, int] = {}
         self.gelu: dict[int, tuple[gs.Tensor, gs.Tensor]] = {}
+        #: The integer type of the op being translated (None: no conversions, as for graph I/O).
+        self.unit: str | None = None
+        self._pending: list[tuple[str, int, _T]] = []
+        self._retyped: dict[tuple[str, str], _T] = {}
 
     # ------------------------------------------------------------------------------------------ helpers
     def _op(self, op: str, inputs: Sequence[int], outputs: Sequence[int], options: Any = None) -> None:
@@ -218,9 +267,50 @@ class Converter:
                 "RESHAPE": 1, "GELU": 1, "DIV": 1}.get(op, 1)
 
     def _new(self, name: str, shape: Sequence[int], perm: Perm, quant_from: str | None = None) -> _T:
-        q = self.p.act(quant_from or name)
-        idx = self.w.tensor(name, L.physical_shape(shape, perm), self.p.act_dtype, quant=q)
-        return _T(idx, list(shape), perm)
+        key = quant_from or name
+        planned = self.p.dtype_of(key)
+        idx = self.w.tensor(name, L.physical_shape(shape, perm), planned, quant=self.p.act(key))
+        if self.unit is None or planned == self.unit:
+            return _T(idx, list(shape), perm)
+        # The op runs at the other width: it writes a tensor of its own type, converted after it.
+        unit_idx = self.w.tensor(f"{name}/{self.unit}", L.physical_shape(shape, perm), self.unit,
+                                 quant=self.p.act_as(key, self.unit))
+        self._pending.append((name, unit_idx, _T(idx, list(shape), perm)))
+        return _T(unit_idx, list(shape), perm)
+
+    def _flush_pending(self) -> None:
+        """QUANTIZE each output an op wrote at its own width into the tensor's planned type."""
+        for name, unit_idx, planned in self._pending:
+            self._op("QUANTIZE", [unit_idx], [planned.index])
+            self.t[name] = planned
+        self._pending.clear()
+
+    def _retype(self, name: str) -> _T:
+        """Activation ``name`` in the current op's integer type (a QUANTIZE where it is stored otherwise;
+        LoRA factors keep their int8 weight type)."""
+        src = self.t[name]
+        have = self.w.dtype_of(src.index)
+        if self.unit is None or have == self.unit or have not in ("int8", "int16") or name in self.lora:
+            return src
+        key = (name, self.unit)
+        if key not in self._retyped:
+            q = self.w.quant_of(src.index)
+            assert q is not None
+            lo, hi = _grid_range(have, q)
+            enc = int8_asymmetric_encoding(lo, hi) if self.unit == "int8" else int16_encoding(lo, hi)
+            idx = self.w.tensor(f"{name}/{self.unit}", self.w.shape_of(src.index), self.unit, quant=_quant(enc))
+            self._op("QUANTIZE", [src.index], [idx])
+            self._retyped[key] = _T(idx, src.shape, src.perm)
+        return self._retyped[key]
+
+    def _unit_of(self, inputs: Sequence[gs.Tensor], outputs: Sequence[gs.Tensor]) -> str | None:
+        """int8 when every activation an op reads and writes is int8, else int16 (float: None)."""
+        if self.p.act_dtype != "int16":
+            return None
+        types = [self.w.dtype_of(self.t[t.name].index) for t in inputs
+                 if t.name in self.t and t.name not in self.lora and _const(t) is None]
+        types += [self.p.dtype_of(t.name) for t in outputs if self.p.has(t.name)]
+        return "int8" if types and all(x == "int8" for x in types) else "int16"
 
     def _like(self, name: str, src: _T, shape: Sequence[int], perm: Perm) -> _T:
         """A new tensor with the same type and quantization as ``src`` (data movement)."""
@@ -236,10 +326,10 @@ class Converter:
         if name not in self.t:
             raise QuadcError(f"tensor '{name}' is used before it is computed (or is a constant where TFLite needs "
                              "an activation)")
-        src = self.t[name]
+        src = self._retype(name)
         if perm is None or tuple(perm) == src.perm:
             return src
-        key = (name, tuple(perm))
+        key = (name, tuple(perm), self.w.dtype_of(src.index))
         if key in self._converted:
             return self._converted[key]
         out = self._like(f"{name}/perm{''.join(map(str, perm))}", src, src.shape, tuple(perm))
@@ -263,12 +353,14 @@ class Converter:
         shape = [1] * (rank - len(src.shape)) + src.shape
         base = self.get(t, L.identity(len(src.shape)))
         ident = L.identity(rank)
-        out = self._like(f"{t.name}/rank{rank}", base, shape, ident)
-        opts = schema.ReshapeOptionsT()
-        opts.newShape = shape
-        self._op("RESHAPE", [base.index, self._int32(f"{t.name}/rank{rank}_shape", shape)], [out.index], opts)
-        self.t[f"{t.name}/rank{rank}"] = out
-        return self.get(f"{t.name}/rank{rank}", perm)
+        name = f"{t.name}/rank{rank}/{self.w.dtype_of(base.index)}"
+        if name not in self.t:
+            out = self._like(f"{t.name}/rank{rank}", base, shape, ident)
+            opts = schema.ReshapeOptionsT()
+            opts.newShape = shape
+            self._op("RESHAPE", [base.index, self._int32(f"{t.name}/rank{rank}_shape", shape)], [out.index], opts)
+            self.t[name] = out
+        return self.get(name, perm)
 
     def _fuse_act(self, out: gs.Tensor) -> tuple[int, gs.Tensor]:
         """(fused activation code, the tensor that is the op's real output) when ``out``'s only reader is
@@ -303,7 +395,10 @@ class Converter:
         self._find_gelus()
         for node in self.g.nodes:
             if id(node) in self.gelu:
-                self._gelu(*self.gelu[id(node)])
+                x, out = self.gelu[id(node)]
+                self.unit = self._unit_of([x], [out])
+                self._gelu(x, out)
+                self._flush_pending()
                 continue
             if id(node) in self.skip:
                 continue
@@ -311,7 +406,10 @@ class Converter:
             if handler is None:
                 raise QuadcError(f"ONNX op {node.op} (node '{node.name}') has no TFLite 16x8 lowering in quadc; "
                                  "the TFLite targets cannot compile this graph")
+            self.unit = self._unit_of(node.inputs, node.outputs)
             handler(node)
+            self._flush_pending()
+        self.unit = None
         outputs = [self._output(t) for t in self.g.outputs]
         self.w.set_io([self.t[s.name].index for s in self.io_in], [o[0] for o in outputs])
         return Translation(self.w.to_bytes(), self.io_in, [o[1] for o in outputs], dict(sorted(self.ops.items())))
@@ -499,7 +597,7 @@ class Converter:
                 y_idx = self.get(b, L.identity(rb)).index
             adj_y = False
         else:
-            src = self.t[b.name]
+            src = self._retype(b.name)
             swapped = L.identity(rb)[:-2] + (rb - 1, rb - 2)
             if src.perm == swapped:
                 y_idx, adj_y = src.index, True
@@ -541,7 +639,7 @@ class Converter:
                 continue
             values = np.asarray(values, np.float32).reshape([1] * (rank - np.ndim(values)) + list(np.shape(values)))
             values = values.transpose(perm) if values.ndim == rank and rank > 1 else values
-            data, q = self.p.const_act(values)
+            data, q = self.p.const_act(values, self.unit)
             indices.append(self.w.tensor(f"{node.name}/{t.name}", data.shape, data.dtype.name, quant=q, data=data))
         act = schema.ActivationFunctionType.NONE
         if options is not None and hasattr(options, "fusedActivationFunction"):

@@ -14,6 +14,13 @@ LiteRT's fully integer 16x8 kernels take (each verified in ``tests/test_tflite_k
   wrong), and for the input and output of data-movement ops (RESHAPE, TRANSPOSE, STRIDED_SLICE, SPLIT,
   PAD, RESIZE_NEAREST_NEIGHBOR copy integers without rescaling).
 
+**8-bit activations** (the plan's ``a8_tensors``: ``a8_fraction`` or ``w8a8``) are **int8 asymmetric**
+(LiteRT's int8 kernels take any zero point; ``tests/test_tflite_int8_kernels.py``) over the range the plan
+chose for them. A shared-scale group is one type: a group with a 16-bit member stays int16 as a whole
+(``report["a8_kept_int16_by_group"]``). SOFTMAX's int8 output is fixed at scale 1/256, zero point -128;
+LOGISTIC and TANH take any int8 output. :meth:`TfliteScheme.as_type` gives the encoding a tensor gets when
+an op of the other width produces or reads it (the converter then adds a QUANTIZE).
+
 :func:`tflite_scheme` is the one function: ``(legalized float graph, ranges, LoRA ranges) -> scheme``.
 The ranges are what :func:`quadc.quant.calibrate.calibrate` returns (min/max per ONNX tensor name) and
 the LoRA ranges what the QSS decision picked; :func:`scheme_from_plan` reads both from a
@@ -22,7 +29,7 @@ the LoRA ranges what the QSS decision picked; :func:`scheme_from_plan` reads bot
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +37,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from quadc.errors import QuadcError
-from quadc.quant.affine import MIN_SCALE, Encoding, QType
+from quadc.quant.affine import MIN_SCALE, Encoding, QType, compute_encoding
 
 INT16_MAX = 32767
 INT8_MAX = 127
@@ -65,8 +72,17 @@ def int8_encoding(lo: float, hi: float) -> Encoding:
     return _symmetric(lo, hi, INT8_MAX, QType.INT8)
 
 
+def int8_asymmetric_encoding(lo: float, hi: float) -> Encoding:
+    """int8 asymmetric encoding of ``[lo, hi]`` (zero included): ``scale = (hi - lo) / 255``."""
+    return compute_encoding(lo, hi, QType.INT8, symmetric=False)
+
+
 def fixed_encoding(scale: float = FIXED_OUTPUT_SCALE) -> Encoding:
     return Encoding(scale=scale, zero_point=0, qtype=QType.INT16, symmetric=True)
+
+
+#: The int8 SOFTMAX output encoding LiteRT requires.
+SOFTMAX_INT8 = Encoding(scale=1.0 / 256, zero_point=-128, qtype=QType.INT8, symmetric=False, tmin=0.0, tmax=255 / 256)
 
 
 def weight_encoding(values: np.ndarray, axis: int) -> Encoding:
@@ -135,24 +151,66 @@ def scale_constraints(graph: gs.Graph) -> tuple[list[list[str]], dict[str, float
 
 @dataclass
 class TfliteScheme:
-    """Every encoding of a 16x8 TFLite graph: int16 activations per ONNX tensor name, int8 LoRA inputs."""
+    """Every encoding of a 16x8 TFLite graph: int16 (or, for 8-bit activations, int8) activations per ONNX
+    tensor name, int8 LoRA inputs; ``fixed16``: outputs of LOGISTIC/SOFTMAX/TANH (1/32768 when int16);
+    ``softmax``: SOFTMAX outputs (:data:`SOFTMAX_INT8` when int8)."""
 
     activations: dict[str, Encoding] = field(default_factory=dict)
     lora: dict[str, Encoding] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
+    fixed16: set[str] = field(default_factory=set)
+    softmax: set[str] = field(default_factory=set)
+
+    @property
+    def int8_activations(self) -> list[str]:
+        """The activations stored as int8, sorted."""
+        return sorted(n for n, e in self.activations.items() if e.qtype is QType.INT8)
+
+    def as_type(self, name: str, dtype: str) -> Encoding:
+        """The encoding of activation ``name`` as ``dtype`` (``int16``/``int8``): its own when that is its
+        type, else one over the same range (int16 symmetric; int8 asymmetric), or the fixed output encoding
+        a LOGISTIC/SOFTMAX/TANH kernel of that width requires."""
+        enc = self.activations[name]
+        if enc.qtype.value == dtype:
+            return enc
+        lo, hi = float(np.min(enc.grid_min)), float(np.max(enc.grid_max))
+        if dtype == "int16":
+            return fixed_encoding() if name in self.fixed16 else int16_encoding(lo, hi)
+        return SOFTMAX_INT8 if name in self.softmax else int8_asymmetric_encoding(lo, hi)
 
 
 def tflite_scheme(graph: gs.Graph, ranges: Mapping[str, tuple[float, float]],
-                  lora_ranges: Mapping[str, tuple[float, float]], headroom: float = DEFAULT_HEADROOM) -> TfliteScheme:
+                  lora_ranges: Mapping[str, tuple[float, float]], headroom: float = DEFAULT_HEADROOM,
+                  a8: Collection[str] = ()) -> TfliteScheme:
     """The 16x8 scheme of the legalized float ``graph`` from calibration ``ranges`` (ONNX tensor name ->
     (min, max)) and the shared LoRA ranges (slot input name -> (min, max)): int16 symmetric activations,
-    shared groups widened to the union of their ranges, fixed output scales, int8 LoRA inputs."""
+    shared groups widened to the union of their ranges, fixed output scales, int8 LoRA inputs. The
+    activations named in ``a8`` become int8 asymmetric over their range (no headroom added: the plan's
+    8-bit ranges carry their own), unless their shared-scale group has a 16-bit member."""
     groups, fixed = scale_constraints(graph)
+    fixed16 = set(fixed)
+    softmax = {n.outputs[0].name for n in graph.nodes if n.op == "Softmax"}
     merged = {k: (float(v[0]), float(v[1])) for k, v in ranges.items() if k not in lora_ranges}
+    eight = {n for n in a8 if n in merged}
+    kept16 = 0
+    for group in groups:
+        members = [n for n in group if n in merged]
+        if any(n not in eight for n in members) and any(n in eight for n in members):
+            kept16 += sum(n in eight for n in members)
+            eight.difference_update(members)
     widened = 0
     for group in groups:
         members = [n for n in group if n in merged]
         if not members:
+            continue
+        if members[0] in eight:  # an int8 group: one range; a SOFTMAX output pins it to SOFTMAX_INT8
+            lo = min(merged[n][0] for n in members)
+            hi = max(merged[n][1] for n in members)
+            if any(n in softmax for n in group):
+                softmax.update(group)
+            for n in members:
+                widened += merged[n] != (lo, hi)
+                merged[n] = (lo, hi)
             continue
         pinned = sorted({fixed[n] for n in group if n in fixed})
         if len(pinned) > 1:
@@ -172,21 +230,27 @@ def tflite_scheme(graph: gs.Graph, ranges: Mapping[str, tuple[float, float]],
             merged[n] = (lo, hi)
     if headroom < 1.0:
         raise QuadcError(f"activation headroom must be at least 1, got {headroom}")
-    activations = {n: (fixed_encoding(fixed[n]) if n in fixed else int16_encoding(r[0] * headroom, r[1] * headroom))
-                   for n, r in merged.items()}
+    def encoding(n: str, r: tuple[float, float]) -> Encoding:
+        if n in eight:
+            return SOFTMAX_INT8 if n in softmax else int8_asymmetric_encoding(*r)
+        return fixed_encoding(fixed[n]) if n in fixed else int16_encoding(r[0] * headroom, r[1] * headroom)
+
+    activations = {n: encoding(n, r) for n, r in merged.items()}
     for n, s in fixed.items():
         activations.setdefault(n, fixed_encoding(s))
     lora = {n: int8_encoding(*r) for n, r in lora_ranges.items()}
     report = {"activations": len(activations), "lora_inputs": len(lora), "shared_scale_groups": len(groups),
-              "widened_to_group_range": widened, "fixed_output_scales": len(fixed)}
-    return TfliteScheme(activations, lora, report)
+              "widened_to_group_range": widened, "fixed_output_scales": len(fixed),
+              "int8_activations": len(eight), "a8_kept_int16_by_group": kept16}
+    return TfliteScheme(activations, lora, report, fixed16, softmax)
 
 
 def scheme_from_plan(graph: gs.Graph, plan: Any, headroom: float = DEFAULT_HEADROOM) -> TfliteScheme:
     """:func:`tflite_scheme` with the ranges a :class:`~quadc.quant.plan.QuantPlan` recorded: each activation
-    encoding's calibrated ``tmin``/``tmax`` and each LoRA input's shared (anchor or unified) range."""
+    encoding's calibrated ``tmin``/``tmax``, each LoRA input's shared (anchor or unified) range and the
+    plan's 8-bit activations (``a8_tensors``)."""
     def rng(enc: Encoding) -> tuple[float, float]:
         return float(np.min(enc.tmin)), float(np.max(enc.tmax))
 
     return tflite_scheme(graph, {n: rng(e) for n, e in plan.activations.items()},
-                         {n: rng(e) for n, e in plan.lora.items()}, headroom)
+                         {n: rng(e) for n, e in plan.lora.items()}, headroom, a8=plan.a8_tensors)

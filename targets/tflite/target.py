@@ -6,7 +6,9 @@ with every task bound; QSS anchor or unified fallback for the shared LoRA ranges
 (:func:`~.convert.translate`), refuses an op outside the vendor plugin's list, and writes::
 
     model.tflite                 int16 activations (zero point 0), int8 per-channel weights, int32 biases;
-                                 LoRA factors are int8 subgraph inputs (zero point 0), one encoding per slot
+                                 LoRA factors are int8 subgraph inputs (zero point 0), one encoding per slot;
+                                 the plan's 8-bit activations (a8_fraction, w8a8) int8 asymmetric, each op
+                                 on its int8 kernel when all its I/O are int8, QUANTIZE at width changes
     host.onnx                    the timestep embedding, computed on the host in numpy (see :mod:`.host`)
     encodings.json               every int16/int8 encoding (quadc's encodings file)
     lora/<task>.safetensors      the task's int8 LoRA tensors in the TFLite input layout, bound as they are
@@ -96,6 +98,14 @@ def write_tflite_task_files(ctx: CompileContext, out_dir: Path, scheme: TfliteSc
     return entries
 
 
+def precision_label(scheme: TfliteScheme) -> str:
+    """``a16w8`` (int16 activations), ``a8w8`` (all int8) or ``a16w8+a8w8`` (the a8_fraction mix)."""
+    eight = len(scheme.int8_activations)
+    if not eight:
+        return "a16w8"
+    return "a8w8" if eight == len(scheme.activations) else "a16w8+a8w8"
+
+
 class TfliteTarget(Target):
     """Fully integer 16x8 TFLite (int16 activations, int8 weights and LoRA inputs) run in LiteRT."""
 
@@ -118,26 +128,10 @@ class TfliteTarget(Target):
             return False, "needs ai-edge-litert (pip install 'quadc[tflite]') for the TFLite schema and interpreter"
         return True, ""
 
-    def check_plan_options(self, plan_options: Mapping[str, Any]) -> None:
-        """8-bit activations are refused: LiteRT's 16x8 kernels take int16 activations only, so int8 tensors
-        between them would need requantize ops, which this target does not write."""
-        from quadc.quant.plan_options import PlanOptions
-
-        opts = PlanOptions.from_options(plan_options)
-        if opts.precision == "w8a8" or opts.a8_fraction > 0:
-            asked = "--precision w8a8" if opts.precision == "w8a8" else f"--a8-fraction {opts.a8_fraction:g}"
-            raise QuadcError(f"target {self.name} runs 16x8 kernels (int16 activations), so {asked} would put int8 "
-                             "activations between 16x8 kernels, which needs requantize ops this target does not "
-                             "write; use --a8-fraction 0 here, or target qnn or onnx-qdq for mixed precision")
-
     def build(self, graph: gs.Graph, ctx: CompileContext) -> tuple[TfliteScheme, Translation, Any]:
         """The scheme, the 16x8 translation and the host split of ``graph`` (after the pipeline)."""
         if ctx.plan is None:
             raise QuadcError(f"target {self.name} needs the quantization plan; its pipeline must include quant-plan")
-        if ctx.plan.a8_tensors:
-            raise QuadcError(f"target {self.name} takes int16 activations only, but the plan makes "
-                             f"{len(ctx.plan.a8_tensors)} activation(s) 8-bit (e.g. '{ctx.plan.a8_tensors[0]}'); "
-                             "int8 between 16x8 kernels needs requantize ops this target does not write")
         # The TFLite schema comes from ai-edge-litert (the tflite extra): imported here, so that quadc and its
         # other targets import without it (``available`` says why this one is missing).
         from quadc.targets.tflite.convert import IntPolicy, check_ops, translate
@@ -163,16 +157,18 @@ class TfliteTarget(Target):
             activations={**scheme.activations, **scheme.lora}, params={},
             quantizer_args={"activation_bitwidth": 16, "param_bitwidth": 8, "dtype": "int", "is_symmetric": True,
                             "per_channel_quantization": True, "lora_inputs": sorted(scheme.lora),
-                            "lora_encodings": "shared by every task"}))
+                            "lora_encodings": "shared by every task",
+                            "int8_activations": "asymmetric" if scheme.int8_activations else "none"}))
         entries: dict[str, Any] = {
             "graph": GRAPH_FILE,
             "graph_files": files,
             "shared_rom_bytes": sum((out_dir / f).stat().st_size for f in files),
             "runtime": "litert",
-            "precision": "a16w8",
+            "precision": precision_label(scheme),
             "encodings": ENCODINGS_FILE,
-            "quant": {**ctx.plan.summary(), "scheme": "int16 symmetric activations (zp 0), int8 symmetric "
-                      "per-channel weights, int32 biases, int8 zp-0 LoRA inputs", **scheme.report},
+            "quant": {**ctx.plan.summary(), "scheme": "int16 symmetric activations (zp 0), 8-bit ones int8 "
+                      "asymmetric, int8 symmetric per-channel weights, int32 biases, int8 zp-0 LoRA inputs",
+                      **scheme.report},
             "tflite": {"inputs": [s.to_dict() for s in translation.inputs],
                        "outputs": [s.to_dict() for s in translation.outputs],
                        "ops": translation.ops,
