@@ -21,6 +21,7 @@ pytest.importorskip("ai_edge_litert")
 
 from ai_edge_litert import schema_py_generated as S  # noqa: E402
 from ai_edge_litert.interpreter import Interpreter  # noqa: E402
+from test_tflite_kernels import _gelu, _sigmoid, _softmax  # noqa: E402  (the same numpy references as the 16x8 kernels)
 
 from quadc.targets.tflite.writer import Quant, TfliteWriter  # noqa: E402
 
@@ -75,21 +76,6 @@ def _opts(cls, **fields):
     for k, v in fields.items():
         setattr(o, k, v)
     return o
-
-
-def _sigmoid(x):
-    return 1 / (1 + np.exp(-x))
-
-
-def _softmax(x):
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-def _gelu(x):
-    from scipy.special import erf
-
-    return 0.5 * x * (1 + erf(x / np.sqrt(2)))
 
 
 # ------------------------------------------------------------------------------------- int8 kernels
