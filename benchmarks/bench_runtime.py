@@ -10,9 +10,16 @@ layer, compiled for the float ``onnx`` target, so both sides of each comparison 
 provider. Each measurement runs in a fresh process (its peak RSS is its own). The VAE is not part of it:
 the image pipeline's components are not on this branch.
 
-(a) per-step latency (best and median of --runs forwards after a warm-up, the compared ones in turns;
-    best is the figure that other processes on a shared machine disturb least): Engine.run with a task bound,
-    BoundRunner (IOBinding, reused buffers), and the merged graph's session;
+(a) per-step overhead of LoRA-as-input against the merged graph, side by side in ONE process: the merged
+    graph's session (task 0 merged into the weights) and the artifact's session, same feeds, same session
+    options, both loaded together; --repeats rounds after a warm-up, each round one forward of each in a
+    rotating order (merged, Engine.run with task 0 bound, BoundRunner with IOBinding and reused buffers),
+    so load from other processes and clock changes hit all alike. Reported: median and best ms of each,
+    the overhead of the medians and the median of the per-round ratios (both against the merged graph's
+    run of the same round), and the largest difference of the outputs (the same task, so the same result);
+    and where the extra time can go: the multiply-adds of the LoRA branches (x @ down, then @ up, per
+    adapted layer, by the token count of x) against those of every MatMul/Gemm/Conv of the U-Net, from
+    onnxruntime's symbolic shape inference of the artifact's graph;
 (b) switch latency: warm (task cached: BoundRunner selects the task's IOBinding), cold (read the task
     file into OrtValues, then bind every LoRA input into a new IOBinding), and onnxruntime.LoraAdapter.Load for comparison;
 (c) the public adapter path: a copy of the graph whose LoRA inputs have zero initializer defaults, run
@@ -106,6 +113,40 @@ result['task_bytes'] = engine.store.get(tasks[0]).nbytes
 """
 
 
+def overhead_code(merged: Path, art: Path, config: str, task: str, repeats: int, threads: int) -> str:
+    return PRELUDE + f"""
+import onnxruntime as ort
+from quadc.runtime.engine import Engine
+feeds = feeds_for({config!r})
+def options():
+    so = ort.SessionOptions(); so.log_severity_level = 3
+    if {threads}:
+        so.intra_op_num_threads = {threads}
+    return so
+merged = ort.InferenceSession({str(merged)!r}, options(), providers=['CPUExecutionProvider'])
+engine = Engine({str(art)!r}, cache_size=None, session_options=options())  # as the merged one
+runner = engine.runner()
+want = merged.run(None, feeds)[0]
+got = engine.run(feeds, task={task!r})['out_sample']
+result['max_abs_diff'] = float(np.abs(got - want).max())
+result['max_abs_out'] = float(np.abs(want).max())
+fns = {{'merged': lambda: merged.run(None, feeds),
+       'engine': lambda: engine.run(feeds, task={task!r}),
+       'runner': lambda: runner.run(feeds, task={task!r})}}
+for fn in fns.values():
+    fn(); fn()  # warm-up: allocator arenas, IOBinding buffers
+names = list(fns)
+times = {{k: [] for k in names}}
+for r in range({repeats}):
+    for k in names[r % len(names):] + names[:r % len(names)]:
+        t = time.perf_counter(); fns[k](); times[k].append(time.perf_counter() - t)
+result['ms'] = {{k: [1000 * min(v), 1000 * statistics.median(v)] for k, v in times.items()}}
+result['round_ratio'] = {{k: statistics.median(a / b for a, b in zip(times[k], times['merged']))
+                         for k in names if k != 'merged'}}
+result['repeats'] = {repeats}
+"""
+
+
 def merged_code(graph: Path, config: str, sessions: int, runs: int) -> str:
     return PRELUDE + f"""
 import onnxruntime as ort
@@ -156,6 +197,39 @@ result['adapter_switch_us'] = 1e3 * median_ms(switch, 200)
 """
 
 
+def lora_macs(art: Path) -> dict:
+    """Multiply-adds of the artifact graph's MatMul/Gemm/Conv nodes: ``base`` (no LoRA input), ``lora``
+    (a LoRA input: the down and up MatMuls) and ``lora_by_tokens`` (the LoRA ones by the token count of
+    their input), from onnxruntime's symbolic shape inference; ``unknown``: nodes without static shapes."""
+    import numpy as np
+    import onnx
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    manifest = json.loads((art / "manifest.json").read_text())
+    names = {side["name"] for slot in manifest["lora_slots"] for side in (slot["down"], slot["up"])}
+    model = SymbolicShapeInference.infer_shapes(
+        onnx.load(str(art / manifest["graph"]), load_external_data=False), auto_merge=True)
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in (*model.graph.value_info, *model.graph.input, *model.graph.output)}
+    shapes.update({t.name: list(t.dims) for t in model.graph.initializer})
+    out = {"base": 0, "lora": 0, "lora_by_tokens": {}, "unknown": 0}
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm", "Conv"):
+            continue
+        a, w, y = (shapes.get(n) for n in (node.input[0], node.input[1], node.output[0]))
+        if not a or not w or not y or None in (*a, *w, *y):
+            out["unknown"] += 1
+            continue
+        macs = int(np.prod(y)) * (int(np.prod(w[1:])) if node.op_type == "Conv" else a[-1])
+        if names & set(node.input):
+            out["lora"] += macs
+            tokens = str(int(np.prod(a[:-1])))
+            out["lora_by_tokens"][tokens] = out["lora_by_tokens"].get(tokens, 0) + macs
+        else:
+            out["base"] += macs
+    return out
+
+
 def with_zero_defaults(art: Path) -> Path:
     """A copy of the artifact's graph (sharing its external data file) whose LoRA inputs have zero
     initializer defaults, so that onnxruntime's Python API accepts adapter-bound runs."""
@@ -184,6 +258,10 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--tasks", type=int, default=10)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15,
+                        help="rounds of the one-process overhead measurement (a)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="intra-op threads of both sessions in (a) (0: onnxruntime's default)")
     parser.add_argument("--keep", action="store_true", help="keep the merged graph for the next run")
     parser.add_argument("--resume", action="store_true", help="reuse the phases results.json already holds")
     args = parser.parse_args()
@@ -210,6 +288,7 @@ def main() -> None:
     saved = work / "results.json"
     results = json.loads(saved.read_text()) if args.resume and saved.exists() else {}
     phases = {
+        "overhead": lambda: overhead_code(merged, art, args.config, tasks[0], args.repeats, args.threads),
         "engine": lambda: engine_code(art, args.config, tasks, args.runs),
         "merged": lambda: merged_code(merged, args.config, 1, args.runs),
         "adapter": lambda: adapter_code(zero_defaults, art, args.config, tasks[0], args.runs),
@@ -227,7 +306,11 @@ def main() -> None:
     failed = {k: v["failed"] for k, v in results.items() if "failed" in v}
     if failed:
         print(f"phases that failed (run again with --resume): {failed}")
-    eng, m1, ad, one, ten, m2 = (results[k] for k in phases)
+    ov, eng, m1, ad, one, ten, m2 = (results[k] for k in phases)
+    if "macs" not in results:
+        results["macs"] = lora_macs(art)
+        saved.write_text(json.dumps(results, indent=1))
+    macs = results["macs"]
 
     graph_bytes = dir_bytes(art) - sum(p.stat().st_size for p in (art / "lora").glob("*")) \
         - zero_defaults.stat().st_size
@@ -236,15 +319,23 @@ def main() -> None:
 
     print(f"model {src.name} ({args.config}), {len(tasks)} LoRAs of rank {args.rank}, float32 on ORT CPU; "
           f"{args.runs} timed runs each")
-    print("\n(a) per-step U-Net latency")
+    print(f"\n(a) per-step U-Net latency, one process, {ov.get('repeats', '?')} alternating rounds, "
+          f"{args.threads or 'default'} intra-op threads")
     if failed:
         return
-    base = m1["run_ms"][0]
-    print(f"  {'':38} {'best':>10} {'median':>10}  best vs merged")
-    for label, (best, med) in (("merged graph (session.run)", m1["run_ms"]),
-                               ("LoRA-as-input, Engine.run", eng["engine_run_ms"]),
-                               ("LoRA-as-input, BoundRunner (IOBinding)", eng["runner_run_ms"])):
-        print(f"  {label:38} {best:7.1f} ms {med:7.1f} ms  {100 * (best / base - 1):+6.1f} %")
+    base = ov["ms"]["merged"][1]
+    print(f"  {'':38} {'best':>10} {'median':>10}  median vs merged  median per-round ratio")
+    for key, label in (("merged", "merged graph (session.run)"), ("engine", "LoRA-as-input, Engine.run"),
+                       ("runner", "LoRA-as-input, BoundRunner (IOBinding)")):
+        best, med = ov["ms"][key]
+        ratio = f"{100 * (ov['round_ratio'][key] - 1):+6.1f} %" if key in ov["round_ratio"] else ""
+        print(f"  {label:38} {best:7.1f} ms {med:7.1f} ms  {100 * (med / base - 1):+6.1f} %{'':10} {ratio}")
+    print(f"  outputs differ by at most {ov['max_abs_diff']:.2g} (largest output {ov['max_abs_out']:.2g}); "
+          f"peak RSS of this process {ov['peak_rss_gib']:.2f} GiB")
+    print(f"  multiply-adds: U-Net {macs['base'] / 1e6:.1f} M, LoRA branches {macs['lora'] / 1e6:.1f} M "
+          f"(+{100 * macs['lora'] / macs['base']:.1f} %; {macs['unknown']} nodes without static shapes)")
+    print("  LoRA branches by input tokens: " + ", ".join(
+        f"{t}: {v / 1e6:.1f} M" for t, v in sorted(macs["lora_by_tokens"].items(), key=lambda kv: -int(kv[0]))))
     print("\n(b) task switch")
     print(f"  warm: cached task, BoundRunner.bind_task    {eng['warm_switch_ms']:8.3f} ms "
           f"(Engine.run's look-up alone {eng['warm_lookup_us']:.1f} us)")
