@@ -33,6 +33,7 @@ the image pipeline's components are not on this branch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -207,8 +208,10 @@ def lora_macs(art: Path) -> dict:
 
     manifest = json.loads((art / "manifest.json").read_text())
     names = {side["name"] for slot in manifest["lora_slots"] for side in (slot["down"], slot["up"])}
-    model = SymbolicShapeInference.infer_shapes(
-        onnx.load(str(art / manifest["graph"]), load_external_data=False), auto_merge=True)
+    # Shape inference reads constant shape inputs from the external data file, relative to the working folder.
+    with contextlib.chdir(art):
+        model = SymbolicShapeInference.infer_shapes(
+            onnx.load(manifest["graph"], load_external_data=False), auto_merge=True)
     shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
               for v in (*model.graph.value_info, *model.graph.input, *model.graph.output)}
     shapes.update({t.name: list(t.dims) for t in model.graph.initializer})
