@@ -20,8 +20,7 @@ import pytest
 pytest.importorskip("ai_edge_litert")
 
 from ai_edge_litert import schema_py_generated as S  # noqa: E402
-from ai_edge_litert.interpreter import Interpreter  # noqa: E402
-from test_tflite_kernels import _gelu, _sigmoid, _softmax  # noqa: E402  (the same numpy references as the 16x8 kernels)
+from test_tflite_kernels import _gelu, _run, _sigmoid, _softmax, _sqnr  # noqa: E402  (the same numpy references as the 16x8 kernels)
 
 from quadc.targets.tflite.writer import Quant, TfliteWriter  # noqa: E402
 
@@ -42,19 +41,6 @@ def _q8(x: np.ndarray, enc: tuple[float, int]) -> np.ndarray:
 
 def _dq(q: np.ndarray, enc: tuple[float, int]) -> np.ndarray:
     return (q.astype(np.float64) - enc[1]) * enc[0]
-
-
-def _run(w: TfliteWriter, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    it = Interpreter(model_content=w.to_bytes())
-    it.allocate_tensors()
-    for d in it.get_input_details():
-        it.set_tensor(d["index"], feeds[d["name"]])
-    it.invoke()
-    return [it.get_tensor(d["index"]) for d in it.get_output_details()]
-
-
-def _sqnr(ref: np.ndarray, got: np.ndarray) -> float:
-    return float(10 * np.log10((ref.astype(np.float64) ** 2).sum() / max(((ref - got) ** 2).sum(), 1e-30)))
 
 
 def _op8(op: str, xs: list[np.ndarray], y: np.ndarray, options=None, extra=(), out_enc=None) -> float:
