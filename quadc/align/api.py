@@ -25,6 +25,12 @@ It is a stage in front of the compile, not a pass: the student must be the graph
 makes (``qdq-insert``'s options and anything after it included) while the teacher is the float graph
 before ``quant-plan``, and no single point of the pipeline sees both.
 
+The shared profile is the anchor's: unless ``--set quant-plan.activation_profile=union`` says otherwise,
+alignment plans with ``activation_profile=anchor`` (:func:`anchor_profile`), so the activation ranges are
+the anchor's own calibration (base model + anchor), the anchor's graph is exactly its own compile, and the
+other LoRAs are trained to work under that profile, as QUAD does. ``quadc compile`` without ``--align``
+keeps the union of every task's ranges (no alignment will fix a task that clips).
+
 Training feeds: the ``--calib`` folder when given (the calibration feeds), else ``feeds`` synthetic
 sampler-schedule feeds (:func:`quadc.quant.feeds.random_feeds`, seed ``calib_seed``). Evaluation feeds:
 the ``eval_dir`` folder, else ``eval_feeds`` synthetic feeds with another seed.
@@ -44,7 +50,7 @@ import numpy as np
 from quadc.context import silent_progress
 from quadc.errors import QuadcError
 
-__all__ = ["LEVELS", "AlignOptions", "align", "compile_aligned"]
+__all__ = ["LEVELS", "AlignOptions", "align", "anchor_profile", "compile_aligned"]
 
 LEVELS = ("layer", "model")
 LOSSES = ("effect", "output")
@@ -99,6 +105,17 @@ class AlignOptions:
             raise QuadcError(f"--loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
         if self.data is not None and self.level != "model":
             raise QuadcError("--data (the diffusion loss) needs --level model")
+
+
+def anchor_profile(pass_options: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """``pass_options`` with ``quant-plan.activation_profile`` set to ``anchor`` unless the user set it:
+    QUAD's shared profile is the anchor's own PTQ calibration, and alignment makes the other tasks work
+    under it (:mod:`quadc.quant.activations`)."""
+    options = {k: dict(v) for k, v in (pass_options or {}).items()}
+    plan = options.setdefault("quant-plan", {})
+    if plan.get("activation_profile") is None:
+        plan["activation_profile"] = "anchor"
+    return options
 
 
 def _feeds(ws: Any, options: AlignOptions) -> tuple[list[dict[str, np.ndarray]], str, list[dict[str, np.ndarray]], str]:
@@ -259,7 +276,8 @@ def align(model: str | os.PathLike[str] | None, loras: Mapping[str, str | os.Pat
     else:
         progress = silent_progress
         options = replace(options, show_bar=False)
-    ws = build_workspace(model, loras, target=target, passes=passes, pass_options=pass_options, progress=progress)
+    ws = build_workspace(model, loras, target=target, passes=passes, pass_options=anchor_profile(pass_options),
+                         progress=progress)
     train_feeds, train_desc, eval_feeds, eval_desc = _feeds(ws, options)
     anchor = ws.anchor
     progress(f"shared encodings: policy {ws.plan.lora_policy}" + (f", anchor '{anchor}' (kept as it is)" if anchor else
@@ -280,7 +298,8 @@ def align(model: str | os.PathLike[str] | None, loras: Mapping[str, str | os.Pat
     evaluator = Evaluator(ws, eval_feeds)
     report: dict[str, Any] = {
         "model": ws.model_path.name, "level": options.level, "target": target,
-        "lora_policy": ws.plan.lora_policy, "anchor": anchor, "world_size": world, "device": str(device),
+        "lora_policy": ws.plan.lora_policy, "anchor": anchor, "activation_profile": ws.plan.activation_profile,
+        "world_size": world, "device": str(device),
         "train_feeds": train_desc, "eval_feeds": eval_desc,
         "options": {k: v for k, v in asdict(options).items() if k not in ("show_bar",)},
         "metric": "effect = out(task) - out(base); SQNR of the quantized shared-encoding graph against the float "
