@@ -30,7 +30,7 @@ def _options(profile: str | None, **extra) -> dict:
 @pytest.fixture(scope="module")
 def plans():
     loras = {k: str(v) for k, v in bundled_loras().items()}
-    shared = {p: build_workspace(None, loras, pass_options=_options(p)) for p in ("union", "anchor")}
+    shared = {p: build_workspace(None, loras, pass_options=_options(p)) for p in ("union", "anchor", "anchor-fit")}
     anchor = shared["anchor"].anchor
     assert anchor is not None and anchor == shared["union"].anchor
     own = build_workspace(None, {anchor: loras[anchor]}, pass_options=_options(None))
@@ -57,6 +57,23 @@ def test_anchor_profile_gives_the_anchor_its_own_compile_encodings(plans) -> Non
     branches = [n for n in only_shared if n.endswith("/lora/up_out")]
     assert branches and all(plan.ranges[n] == union.ranges[n] and plan.ranges[n][1] > plan.ranges[n][0]
                             for n in branches)
+
+
+def test_anchor_fit_keeps_the_union_only_where_a_task_would_clip(plans) -> None:
+    shared, own, _ = plans
+    fit, union, alone = shared["anchor-fit"].plan, shared["union"].plan, own.plan
+    h = 2.0  # quant-plan's default 16-bit headroom
+
+    def fits(outer, inner) -> bool:  # outer's calibrated values stay on inner's grid widened by h
+        return outer[0] >= min(inner[0] * h, 0.0) and outer[1] <= max(inner[1] * h, 0.0)
+
+    anchors = [n for n in alone.activations if fit.ranges[n] == alone.ranges[n] != union.ranges[n]]
+    unions = [n for n in alone.activations if fit.ranges[n] == union.ranges[n] != alone.ranges[n]]
+    assert anchors and unions and len(anchors) + len(unions) == sum(
+        alone.ranges[n] != union.ranges[n] for n in alone.activations)
+    assert all(fits(union.ranges[n], alone.ranges[n]) for n in anchors)
+    assert not any(fits(union.ranges[n], alone.ranges[n]) for n in unions)
+    assert fit.report["activation_profile"]["union_where_a_task_clips"] >= len(unions)
 
 
 def test_the_anchor_in_the_shared_graph_computes_its_own_compile(plans) -> None:

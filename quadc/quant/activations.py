@@ -14,7 +14,10 @@ shared profile; the non-anchor LoRAs are fine-tuned under the anchor's profile")
 has the encodings of the anchor compiled alone, and ``quadc align`` trains the other LoRAs to work under
 them. A tensor that the anchor's runs leave at one value (the LoRA branch of a layer only other tasks
 adapt: zero there) carries no anchor range and keeps the union; for the anchor it stays exact either way.
-Under the unified fallback there is no anchor and the profile is the union.
+``anchor-fit``: the anchor's ranges where they serve every task, the union where another task's calibrated
+values fall outside the anchor's range even after the 16-bit ``headroom`` (that task would clip there,
+and the layer level of alignment cannot undo clipping downstream of a LoRA branch): the anchor is then
+exact except on those tensors. Under the unified fallback there is no anchor and the profile is the union.
 
 **A8 selection** (``a8_fraction`` F, w8a16 only): ``k = round(F * N)`` of the ``N`` activations get the
 8-bit type, chosen by what 8 bits do to the model's output over calibration runs of the base model and
@@ -51,30 +54,43 @@ def activation_names(graph: gs.Graph, names: Iterable[str], unquantized: Collect
     return [n for n in names if not is_lora_input(n) and n not in static and n not in unquantized]
 
 
-def profile_ranges(ranges: Ranges, profile: str, anchor: str | None
+def profile_ranges(ranges: Ranges, profile: str, anchor: str | None, headroom: float = 1.0
                    ) -> tuple[Mapping[str, tuple[float, float]], dict[str, Any]]:
     """``(ranges, report)``: the calibrated ranges of activation profile ``profile`` (see the module
     docstring): ``ranges`` itself for ``union`` or without an anchor, else the base model's and the
-    ``anchor``'s runs, with the union where those runs leave a tensor at one value."""
+    ``anchor``'s runs, with the union where those runs leave a tensor at one value and, for
+    ``anchor-fit``, where another task's calibrated values fall outside the anchor's range widened by
+    ``headroom`` (the 16-bit grids' headroom)."""
     if profile not in ACTIVATION_PROFILES:
         raise QuadcError(f"activation_profile must be one of {', '.join(ACTIVATION_PROFILES)}, got '{profile}'")
     if profile == "union" or anchor is None:
         runs = "the base model and every task" if ranges.tasks else "the base model"
-        note = " (no anchor under the unified fallback)" if profile == "anchor" else ""
+        note = f" (no anchor under the unified fallback: {profile} is the union)" if profile != "union" else ""
         return ranges, {"profile": "union", "requested": profile, "runs": runs + note}
     own = ranges.of_runs([BASE, anchor])
     out: dict[str, tuple[float, float]] = {}
-    kept_union = 0
+    constant = clipping = 0
     for name, union in ranges.items():
         mine = own.get(name)
-        if mine is None or mine[0] == mine[1]:
+        if is_lora_input(name):  # encoded by the LoRA decision, not from these ranges
             out[name] = union
-            kept_union += mine != union
+        elif mine is None or mine[0] == mine[1]:
+            out[name] = union
+            constant += mine != union
+        elif profile == "anchor-fit" and (union[0] < min(mine[0] * headroom, 0.0)
+                                          or union[1] > max(mine[1] * headroom, 0.0)):
+            out[name] = union
+            clipping += 1
         else:
             out[name] = mine
-    return out, {"profile": "anchor", "requested": profile, "anchor": anchor,
-                 "runs": f"the base model and the anchor '{anchor}'", "union_kept": kept_union,
-                 "narrower": sum(1 for n, r in out.items() if r != ranges[n])}
+    report: dict[str, Any] = {"profile": profile, "requested": profile, "anchor": anchor,
+                              "runs": f"the base model and the anchor '{anchor}'",
+                              "union_where_anchor_constant": constant,
+                              "narrower": sum(1 for n, r in out.items() if r != ranges[n])}
+    if profile == "anchor-fit":
+        report["union_where_a_task_clips"] = clipping
+        report["headroom"] = headroom
+    return out, report
 
 
 def a8_count(fraction: float, total: int) -> int:

@@ -47,7 +47,7 @@ def encodings_file_of(plan: QuantPlan) -> EncodingsFile:
         "lora_encodings": "shared by every task",
         "activation_profile": plan.activation_profile,
     }
-    if plan.activation_profile == "anchor":
+    if plan.activation_profile in ("anchor", "anchor-fit"):
         args["activation_profile_anchor"] = plan.anchor
     return EncodingsFile(activations=activations, params=dict(plan.weights), quantizer_args=args)
 

@@ -54,7 +54,7 @@ from quadc.quant.plan import PRECISIONS
 __all__ = ["ACTIVATION_PROFILES", "LORA_POLICY_OPTIONS", "PLAN_OPTIONS", "PlanOptions"]
 
 LORA_POLICY_OPTIONS = ("auto", "anchor", "unified")
-ACTIVATION_PROFILES = ("union", "anchor")
+ACTIVATION_PROFILES = ("union", "anchor", "anchor-fit")
 
 #: The planner's options: they are the options of the ``quant-plan`` pass (see the table above).
 PLAN_OPTIONS: tuple[PassOption, ...] = (

@@ -86,8 +86,9 @@ def derive_plan(graph: gs.Graph, slots: Mapping[str, Any], cal: Calibration, sch
                  + (f", anchor '{decision.anchor}'" if decision.anchor else "") + f": {decision.reason}")
     # Fresh feeds only where an A8 choice is measured: they are U-Net feeds, and components (the VAE) never mix.
     a8_feeds = sensitivity_feeds(graph, cal, opts) if opts.a8_fraction else list(cal.feeds)
-    act_ranges, profile = profile_ranges(ranges, opts.activation_profile, decision.anchor)
-    if profile["profile"] == "anchor":
+    act_ranges, profile = profile_ranges(ranges, opts.activation_profile, decision.anchor,
+                                         opts.headroom if opts.precision != "w8a8" else 1.0)
+    if profile["profile"] != "union":
         progress(f"activation ranges from {profile['runs']} ({profile['narrower']} narrower than the union)")
     activations, a8, a8_report = activation_encodings(graph, act_ranges, a8_feeds, tasks,
                                                       opts.precision,
