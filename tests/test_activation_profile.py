@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quadc.align.api import EVAL_SEED_OFFSET, anchor_profile
+from quadc.align.api import ALIGN_PROFILE, EVAL_SEED_OFFSET
 from quadc.align.evaluate import Evaluator
 from quadc.align.workspace import build_workspace
 from quadc.compiler import bundled_loras
@@ -102,6 +102,7 @@ def test_profile_is_recorded_and_read_back(plans, tmp_path) -> None:
                                     lambda _: None)
     assert back.activation_profile == "anchor" and back.report["activation_profile"]["anchor"] == anchor
     assert back.activations == ws.plan.activations
+    assert encodings_file_of(back).quantizer_args == encodings_file_of(ws.plan).quantizer_args
 
 
 def test_unified_fallback_has_no_anchor_profile() -> None:
@@ -111,9 +112,10 @@ def test_unified_fallback_has_no_anchor_profile() -> None:
     assert ws.plan.activation_profile == "union" and ws.plan.report["activation_profile"]["requested"] == "anchor"
 
 
-def test_align_defaults_to_the_anchor_profile_unless_set() -> None:
-    assert anchor_profile(None) == {"quant-plan": {"activation_profile": "anchor"}}
-    mine = {"quant-plan": {"activation_profile": "union", "calib_seed": 3}}
-    assert anchor_profile(mine) == mine and anchor_profile(mine) is not mine
+def test_align_defaults_to_anchor_fit_unless_set() -> None:
+    assert ALIGN_PROFILE == "anchor-fit"
+    lora = {"sepia": str(bundled_loras()["sepia"])}
+    ws = build_workspace(None, lora, pass_options=_options("union"), plan_defaults={"activation_profile": ALIGN_PROFILE})
+    assert ws.plan.activation_profile == "union" and ws.pass_options["quant-plan"]["activation_profile"] == "union"
     with pytest.raises(QuadcError, match="activation_profile"):
         build_workspace(None, {}, pass_options={"quant-plan": {"activation_profile": "widest"}})

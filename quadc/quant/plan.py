@@ -46,6 +46,8 @@ class QuantPlan:
     a8_tensors: list[str] = field(default_factory=list)
     #: Which calibration runs the activation ranges come from (``union``, ``anchor``; None: not known).
     activation_profile: str | None = "union"
+    #: The anchor whose calibration the activation profile took (None: the union or not known).
+    profile_anchor: str | None = None
     report: dict[str, Any] = field(default_factory=dict)
 
     def restricted_to(self, names: set[str]) -> QuantPlan:

@@ -47,8 +47,8 @@ def encodings_file_of(plan: QuantPlan) -> EncodingsFile:
         "lora_encodings": "shared by every task",
         "activation_profile": plan.activation_profile,
     }
-    if plan.activation_profile in ("anchor", "anchor-fit"):
-        args["activation_profile_anchor"] = plan.anchor
+    if plan.profile_anchor is not None:
+        args["activation_profile_anchor"] = plan.profile_anchor
     return EncodingsFile(activations=activations, params=dict(plan.weights), quantizer_args=args)
 
 
@@ -97,6 +97,7 @@ def plan_from_encodings_file(graph: gs.Graph, slots: Mapping[str, Any], opts: Pl
         anchor=None,
         a8_tensors=a8 if precision == "w8a16" else sorted(activations),
         activation_profile=_text(ef.quantizer_args.get("activation_profile")),
+        profile_anchor=_text(ef.quantizer_args.get("activation_profile_anchor")),
     )
     plan.report = {
         "source": f"encodings file {path}",
@@ -105,7 +106,7 @@ def plan_from_encodings_file(graph: gs.Graph, slots: Mapping[str, Any], opts: Pl
         "lora": {"policy": "file", "anchor": None, "reason": "LoRA input encodings read from the encodings file",
                  "inputs": len(lora_inputs)},
         "activation_profile": {"profile": plan.activation_profile,
-                               "anchor": _text(ef.quantizer_args.get("activation_profile_anchor")),
+                               "anchor": plan.profile_anchor,
                                "runs": "as recorded in the encodings file (None: not recorded)"},
         "a8": {"count": len(a8), "of": len(activations)},
         "weights": {"count": len(weights), "per_channel": plan.per_channel},

@@ -28,8 +28,10 @@ option                  default      meaning
                                      the base model and every task (no task clips); ``anchor``: the base
                                      model and the anchor only (QUAD's shared profile: the anchor's graph
                                      is its own compile; tensors the anchor leaves constant, such as
-                                     other tasks' LoRA branches, keep the union); ``quadc align`` sets it
-                                     (:mod:`quadc.quant.activations`)
+                                     other tasks' LoRA branches, keep the union); ``anchor-fit``: the
+                                     anchor's ranges where every task's calibrated values fit them after
+                                     ``headroom``, the union where one would clip (``quadc align``'s
+                                     default; :mod:`quadc.quant.activations`)
 ``qss_tolerance``       ``0.05``     relative QSS spread under which ``auto`` falls back to unified
 ``qss_rows``            ``256``      sampled rows per LoRA layer and task kept for QSS
 ``per_channel``         scheme's     weights int8 symmetric per output channel (true) or per-tensor (false)
@@ -74,8 +76,9 @@ PLAN_OPTIONS: tuple[PassOption, ...] = (
     PassOption("calib_seed", int, 0, "seed of the synthetic feeds and of QSS row sampling", low=0),
     PassOption("lora_policy", str, "auto", "shared LoRA encodings: anchor, unified, or auto",
                choices=LORA_POLICY_OPTIONS),
-    PassOption("activation_profile", str, "union", "activation ranges from the base model and every task (union) "
-               "or the base model and the anchor only (anchor: QUAD's shared profile, used by quadc align)",
+    PassOption("activation_profile", str, "union", "activation ranges from the base model and every task (union), "
+               "the base model and the anchor only (anchor: QUAD's shared profile), or the anchor's where every "
+               "task fits them after headroom and the union where one would clip (anchor-fit: quadc align's default)",
                choices=ACTIVATION_PROFILES),
     PassOption("qss_tolerance", float, 0.05, "relative QSS spread under which auto falls back to unified",
                low=0.0),

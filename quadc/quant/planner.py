@@ -116,6 +116,7 @@ def derive_plan(graph: gs.Graph, slots: Mapping[str, Any], cal: Calibration, sch
         qss=decision.qss,
         a8_tensors=a8,
         activation_profile=profile["profile"],
+        profile_anchor=profile.get("anchor"),
     )
     lora_report = decision.report()
     plan.report = {
