@@ -95,22 +95,33 @@ def main() -> None:
     try:
         print(f"{args.config} ({args.exporter if model else 'bundled'}), {len(loras)} LoRAs, {args.calib} calibration "
               f"inputs, targets: {', '.join(targets)}", flush=True)
-        together = measure(compile_code(model, loras, "all", tmp / "all", args.calib))
+        header = (f"\n{'target':<10} {'compile s':>9} {'peak GiB':>9} {'total MiB':>9} {'ROM MiB':>9} {'QDQ MiB':>9} "
+                  f"{'ctx bin MiB':>11}  LoRA ROM MiB per task")
+        together = measure(compile_code(model, loras, "all", tmp / "all", args.calib), allow_failure=True)
+        if "failed" in together:
+            print(f"--target all FAILED after {together['seconds']:.0f} s: {together['failed']}\n{together.get('stderr', '')[-2000:]}", flush=True)
+            return
+        print(f"--target all: {together['seconds']:.1f} s, peak {peak(together):.2f} GiB", flush=True)
+        shutil.rmtree(tmp / "all")  # sizes are per target below; the disk is needed for the next compiles
         rows = {}
-        for target in targets:
-            rows[target] = measure(compile_code(model, loras, target, tmp / target, args.calib))
-            rows[target]["sizes"] = sizes(tmp / target)
+        print(header, flush=True)
+        for target in targets:  # each row is printed as it finishes: a later failure keeps the earlier rows
+            r = measure(compile_code(model, loras, target, tmp / target, args.calib), allow_failure=True)
+            if "failed" in r:
+                print(f"{target:<10} FAILED after {r['seconds']:.0f} s: {r['failed']}\n{r.get('stderr', '')[-2000:]}", flush=True)
+                continue
+            rows[target] = r
+            r["sizes"] = s = sizes(tmp / target)
             shutil.rmtree(tmp / target)
-        print(f"\n{'target':<10} {'compile s':>9} {'peak GiB':>9} {'total MiB':>9} {'ROM MiB':>9} {'QDQ MiB':>9} "
-              f"{'ctx bin MiB':>11}  LoRA ROM MiB per task")
-        for target, r in rows.items():
-            s = r["sizes"]
             lora = ", ".join(f"{t} {v / 2**20:.3f}" for t, v in s["lora_rom"].items() if v is not None)
             print(f"{target:<10} {r['seconds']:9.1f} {peak(r):9.2f} {mib(s['total'])} {mib(s['shared_rom'])} "
-                  f"{mib(s['qdq_onnx'])} {mib(s['context_binary']):>11}  {lora}")
+                  f"{mib(s['qdq_onnx'])} {mib(s['context_binary']):>11}  {lora}", flush=True)
+        if len(rows) < len(targets):
+            print("\nsome targets failed: no all-against-separate ratio")
+            return
         separate = sum(r["seconds"] for r in rows.values())
         print(f"\n--target all: {together['seconds']:.1f} s, peak {peak(together):.2f} GiB, "
-              f"{together['calibrations']} calibration(s), {dir_bytes(tmp / 'all') / 2**20:.1f} MiB")
+              f"{together['calibrations']} calibration(s)")
         print(f"separate:     {separate:.1f} s in all (peak {max(peak(r) for r in rows.values()):.2f} GiB)"
               f"  ratio all/separate {together['seconds'] / separate:.2f}")
     finally:

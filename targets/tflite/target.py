@@ -31,12 +31,12 @@ import onnx_graphsurgeon as gs
 from quadc.errors import QuadcError
 from quadc.quant.encodings import EncodingsFile, write_encodings
 from quadc.targets.base import Target
-from quadc.targets.tflite.convert import IntPolicy, Translation, check_ops, translate
 from quadc.targets.tflite.host import host_graph, split_host
 from quadc.targets.tflite.scheme import TfliteScheme, quantize_symmetric, scheme_from_plan
 
 if TYPE_CHECKING:
     from quadc.context import CompileContext
+    from quadc.targets.tflite.convert import Translation
 
 GRAPH_FILE = "model.tflite"
 HOST_FILE = "host.onnx"
@@ -106,6 +106,18 @@ class TfliteTarget(Target):
     #: The TFLite ops the vendor's LiteRT compiler plugin takes (None: any LiteRT builtin).
     supported_ops: ClassVar[tuple[str, ...] | None] = None
 
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        import importlib.util
+
+        try:
+            found = importlib.util.find_spec("ai_edge_litert") is not None
+        except (ImportError, ValueError):  # a broken install, or an import blocked in sys.modules
+            found = False
+        if not found:
+            return False, "needs ai-edge-litert (pip install 'quadc[tflite]') for the TFLite schema and interpreter"
+        return True, ""
+
     def check_plan_options(self, plan_options: Mapping[str, Any]) -> None:
         """8-bit activations are refused: LiteRT's 16x8 kernels take int16 activations only, so int8 tensors
         between them would need requantize ops, which this target does not write."""
@@ -126,6 +138,10 @@ class TfliteTarget(Target):
             raise QuadcError(f"target {self.name} takes int16 activations only, but the plan makes "
                              f"{len(ctx.plan.a8_tensors)} activation(s) 8-bit (e.g. '{ctx.plan.a8_tensors[0]}'); "
                              "int8 between 16x8 kernels needs requantize ops this target does not write")
+        # The TFLite schema comes from ai-edge-litert (the tflite extra): imported here, so that quadc and its
+        # other targets import without it (``available`` says why this one is missing).
+        from quadc.targets.tflite.convert import IntPolicy, check_ops, translate
+
         scheme = scheme_from_plan(graph, ctx.plan)
         host = split_host(graph)
         lora = [n for s in ctx.lora_slots.values() for n in (s.down_input, s.up_input)]
