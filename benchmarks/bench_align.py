@@ -140,7 +140,8 @@ def eval_feeds(graph, args) -> list:
 
 
 def plan_options(args, **extra) -> dict:
-    opts = {"lora_policy": args.lora_policy, "calib_seed": args.calib_seed, "calib_random": args.calib_random, **extra}
+    opts = {"lora_policy": args.lora_policy, "calib_seed": args.calib_seed, "calib_random": args.calib_random,
+            **({"activation_profile": args.activation_profile} if args.activation_profile else {}), **extra}
     if args.calib:
         opts["calib_dir"] = args.calib
     return {"quant-plan": opts}
@@ -153,6 +154,13 @@ def own(args, loras: dict[str, str]) -> dict[str, dict]:
         ws = build_workspace(args.model, {task: path}, pass_options=plan_options(args))
         out[task] = Evaluator(ws, eval_feeds(ws.float_graph, args)).scores(ws.loras[task])
     return out
+
+
+def compiled(args, loras: dict[str, str]) -> dict[str, dict]:
+    """All tasks in one graph as ``quadc compile`` makes it (activation profile ``union``), unaligned."""
+    ws = build_workspace(args.model, loras, pass_options=plan_options(args, activation_profile="union"))
+    ev = Evaluator(ws, eval_feeds(ws.float_graph, args))
+    return {t: ev.scores(lora) for t, lora in ws.loras.items()}
 
 
 def weights(args, loras: dict[str, str]) -> dict[str, dict]:
@@ -183,6 +191,8 @@ def main() -> int:
     p.add_argument("--eval-dir", help="folder of .npz evaluation feeds (default: synthetic, another seed)")
     p.add_argument("--eval-feeds", type=int, default=8)
     p.add_argument("--lora-policy", default="auto", choices=["auto", "anchor", "unified"])
+    p.add_argument("--activation-profile", choices=["union", "anchor", "anchor-fit"],
+                   help="quant-plan.activation_profile of the aligned graph (default: quadc align's)")
     p.add_argument("--levels", default="layer,model")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--data", help="task examples for the model level's diffusion loss")
@@ -208,7 +218,8 @@ def main() -> int:
     results: dict = {"loras": loras, "lora_policy": args.lora_policy, "steps": args.steps}
     t0 = time.perf_counter()
     results["own"] = own(args, loras)
-    print(f"[bench] own encodings: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    results["compiled"] = compiled(args, loras)
+    print(f"[bench] own encodings, one graph unaligned: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     results["levels"] = {}
     for level in [x for x in args.levels.split(",") if x]:
         t = time.perf_counter()
@@ -216,7 +227,8 @@ def main() -> int:
                             data=args.data if level == "model" else None, show_bar=False)
         report = align(args.model, loras, tmp / level, opts, pass_options=plan_options(args), force=True)
         results["levels"][level] = {"seconds": round(time.perf_counter() - t, 1), "anchor": report["anchor"],
-                                    "policy": report["lora_policy"], "tasks": report["tasks"]}
+                                    "policy": report["lora_policy"], "profile": report["activation_profile"],
+                                    "tasks": report["tasks"]}
         print(f"[bench] align --level {level}: {time.perf_counter() - t:.0f} s", file=sys.stderr)
     results["weights"] = {}
     if not args.no_weights:
@@ -238,18 +250,24 @@ def print_tables(r: dict) -> None:
     first = next(iter(levels.values()), None)
     anchor = first["anchor"] if first else None
     print(f"\nEffect / output SQNR (dB) per task, evaluation feeds; policy {first['policy'] if first else '?'}"
-          + (f", anchor {anchor}" if anchor else ""))
-    head = f"{'task':<22}{'own':>16}{'shared':>16}" + "".join(f"{lvl:>16}{'float':>8}" for lvl in levels)
+          + (f", anchor {anchor}" if anchor else "") + (f", aligned graph's activation profile {first['profile']}"
+                                                        if first else ""))
+    head = (f"{'task':<22}{'own':>16}{'compiled':>16}{'unaligned':>16}"
+            + "".join(f"{lvl:>16}{'float':>8}" for lvl in levels))
     print(head)
     for task, own_s in r["own"].items():
         shared = first["tasks"][task]["before"] if first else {}
+        union = r["compiled"][task]
         row = f"{task:<22}{_f(own_s['effect_sqnr_db'])} /{_f(own_s['output_sqnr_db'])}"
+        row += f"{_f(union['effect_sqnr_db'])} /{_f(union['output_sqnr_db'])}"
         row += f"{_f(shared.get('effect_sqnr_db'))} /{_f(shared.get('output_sqnr_db'))}"
         for rep in levels.values():
             a = rep["tasks"][task]["after"]
             kept = "" if rep["tasks"][task].get("kept", {}).get("which", "aligned") == "aligned" else "*"
             row += f"{_f(a['effect_sqnr_db'])} /{_f(a['output_sqnr_db'])}{_f(a['float_sqnr_db'])}{kept:1}"
         print(row)
+    print("  own: each task compiled alone; compiled: all tasks in one graph as quadc compile makes it (activation "
+          "profile union), unaligned; unaligned: the aligned graph's encodings with the original LoRAs")
     print("  * the validation check kept the original LoRA (the aligned one did worse on the validation feeds)")
     for lvl, rep in levels.items():
         print(f"  {lvl}: {rep['seconds']} s; steps run " + ", ".join(

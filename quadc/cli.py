@@ -320,6 +320,7 @@ _FLAG_OPTIONS = {
     "calib_seed": ("quant-plan", "calib_seed"),
     "lora_policy": ("quant-plan", "lora_policy"),
     "qss_tolerance": ("quant-plan", "qss_tolerance"),
+    "activation_profile": ("quant-plan", "activation_profile"),
     "qdq_opset": ("qdq-insert", "opset"),
     "qdq_bias": ("qdq-insert", "bias"),
     "qdq_act_matmul_8bit": ("qdq-insert", "act_matmul_8bit"),
@@ -392,6 +393,10 @@ def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
                         "anchor unless QSS values are within --qss-tolerance")
     g.add_argument("--qss-tolerance", type=float, metavar="REL",
                    help="relative QSS spread under which auto falls back to unified (default 0.05)")
+    g.add_argument("--activation-profile", choices=["union", "anchor", "anchor-fit"],
+                   help="activation ranges from the base model and every task (union: compile's default), the "
+                        "base model and the anchor only (anchor: QUAD's shared profile), or the anchor's where every "
+                        "task fits them and the union where one would clip (anchor-fit: align's default)")
     g.add_argument("--lora-targets", metavar="PATTERNS",
                    help="comma-separated fnmatch patterns of module paths that get LoRA slots "
                         "(default: the layers the given LoRAs use)")

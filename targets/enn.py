@@ -58,7 +58,8 @@ def qdq_plan(graph: gs.Graph, ctx: CompileContext, scheme: TfliteScheme) -> Any:
     names = {t.name for t in graph.inputs} | {o.name for n in graph.nodes for o in n.outputs}
     plan = QuantPlan(precision="w8a16", activations={k: v for k, v in scheme.activations.items() if k in names},
                      weights=weights, lora=dict(scheme.lora), per_channel=True, lora_policy=ctx.plan.lora_policy,
-                     anchor=ctx.plan.anchor, qss=dict(ctx.plan.qss))
+                     anchor=ctx.plan.anchor, qss=dict(ctx.plan.qss),
+                     activation_profile=ctx.plan.activation_profile, profile_anchor=ctx.plan.profile_anchor)
     return plan
 
 

@@ -137,14 +137,21 @@ def recompiled(tmp_path_factory, aligned, loras) -> dict[str, Path]:
     assert main(["compile", "--target", "onnx-qdq", "--encodings", str(aligned / "encodings.json"), *aligned_args,
                  "-q", "-o", str(root / "qdq")]) == 0
     assert main(["compile", "--target", "onnx", *_lora_args(loras)[:-2], "-q", "-o", str(root / "float")]) == 0
-    assert main(["compile", "--target", "onnx-qdq", *_lora_args(loras), "-q", "-o", str(root / "original")]) == 0
-    return {"qdq": root / "qdq", "float": root / "float", "original": root / "original"}
+    assert main(["compile", "--target", "onnx-qdq", *_lora_args(loras), "--activation-profile", "anchor-fit", "-q", "-o",
+                 str(root / "original")]) == 0
+    assert main(["compile", "--target", "onnx-qdq", *_lora_args(loras), "-q", "-o", str(root / "union")]) == 0
+    return {"qdq": root / "qdq", "float": root / "float", "original": root / "original", "union": root / "union"}
 
 
 def test_compile_with_aligned_encodings_reproduces_them_and_the_report(aligned, recompiled) -> None:
-    # alignment never changes an encoding: the compile of the original LoRAs plans the very same ones
+    # alignment never changes an encoding: the compile of the original LoRAs under align's activation profile
+    # (anchor-fit) plans the very same ones; compile's default (union) plans wider ranges
     assert (recompiled["original"] / "encodings.json").read_bytes() == (aligned / "encodings.json").read_bytes()
     assert (recompiled["qdq"] / "encodings.json").read_bytes() == (aligned / "encodings.json").read_bytes()
+    assert (recompiled["union"] / "encodings.json").read_bytes() != (aligned / "encodings.json").read_bytes()
+    quant = {k: json.loads((recompiled[k] / "manifest.json").read_text())["quant"] for k in ("qdq", "original", "union")}
+    assert [q["activation_profile"] for q in quant.values()] == ["anchor-fit", "anchor-fit", "union"]
+    assert _report(aligned)["activation_profile"] == "anchor-fit"
     report = _report(aligned)
     quant, floats = _exact(recompiled["qdq"]), Engine(recompiled["float"])
     feeds = random_feeds(load_model(quant.graph_path), 8, seed=EVAL_SEED_OFFSET)  # the report's evaluation feeds

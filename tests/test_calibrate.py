@@ -216,6 +216,26 @@ def test_ranges_equal_oracle_and_cover_every_task(prepared):
         assert ranges[name][1] - ranges[name][0] > 5 * (small[name][1] - small[name][0]), name
 
 
+def test_ranges_per_run_group_are_those_of_separate_calibrations(prepared):
+    """``by_run`` / ``of_runs``: the ranges of some tasks' runs only (the anchor activation profile) are what
+    calibrating with just those tasks gives."""
+    graph, _, tasks = prepared
+    feeds = random_feeds(graph, 2)
+    ranges = calibrate(graph, feeds, tasks)
+    assert sorted(ranges.by_run, key=str) == sorted([None, "small", "large"], key=str)
+    base = calibrate(graph, feeds, None)
+    small_alone = calibrate(graph, feeds, {"small": tasks["small"]}, include_base=False)
+    small_and_base = calibrate(graph, feeds, {"small": tasks["small"]})
+    for who, expected in (([None], base), (["small"], small_alone), ([None, "small"], small_and_base)):
+        got = ranges.of_runs(who)
+        assert got.keys() == dict(expected).keys(), who
+        for name, r in expected.items():
+            np.testing.assert_allclose(got[name], r, rtol=1e-6, atol=1e-7, err_msg=f"{who} {name}")
+    # the large LoRA widens what the union holds; the small task's own ranges stay narrow
+    widened = [n for n in ranges if ranges[n] != small_and_base[n]]
+    assert len(widened) > 10
+
+
 def test_calibrate_streams_feeds(prepared):
     """Feeds are consumed one at a time and memory does not grow with their number."""
     graph, _, tasks = prepared

@@ -104,9 +104,11 @@ def _quant_plan_index(names: Sequence[str]) -> int:
 def build_workspace(model: str | os.PathLike[str] | None, loras: Mapping[str, str | os.PathLike[str]], *,
                     target: str = "onnx-qdq", passes: str | Sequence[str] | None = None,
                     pass_options: Mapping[str, Mapping[str, Any]] | None = None,
+                    plan_defaults: Mapping[str, Any] | None = None,
                     progress: Callable[[str], None] = silent_progress) -> Workspace:
     """Load ``model`` (default: the bundled tiny U-Net and, without ``loras``, its LoRAs) and run the
-    target's pipeline, keeping the float graph before ``quant-plan`` (see the module docstring)."""
+    target's pipeline, keeping the float graph before ``quant-plan`` (see the module docstring).
+    ``plan_defaults``: ``quant-plan`` options used where ``pass_options`` leaves them unset."""
     from quadc.compiler import build_pipeline, prepare
     from quadc.passes import run_pipeline
     from quadc.passes.pipeline import check_prerequisites
@@ -117,6 +119,10 @@ def build_workspace(model: str | os.PathLike[str] | None, loras: Mapping[str, st
     tgt = get_target(target)
     pipeline = build_pipeline(tgt, passes, options)
     split = _quant_plan_index(pipeline.names)
+    if plan_defaults:
+        plan = options.setdefault("quant-plan", {})
+        plan.update({k: v for k, v in plan_defaults.items() if plan.get(k) is None})
+        pipeline = build_pipeline(tgt, passes, options)
     built = pipeline.build()
     check_prerequisites(built)
     graph, ctx, model_path = prepare(model, loras, progress)

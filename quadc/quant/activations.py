@@ -7,6 +7,18 @@ decision), tensors computed only from constants and shapes (an attention's ``sqr
 the scheme's 16-bit type (``w8a16``) or its 8-bit type (``w8a8``) from its calibrated range
 (:meth:`quadc.quant.schemes.EncodingScheme.activation_encoding`; uint16/uint8 asymmetric under ``qnn-htp``).
 
+**Activation profile** (:func:`profile_ranges`, option ``activation_profile``): the ranges the encodings
+come from. ``union`` (default): the base model and every task, so no task's activations clip. ``anchor``:
+the base model and the anchor task only, QUAD's shared profile ("the anchor's PTQ encodings serve as the
+shared profile; the non-anchor LoRAs are fine-tuned under the anchor's profile"): the anchor's graph then
+has the encodings of the anchor compiled alone, and ``quadc align`` trains the other LoRAs to work under
+them. A tensor that the anchor's runs leave at one value (the LoRA branch of a layer only other tasks
+adapt: zero there) carries no anchor range and keeps the union; for the anchor it stays exact either way.
+``anchor-fit``: the anchor's ranges where they serve every task, the union where another task's calibrated
+values fall outside the anchor's range even after the 16-bit ``headroom`` (that task would clip there,
+and the layer level of alignment cannot undo clipping downstream of a LoRA branch): the anchor is then
+exact except on those tensors. Under the unified fallback there is no anchor and the profile is the union.
+
 **A8 selection** (``a8_fraction`` F, w8a16 only): ``k = round(F * N)`` of the ``N`` activations get the
 8-bit type, chosen by what 8 bits do to the model's output over calibration runs of the base model and
 every task (:func:`quadc.quant.sensitivity.choose_a8`: module groups ranked by relative output error per
@@ -26,19 +38,59 @@ import onnx_graphsurgeon as gs
 
 from quadc.errors import QuadcError
 from quadc.quant.affine import Encoding
-from quadc.quant.calibrate import static_tensors
+from quadc.quant.calibrate import BASE, Ranges, static_tensors
+from quadc.quant.plan_options import ACTIVATION_PROFILES
 from quadc.quant.schemes import QNN_HTP, EncodingScheme
 from quadc.quant.sensitivity import choose_a8
 from quadc.quant.structural import protected_activations
 from quadc.unet_inputs import is_lora_input
 
-__all__ = ["a8_count", "activation_encodings", "activation_names"]
+__all__ = ["a8_count", "activation_encodings", "activation_names", "profile_ranges"]
 
 
 def activation_names(graph: gs.Graph, names: Iterable[str], unquantized: Collection[str] = ()) -> list[str]:
     """``names`` less LoRA slot inputs, static tensors and ``unquantized`` ones, in order."""
     static = static_tensors(graph)
     return [n for n in names if not is_lora_input(n) and n not in static and n not in unquantized]
+
+
+def profile_ranges(ranges: Ranges, profile: str, anchor: str | None, headroom: float = 1.0
+                   ) -> tuple[Mapping[str, tuple[float, float]], dict[str, Any]]:
+    """``(ranges, report)``: the calibrated ranges of activation profile ``profile`` (see the module
+    docstring): ``ranges`` itself for ``union`` or without an anchor, else the base model's and the
+    ``anchor``'s runs, with the union where those runs leave a tensor at one value and, for
+    ``anchor-fit``, where another task's calibrated values fall outside the anchor's range widened by
+    ``headroom`` (the 16-bit grids' headroom)."""
+    if profile not in ACTIVATION_PROFILES:
+        raise QuadcError(f"activation_profile must be one of {', '.join(ACTIVATION_PROFILES)}, got '{profile}'")
+    if profile == "union" or anchor is None:
+        runs = "the base model and every task" if ranges.tasks else "the base model"
+        note = f" (no anchor under the unified fallback: {profile} is the union)" if profile != "union" else ""
+        return ranges, {"profile": "union", "requested": profile, "runs": runs + note}
+    own = ranges.of_runs([BASE, anchor])
+    out: dict[str, tuple[float, float]] = {}
+    constant = clipping = 0
+    for name, union in ranges.items():
+        mine = own.get(name)
+        if is_lora_input(name):  # encoded by the LoRA decision, not from these ranges
+            out[name] = union
+        elif mine is None or mine[0] == mine[1]:
+            out[name] = union
+            constant += mine != union
+        elif profile == "anchor-fit" and (union[0] < min(mine[0] * headroom, 0.0)
+                                          or union[1] > max(mine[1] * headroom, 0.0)):
+            out[name] = union
+            clipping += 1
+        else:
+            out[name] = mine
+    report: dict[str, Any] = {"profile": profile, "requested": profile, "anchor": anchor,
+                              "runs": f"the base model and the anchor '{anchor}'",
+                              "union_where_anchor_constant": constant,
+                              "narrower": sum(1 for n, r in out.items() if r != ranges[n])}
+    if profile == "anchor-fit":
+        report["union_where_a_task_clips"] = clipping
+        report["headroom"] = headroom
+    return out, report
 
 
 def a8_count(fraction: float, total: int) -> int:

@@ -247,17 +247,30 @@ class Ranges(dict):
     """``tensor name -> (min, max)`` (Python floats), the union over every calibration run.
 
     Extra fields: ``samples`` (task name, or None for the base run when no tasks were given -> capture
-    label -> ``[rows, features]`` float32), ``runs`` (graph executions), ``feeds``, ``tasks`` (task
-    names in run order) and ``skipped`` (float tensors that never had a finite value).
+    label -> ``[rows, features]`` float32), ``by_run`` (task name, or None for the base-model runs ->
+    that task's own ``tensor -> (min, max)`` over its runs: :meth:`of_runs` unions some of them),
+    ``runs`` (graph executions), ``feeds``, ``tasks`` (task names in run order) and ``skipped`` (float
+    tensors that never had a finite value).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.samples: dict[str | None, dict[str, np.ndarray]] = {}
+        self.by_run: dict[str | None, dict[str, tuple[float, float]]] = {}
         self.runs = 0
         self.feeds = 0
         self.tasks: list[str] = []
         self.skipped: list[str] = []
+
+    def of_runs(self, who: Collection[str | None]) -> dict[str, tuple[float, float]]:
+        """``tensor -> (min, max)`` over the runs of ``who`` only (task names, None: the base model);
+        tensors none of those runs gave a finite value are left out."""
+        out: dict[str, tuple[float, float]] = {}
+        for key in who:
+            for name, (lo, hi) in self.by_run.get(key, {}).items():
+                old = out.get(name)
+                out[name] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+        return out
 
 
 # -------------------------------------------------------------------------------------------------- runs
@@ -582,10 +595,11 @@ def calibrate(
     del typed, aug, tensors, mins, maxs, blocks, members  # graph copies: not needed while the runs hold the peak
     return_freed_memory()
 
-    lo = np.full(n, np.inf)
-    hi = np.full(n, -np.inf)
-    in_lo = dict.fromkeys(input_names, math.inf)
-    in_hi = dict.fromkeys(input_names, -math.inf)
+    # Running (min, max) per run group (the base model, each task): their union is the result.
+    lo: dict[str | None, np.ndarray] = {}
+    hi: dict[str | None, np.ndarray] = {}
+    in_lo: dict[str | None, dict[str, float]] = {}
+    in_hi: dict[str | None, dict[str, float]] = {}
     rng = np.random.default_rng(seed)
     reservoirs: dict[str | None, dict[str, _Reservoir]] = {}
     result = Ranges()
@@ -619,14 +633,16 @@ def calibrate(
             if m:
                 vmin, vmax = np.minimum.reduceat(vmin, starts), np.maximum.reduceat(vmax, starts)
         ok = np.isfinite(vmin) & np.isfinite(vmax)
-        lo = np.where(ok, np.minimum(lo, vmin), lo)
-        hi = np.where(ok, np.maximum(hi, vmax), hi)
+        t_lo, t_hi = lo.setdefault(task, np.full(n, np.inf)), hi.setdefault(task, np.full(n, -np.inf))
+        lo[task], hi[task] = np.where(ok, np.minimum(t_lo, vmin), t_lo), np.where(ok, np.maximum(t_hi, vmax), t_hi)
+        ti_lo = in_lo.setdefault(task, dict.fromkeys(input_names, math.inf))
+        ti_hi = in_hi.setdefault(task, dict.fromkeys(input_names, -math.inf))
         for name in input_names:
             arr = np.asarray(bound[name], dtype=np.float64)
             finite = arr[np.isfinite(arr)]
             if finite.size:
-                in_lo[name] = min(in_lo[name], float(finite.min()))
-                in_hi[name] = max(in_hi[name], float(finite.max()))
+                ti_lo[name] = min(ti_lo[name], float(finite.min()))
+                ti_hi[name] = max(ti_hi[name], float(finite.max()))
         for probe, shape in zip(probes.values(), values[2 * m:len(always)], strict=True):
             learned[probe] = tuple(int(d) for d in shape)
         got = dict(zip(fetch, values[len(always):], strict=True))
@@ -648,16 +664,21 @@ def calibrate(
     if result.feeds == 0:
         raise QuadcError("calibration got no feeds; give at least one (--calib-random N or --calib-dir)")
     result.tasks = list(tasks or {})
-    for name in input_names:
-        if math.isfinite(in_lo[name]):
-            result[name] = (in_lo[name], in_hi[name])
-        else:
-            result.skipped.append(name)
     index = {name: i for i, name in enumerate(tapped)}
-    for name in output_names:
-        i = index[same_range.get(name, name)]
-        if math.isfinite(lo[i]):
-            result[name] = (float(lo[i]), float(hi[i]))
+    for who in lo:
+        own: dict[str, tuple[float, float]] = {}
+        for name in input_names:
+            if math.isfinite(in_lo[who][name]):
+                own[name] = (in_lo[who][name], in_hi[who][name])
+        for name in output_names:
+            i = index[same_range.get(name, name)]
+            if math.isfinite(lo[who][i]):
+                own[name] = (float(lo[who][i]), float(hi[who][i]))
+        result.by_run[who] = own
+    union = result.of_runs(list(lo))
+    for name in [*input_names, *output_names]:
+        if name in union:
+            result[name] = union[name]
         else:
             result.skipped.append(name)
     result.samples = {task: {k: r.result() for k, r in store.items()} for task, store in reservoirs.items()}

@@ -44,6 +44,10 @@ class QuantPlan:
     anchor: str | None = None
     qss: dict[str, float] = field(default_factory=dict)
     a8_tensors: list[str] = field(default_factory=list)
+    #: Which calibration runs the activation ranges come from (``union``, ``anchor``; None: not known).
+    activation_profile: str | None = "union"
+    #: The anchor whose calibration the activation profile took (None: the union or not known).
+    profile_anchor: str | None = None
     report: dict[str, Any] = field(default_factory=dict)
 
     def restricted_to(self, names: set[str]) -> QuantPlan:
@@ -69,6 +73,7 @@ class QuantPlan:
             "lora_policy": self.lora_policy,
             "anchor": self.anchor,
             "qss": {k: round(float(v), 8) for k, v in sorted(self.qss.items())},
+            "activation_profile": self.activation_profile,
             "a8_tensors": len(self.a8_tensors),
             "activation_encodings": len(self.activations),
             "weight_encodings": len(self.weights),

@@ -4,7 +4,8 @@
 Activations and LoRA slot inputs (graph inputs, so activation entries named by input name, one shared
 encoding each) are activation encodings; weights are param encodings. ``quantizer_args`` records the
 activation bit width (8 for ``w8a8``, else 16), which is how a plan read back knows its precision, and
-lists the LoRA inputs. Writing a plan's file and compiling against it gives the same encodings.
+lists the LoRA inputs and the activation profile (``activation_profile``, and its anchor), which the
+plan read back reports. Writing a plan's file and compiling against it gives the same encodings.
 """
 
 from __future__ import annotations
@@ -44,7 +45,10 @@ def encodings_file_of(plan: QuantPlan) -> EncodingsFile:
         "quadc_scheme": plan.scheme,
         "lora_inputs": sorted(plan.lora),
         "lora_encodings": "shared by every task",
+        "activation_profile": plan.activation_profile,
     }
+    if plan.profile_anchor is not None:
+        args["activation_profile_anchor"] = plan.profile_anchor
     return EncodingsFile(activations=activations, params=dict(plan.weights), quantizer_args=args)
 
 
@@ -92,6 +96,8 @@ def plan_from_encodings_file(graph: gs.Graph, slots: Mapping[str, Any], opts: Pl
         lora_policy="file",
         anchor=None,
         a8_tensors=a8 if precision == "w8a16" else sorted(activations),
+        activation_profile=_text(ef.quantizer_args.get("activation_profile")),
+        profile_anchor=_text(ef.quantizer_args.get("activation_profile_anchor")),
     )
     plan.report = {
         "source": f"encodings file {path}",
@@ -99,6 +105,9 @@ def plan_from_encodings_file(graph: gs.Graph, slots: Mapping[str, Any], opts: Pl
         "qss": None,
         "lora": {"policy": "file", "anchor": None, "reason": "LoRA input encodings read from the encodings file",
                  "inputs": len(lora_inputs)},
+        "activation_profile": {"profile": plan.activation_profile,
+                               "anchor": plan.profile_anchor,
+                               "runs": "as recorded in the encodings file (None: not recorded)"},
         "a8": {"count": len(a8), "of": len(activations)},
         "weights": {"count": len(weights), "per_channel": plan.per_channel},
     }
@@ -110,3 +119,8 @@ def plan_from_encodings_file(graph: gs.Graph, slots: Mapping[str, Any], opts: Pl
         raise QuadcError(f"encodings file '{path}' does not fit encoding scheme '{scheme.name}': {problems[0]}{more}; "
                          "export the file for this target or calibrate instead")
     return plan
+
+
+def _text(value: Any) -> str | None:
+    """A string field of the file's ``quantizer_args``, None when absent or not a string."""
+    return value if isinstance(value, str) else None

@@ -10,7 +10,8 @@ together modules that each do one job:
 - :mod:`quadc.quant.schemes`: the encoding schemes (``qnn-htp``, and those targets register);
 - :mod:`quadc.quant.task_calibration`: calibration with every task bound, then the LoRA decision;
 - :mod:`quadc.quant.lora_decision`: QSS, anchor or unified fallback, ONE shared encoding per LoRA input;
-- :mod:`quadc.quant.activations`: activation encodings and the A8 selection (``a8_fraction``), with
+- :mod:`quadc.quant.activations`: the activation profile (``activation_profile``: ranges of every task or
+  of the anchor), activation encodings and the A8 selection (``a8_fraction``), with
   :mod:`quadc.quant.structural` (what stays 16-bit) and :mod:`quadc.quant.sensitivity` (output error);
 - :mod:`quadc.quant.weights`: weight encodings;
 - :mod:`quadc.quant.plan_file`: the plan as an AIMET encodings file and back (``encodings_file``).
@@ -27,7 +28,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from quadc.context import silent_progress
-from quadc.quant.activations import activation_encodings
+from quadc.quant.activations import activation_encodings, profile_ranges
 from quadc.quant.calibrate import static_tensors
 from quadc.quant.feeds import random_feeds
 from quadc.quant.lora_decision import decide_lora
@@ -85,7 +86,11 @@ def derive_plan(graph: gs.Graph, slots: Mapping[str, Any], cal: Calibration, sch
                  + (f", anchor '{decision.anchor}'" if decision.anchor else "") + f": {decision.reason}")
     # Fresh feeds only where an A8 choice is measured: they are U-Net feeds, and components (the VAE) never mix.
     a8_feeds = sensitivity_feeds(graph, cal, opts) if opts.a8_fraction else list(cal.feeds)
-    activations, a8, a8_report = activation_encodings(graph, ranges, a8_feeds, tasks,
+    act_ranges, profile = profile_ranges(ranges, opts.activation_profile, decision.anchor,
+                                         opts.headroom if opts.precision != "w8a8" else 1.0)
+    if profile["profile"] != "union":
+        progress(f"activation ranges from {profile['runs']} ({profile['narrower']} narrower than the union)")
+    activations, a8, a8_report = activation_encodings(graph, act_ranges, a8_feeds, tasks,
                                                       opts.precision,
                                                       opts.a8_fraction, progress, unquantized,
                                                       headroom=opts.headroom, scheme=scheme,
@@ -99,7 +104,7 @@ def derive_plan(graph: gs.Graph, slots: Mapping[str, Any], cal: Calibration, sch
         precision=opts.precision,
         scheme=scheme.name,
         calibration=cal.key[:16] or None,
-        ranges={n: ranges[n] for n in activations},
+        ranges={n: act_ranges[n] for n in activations},
         lora_ranges={n: (float(e.tmin), float(e.tmax)) for n, e in decision.encodings.items()},
         activations=activations,
         weights=weights,
@@ -110,6 +115,8 @@ def derive_plan(graph: gs.Graph, slots: Mapping[str, Any], cal: Calibration, sch
         anchor=decision.anchor,
         qss=decision.qss,
         a8_tensors=a8,
+        activation_profile=profile["profile"],
+        profile_anchor=profile.get("anchor"),
     )
     lora_report = decision.report()
     plan.report = {
@@ -121,6 +128,7 @@ def derive_plan(graph: gs.Graph, slots: Mapping[str, Any], cal: Calibration, sch
         "qss": {"definition": lora_report.pop("definition"), "tolerance": opts.qss_tolerance,
                 "tasks": lora_report.pop("tasks")},
         "lora": lora_report,
+        "activation_profile": profile,
         "a8": a8_report,
         "weights": {"count": len(weights), "per_channel": per_channel,
                     "scheme": f"{scheme.weight_channel} symmetric per output channel" if per_channel else
