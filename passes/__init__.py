@@ -13,6 +13,7 @@ from quadc.passes import (  # noqa: F401  (registration)
     mha_split,
     qdq_insert,
     qnn_const_first,
+    qnn_div_const,
     qnn_gelu,
     qnn_groupnorm,
     quant_plan,

@@ -183,3 +183,30 @@ def test_compile_refuses_bad_components_before_work(tmp_path: Path, capsys) -> N
         assert main(["compile", "-q", *args, "-o", str(tmp_path / "out")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_qnn_pipeline_runs_on_htp_and_matches_float(artifacts: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """The bundled default compiled for target qnn: U-Net, VAE encoder and decoder each a QNN context run
+    on the HTP backend (no CPU fallback), `quadc generate` works, and every task and sampler agrees with
+    the float pipeline. Before the qnn-div-const legalization the decoder did not compile."""
+    from quadc.runtime.qnn_engine import qnn_available
+
+    ok, why = qnn_available()
+    if not ok:
+        pytest.skip(f"QNN HTP backend: {why}")
+    art = tmp_path / "qnn"
+    compile_model(None, art, CompileOptions(target="qnn"))
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert set(manifest["components"]) == {"unet", "vae-encoder", "vae-decoder"}, manifest.get("components_skipped")
+    pipe = LoadedPipeline(art)
+    assert [e.executor for e in (pipe.unet, pipe.vae_encoder, pipe.vae_decoder)] == ["qnn-htp"] * 3
+    out = tmp_path / "inpaint.png"
+    assert main(["generate", str(art), "--task", "inpaint", "-o", str(out)]) == 0
+    assert "VAE decoder" in capsys.readouterr().out and Image.open(out).size == (32, 32)
+    float_pipe = LoadedPipeline(artifacts["float"])
+    for sampler in SAMPLERS:
+        for task in TASKS:
+            got = generate(art, task, sampler=sampler, engine=pipe).image
+            want = generate(artifacts["float"], task, sampler=sampler, engine=float_pipe).image
+            value = psnr(got, want)
+            assert value >= 30.0, f"{task} {sampler}: float vs qnn (HTP) PSNR {value:.1f} dB"

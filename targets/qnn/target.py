@@ -3,7 +3,7 @@ encodings for Qualcomm's own converter, and a QNN context binary compiled by onn
 
 Pipeline (:attr:`QnnTarget.passes`)::
 
-    float, qnn-groupnorm, quant-plan, qnn-gelu, qnn-const-first, qdq-insert(act_matmul_8bit), qnn::requantize
+    float, qnn-groupnorm, quant-plan, qnn-gelu, qnn-div-const, qnn-const-first, qdq-insert(act_matmul_8bit), qnn::requantize
 
 - ``qnn-groupnorm`` lowers GroupNormalization to the InstanceNormalization form HTP runs; it adds
   tensors with ranges of their own, so it comes before calibration (on TorchScript exports, which have
@@ -12,6 +12,8 @@ Pipeline (:attr:`QnnTarget.passes`)::
   weights, uint8 asymmetric LoRA inputs);
 - ``qnn-gelu`` fuses Erf-GELU into ``Gelu`` (HTP has no Erf); it keeps tensor names, so it runs after
   calibration and shares it;
+- ``qnn-div-const`` writes a division by a float constant as a multiplication by its reciprocal (with
+  ``Div(x, c)`` the HTP backend fails to finalize the VAE decoder); it keeps tensor names, as qnn-gelu;
 - ``qnn-const-first`` puts the constant operand of Add/Mul first (with it second, as the dynamo exporter
   writes linear biases, the HTP backend fails to finalize the graph); numbers and names unchanged;
 - ``qdq-insert`` with ``act_matmul_8bit``: a MatMul of two 16-bit activations takes its second input as
@@ -22,7 +24,7 @@ Pipeline (:attr:`QnnTarget.passes`)::
 
 The NPU passes (preset ``npu``) go before ``qnn-groupnorm`` (they change the graph, so calibration
 must see their result): ``passes = ("float", "npu", "qnn-groupnorm", "quant-plan", "qnn-gelu",
-"qnn-const-first", "qdq-insert", "qnn::requantize")``; :meth:`QnnTarget.pipeline` then keeps SiLU as Sigmoid*Mul
+"qnn-div-const", "qnn-const-first", "qdq-insert", "qnn::requantize")``; :meth:`QnnTarget.pipeline` then keeps SiLU as Sigmoid*Mul
 (``conv-act-fusion.silu=keep``). Measured that way on the bundled model (16 calibration inputs): every
 node on HTP, 36 dB against the float graph and 43 dB against the same QDQ graph on the CPU.
 
@@ -77,7 +79,7 @@ class QnnTarget(Target):
     name = "qnn"
     description = ("Qualcomm HTP: HTP-legal QDQ ONNX (opset 21), AIMET encodings and a QNN context binary "
                    "compiled by onnxruntime-qnn; uint8 LoRA inputs under one shared encoding per slot")
-    passes = ("float", "qnn-groupnorm", "quant-plan", "qnn-gelu", "qnn-const-first", "qdq-insert", "qnn::requantize")
+    passes = ("float", "qnn-groupnorm", "quant-plan", "qnn-gelu", "qnn-div-const", "qnn-const-first", "qdq-insert", "qnn::requantize")
     requires_passes = ("lora-inputs", "quant-plan", "qdq-insert")
     scheme = "qnn-htp"
     options = (
