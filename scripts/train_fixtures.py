@@ -1,6 +1,7 @@
 """Train the bundled fixtures: a tiny VAE, a tiny SD1.5-architecture U-Net and four task LoRAs, on photographs.
 
-Usage: ``python scripts/train_fixtures.py [--out quadc/data] [--scale 1.0] [--report report.json]``
+Usage: ``python scripts/train_fixtures.py [--out quadc/data] [--scale 1.0] [--report report.json]
+[--only TASK]`` (``--only inpaint``: retrain that one LoRA on the U-Net and VAE already in ``--out``)
 (needs ``pip install -e '.[export,train]'``). Everything runs on the CPU with one thread, fixed seeds and
 ``torch.use_deterministic_algorithms(True)``, so the same torch/diffusers/peft versions rewrite the same
 bytes. ``--scale 0.05`` shortens every training phase (a smoke run; write it elsewhere with ``--out``).
@@ -26,7 +27,8 @@ is the null embedding (row 0 of ``embeddings.npy``), as SD drops captions for cl
 **Task LoRAs** (peft ``LoraConfig`` injected into the frozen U-Net with diffusers' ``add_adapter``), each
 an image-to-image task with a source and a target image (:data:`TASKS`):
 
-- ``inpaint``: source = the crop with a random rectangle filled with grey; target = the crop.
+- ``inpaint``: source = the crop with a random rectangle filled with grey; target = the crop. It runs at
+  strength 0.5 (not 0.75) and its loss weighs the hole's latent cells 9x (see :data:`INPAINT_PHASE`).
 - ``edges_to_image``: source = Sobel edge magnitude of the crop (``skimage.filters.sobel``), white on
   black; target = the crop.
 - ``sepia``: source = the crop; target = a sepia tone with a contrast S-curve (a colour/tone transform).
@@ -118,10 +120,27 @@ class TaskSpec:
     alpha: float
     fmt: str  # "peft" (directory), "diffusers" or "kohya" (fp16) safetensors
     seed: int
+    #: img2img strength the task runs at: its *start* examples have ``t`` in [``START_T_MIN``, strength x 1000)
+    strength: float = STRENGTH
+    #: the task's own training phase (default :data:`LORA_PHASE`)
+    phase: Phase | None = None
+    #: extra loss weight on the latent cells of the task's mask (0: every cell weighs 1)
+    mask_weight: float = 0.0
+    #: lowest timestep of the task's *start* examples
+    start_t_min: int = START_T_MIN
+    #: share of *start* examples in a batch (the rest are *continue* examples)
+    start_share: float = 0.5
 
+
+#: ``inpaint`` runs at strength 0.5: at 0.75 the base model with the legacy mask blending (the runtime keeps the
+#: unmasked region on the noised source) already fills the grey hole from its surroundings, so no LoRA can
+#: look different; at 0.5 the base model keeps the grey patch, and the LoRA learns to replace it (the hole's
+#: latent cells weigh 1 + 8 in its loss, as the rest of the picture is copied anyway).
+INPAINT_PHASE = Phase(steps=600, batch=32, lr=3e-3)
 
 TASKS = (
-    TaskSpec("inpaint", ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"), 8, 8.0, "peft", 101),
+    TaskSpec("inpaint", ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"), 8, 16.0, "peft", 101,
+             strength=0.5, phase=INPAINT_PHASE, mask_weight=8.0, start_share=0.75),
     TaskSpec("edges_to_image", ("conv_in", "conv1", "conv2", "proj_in", "proj_out"), 8, 4.0, "diffusers", 102),
     TaskSpec("sepia", ("attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2", "conv_out"), 4, 4.0,
              "kohya", 103),
@@ -484,42 +503,48 @@ def add_lora(unet: Any, spec: TaskSpec) -> None:
     unet.set_adapter(spec.name)
 
 
-def task_loss(unet: Any, zs: Any, zt: Any, cond: Any, t: Any, eps: Any, start: Any) -> Any:
+def task_loss(unet: Any, zs: Any, zt: Any, cond: Any, t: Any, eps: Any, start: Any, weight: Any = None) -> Any:
     """The task objective on one batch (see the module docstring): per example, a *start* example
     (noised source, target noise that points at the target latent) where ``start`` is true, else a
-    *continue* example (noised target, ordinary SD loss)."""
+    *continue* example (noised target, ordinary SD loss); ``weight`` (``[n, 1, h, w]``) weighs latent cells."""
     noiser = Noiser()
     a, s = noiser.coefs(t)
     sel = start.view(-1, 1, 1, 1)
     x_t = a * (sel * zs + (~sel) * zt) + s * eps
     target = (x_t - a * zt) / s
-    return ((unet(x_t, t, cond).sample - target) ** 2).mean()
+    if weight is None:
+        return ((unet(x_t, t, cond).sample - target) ** 2).mean()
+    return (((unet(x_t, t, cond).sample - target) ** 2) * weight).mean() / weight.mean()
 
 
-def task_batch(n: int, size: int, gen: Any) -> tuple[Any, Any, Any]:
+def task_batch(n: int, size: int, gen: Any, strength: float = STRENGTH, start_t_min: int = START_T_MIN,
+               start_share: float = 0.5) -> tuple[Any, Any, Any]:
     """Indices, timesteps and the start/continue split of one task batch."""
     import torch
 
     idx = _batch(gen, n, size)
-    start = torch.rand(size, generator=gen) < 0.5
-    t_start = torch.randint(START_T_MIN, int(STRENGTH * TRAIN_T), (size,), generator=gen)
+    start = torch.rand(size, generator=gen) < start_share
+    t_start = torch.randint(start_t_min, int(strength * TRAIN_T), (size,), generator=gen)
     t_cont = torch.randint(0, TRAIN_T, (size,), generator=gen)
     return idx, torch.where(start, t_start, t_cont), start
 
 
 def train_lora(unet: Any, src: tuple[Any, Any], tgt: tuple[Any, Any], classes: Any, embeds: Any,
-               scale: float, phase: Phase, seed: int) -> list[float]:
-    """Train the active adapter of ``unet`` on latent pairs (``(mean, std)`` of source and target)."""
+               scale: float, phase: Phase, seed: int, strength: float = STRENGTH,
+               weights: Any = None, start_t_min: int = START_T_MIN, start_share: float = 0.5) -> list[float]:
+    """Train the active adapter of ``unet`` on latent pairs (``(mean, std)`` of source and target);
+    ``weights``: per pair a loss weight per latent cell (``[n, 1, h, w]``), or None."""
     import torch
 
     params = [p for p in unet.parameters() if p.requires_grad]
 
     def loss_fn(gen: Any, _: int) -> Any:
-        idx, t, start = task_batch(len(src[0]), phase.batch, gen)
+        idx, t, start = task_batch(len(src[0]), phase.batch, gen, strength, start_t_min, start_share)
         zs = sample_latents(*src, idx, scale, gen)
         zt = sample_latents(*tgt, idx, scale, gen)
         eps = torch.randn(zs.shape, generator=gen)
-        return task_loss(unet, zs, zt, embeds[classes[idx]], t, eps, start)
+        w = None if weights is None else weights[idx]
+        return task_loss(unet, zs, zt, embeds[classes[idx]], t, eps, start, w)
 
     unet.train()
     losses = _loop(params, phase, loss_fn, "lora", seed)
@@ -527,15 +552,16 @@ def train_lora(unet: Any, src: tuple[Any, Any], tgt: tuple[Any, Any], classes: A
     return losses
 
 
-def eval_task_loss(unet: Any, zs: Any, zt: Any, cond: Any, seed: int = 4321) -> dict[str, float]:
+def eval_task_loss(unet: Any, zs: Any, zt: Any, cond: Any, seed: int = 4321,
+                   strength: float = STRENGTH) -> dict[str, float]:
     """Task loss on held-out pairs (scaled posterior means), start and continue examples separately,
-    over the task timesteps (start: ``START_T_MIN..STRENGTH*1000``; continue: :func:`eval_timesteps`)."""
+    over the task timesteps (start: ``START_T_MIN..strength*1000``; continue: :func:`eval_timesteps`)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     out = {}
     with torch.no_grad():
-        for kind, ts in (("start", torch.arange(START_T_MIN, int(STRENGTH * TRAIN_T), 100)),
+        for kind, ts in (("start", torch.arange(START_T_MIN, int(strength * TRAIN_T), 100)),
                          ("continue", eval_timesteps())):
             total = 0.0
             for t in ts:
@@ -623,6 +649,73 @@ def _effects(unet: Any, specs: Sequence[TaskSpec], feeds: tuple[Any, Any, Any]) 
     return {"relative_rms": rel, "cosine": cos}
 
 
+def effect_feeds(z_held: Any, embeds: Any) -> tuple[Any, Any, Any]:
+    """The feeds of :func:`_effects`: noised held-out latents over the evaluation timesteps, null prompt."""
+    import torch
+
+    gen = torch.Generator().manual_seed(99)
+    ts = eval_timesteps().repeat_interleave(2)
+    zz = z_held[torch.arange(len(ts)) * 5 % len(z_held)]
+    a, s = Noiser().coefs(ts)
+    return a * zz + s * torch.randn(zz.shape, generator=gen), ts, embeds[torch.zeros(len(ts), dtype=torch.long)]
+
+
+def latent_masks(masks: np.ndarray) -> Any:
+    """Pixel masks ``[n, 32, 32]`` on the latent grid ``[n, 1, 8, 8]`` (a cell is masked when any pixel is),
+    as the runtime's :func:`quadc.pipeline.images.latent_mask`."""
+    import torch
+
+    f = IMAGE // LATENT
+    cells = masks.reshape(len(masks), LATENT, f, LATENT, f).max(axis=(2, 4))
+    return torch.from_numpy(np.ascontiguousarray(cells[:, None], dtype=np.float32))
+
+
+def train_task(spec: TaskSpec, unet: Any, vae: Any, latent_scale: float, embeds: Any,
+               crops: tuple[CropSet, CropSet, np.ndarray, np.ndarray], out: Path,
+               scale: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train ``spec``'s LoRA into ``unet`` and write it and its demo files under ``out``; returns its report
+    entry and its ``fixtures.json`` entry. ``crops``: training crops, held-out crops, texture crops for
+    training and held out."""
+    import torch
+
+    train, held, textures, held_textures = crops
+    loras_dir, demo = out / "loras", out / "demo"
+    pairs = task_pairs(spec.name, train, textures, spec.seed)
+    hpairs = task_pairs(spec.name, held, held_textures, spec.seed + 1000)
+    src, tgt = encode(vae, to_tensor(pairs.source)), encode(vae, to_tensor(pairs.target))
+    hs, ht = (latent_scale * encode(vae, to_tensor(p))[0] for p in (hpairs.source, hpairs.target))
+    hcond = embeds[torch.from_numpy(hpairs.classes)]
+    add_lora(unet, spec)
+    unet.disable_adapters()
+    before = eval_task_loss(unet, hs, ht, hcond, strength=spec.strength)
+    unet.enable_adapters()
+    unet.set_adapter(spec.name)
+    print(f" {spec.name} ({spec.fmt}, rank {spec.rank})", flush=True)
+    weights = None
+    if spec.mask_weight and pairs.masks is not None:
+        weights = 1.0 + spec.mask_weight * latent_masks(pairs.masks)
+    train_lora(unet, src, tgt, torch.from_numpy(pairs.classes), embeds, latent_scale,
+               _scaled(spec.phase or LORA_PHASE, scale), spec.seed, spec.strength, weights, spec.start_t_min,
+               spec.start_share)
+    after = eval_task_loss(unet, hs, ht, hcond, strength=spec.strength)
+    lora = lora_from_peft(unet, spec)
+    path = write_lora(lora, spec, loras_dir)
+    report = {"format": spec.fmt, "rank": spec.rank, "heldout_loss_base": before, "heldout_loss_lora": after,
+              "weights": weight_stats(lora)}
+    # the demo example: a held-out source image (and mask), prompt = null (held-out photos have no class)
+    k = 3
+    _save_png(demo / f"{spec.name}_source.png", hpairs.source[k])
+    _save_png(demo / f"{spec.name}_target.png", hpairs.target[k])
+    entry = {"lora": str(path.relative_to(out)), "format": spec.fmt, "rank": spec.rank,
+             "alpha": spec.alpha, "modules": list(spec.modules), "conditioning": "img2img",
+             "strength": spec.strength, "image": f"demo/{spec.name}_source.png",
+             "expected": f"demo/{spec.name}_target.png", "prompt_index": 0}
+    if spec.name == "inpaint":
+        _save_png(demo / "inpaint_mask.png", (hpairs.masks[k] * 255).astype(np.uint8))
+        entry["mask"] = "demo/inpaint_mask.png"
+    return report, entry
+
+
 def run(out: Path, scale: float = 1.0, report_path: Path | None = None) -> dict[str, Any]:
     """Train everything, write the fixtures under ``out``, return (and write) the report."""
     torch = setup_torch(1)
@@ -675,44 +768,10 @@ def run(out: Path, scale: float = 1.0, report_path: Path | None = None) -> dict[
     tasks_json: dict[str, Any] = {}
     report["tasks"] = {}
     for spec in TASKS:
-        pairs = task_pairs(spec.name, train, textures, spec.seed)
-        hpairs = task_pairs(spec.name, held, held_textures, spec.seed + 1000)
-        src, tgt = encode(vae, to_tensor(pairs.source)), encode(vae, to_tensor(pairs.target))
-        hs, ht = (latent_scale * encode(vae, to_tensor(p))[0] for p in (hpairs.source, hpairs.target))
-        hcond = embeds[torch.from_numpy(hpairs.classes)]
-        add_lora(unet, spec)
-        unet.disable_adapters()
-        before = eval_task_loss(unet, hs, ht, hcond)
-        unet.enable_adapters()
-        unet.set_adapter(spec.name)
-        print(f" {spec.name} ({spec.fmt}, rank {spec.rank})", flush=True)
-        train_lora(unet, src, tgt, torch.from_numpy(pairs.classes), embeds, latent_scale,
-                   _scaled(LORA_PHASE, scale), spec.seed)
-        after = eval_task_loss(unet, hs, ht, hcond)
-        lora = lora_from_peft(unet, spec)
-        path = write_lora(lora, spec, loras_dir)
-        report["tasks"][spec.name] = {"format": spec.fmt, "rank": spec.rank, "heldout_loss_base": before,
-                                      "heldout_loss_lora": after, "weights": weight_stats(lora)}
-        # the demo example: a held-out source image (and mask), prompt = null (held-out photos have no class)
-        k = 3
-        _save_png(demo / f"{spec.name}_source.png", hpairs.source[k])
-        _save_png(demo / f"{spec.name}_target.png", hpairs.target[k])
-        entry = {"lora": str(path.relative_to(out)), "format": spec.fmt, "rank": spec.rank,
-                 "alpha": spec.alpha, "modules": list(spec.modules), "conditioning": "img2img",
-                 "strength": STRENGTH, "image": f"demo/{spec.name}_source.png",
-                 "expected": f"demo/{spec.name}_target.png", "prompt_index": 0}
-        if spec.name == "inpaint":
-            _save_png(demo / "inpaint_mask.png", (hpairs.masks[k] * 255).astype(np.uint8))
-            entry["mask"] = "demo/inpaint_mask.png"
-        tasks_json[spec.name] = entry
+        report["tasks"][spec.name], tasks_json[spec.name] = train_task(
+            spec, unet, vae, latent_scale, embeds, (train, held, textures, held_textures), out, scale)
 
-    # effects on held-out feeds: noised held-out latents over the evaluation timesteps, null prompt
-    gen = torch.Generator().manual_seed(99)
-    ts = eval_timesteps().repeat_interleave(2)
-    zz = z_held[torch.arange(len(ts)) * 5 % len(z_held)]
-    a, s = Noiser().coefs(ts)
-    feeds = (a * zz + s * torch.randn(zz.shape, generator=gen), ts, embeds[torch.zeros(len(ts), dtype=torch.long)])
-    report["effects"] = _effects(unet, TASKS, feeds)
+    report["effects"] = _effects(unet, TASKS, effect_feeds(z_held, embeds))
 
     np.save(demo / "embeddings.npy", embeds.numpy())
     for i, name in enumerate(HELD_OUT_PHOTOS):
@@ -745,14 +804,64 @@ def run(out: Path, scale: float = 1.0, report_path: Path | None = None) -> dict[
     return report
 
 
+def run_only(out: Path, task: str, scale: float = 1.0, report_path: Path | None = None) -> dict[str, Any]:
+    """Retrain the LoRA of ``task`` alone on the U-Net and VAE already under ``out`` (``tiny_sd``), and
+    rewrite only its files (LoRA, demo images, its ``fixtures.json`` entry). Each LoRA's training depends
+    only on the data, its own seed and the frozen U-Net/VAE, so this writes what a full run writes for it."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    specs = {spec.name: spec for spec in TASKS}
+    if task not in specs:
+        raise SystemExit(f"--only: unknown task {task!r} (tasks: {', '.join(specs)})")
+    fixtures_path = out / "fixtures.json"
+    if not fixtures_path.is_file():
+        raise SystemExit(f"--only needs a full run's output in {out} (no fixtures.json)")
+    torch = setup_torch(1)
+    cpu0, wall0 = time.process_time(), time.time()
+    fixtures = json.loads(fixtures_path.read_text(encoding="utf-8"))
+    vae = AutoencoderKL.from_pretrained(str(out / fixtures["vae"]), local_files_only=True).eval()
+    unet = UNet2DConditionModel.from_pretrained(str(out / fixtures["unet"]), local_files_only=True).eval()
+    latent_scale = float(vae.config.scaling_factor)
+    train = crop_set(TRAIN_PHOTOS, CROPS_PER_PHOTO, SEED)
+    held = crop_set(HELD_OUT_PHOTOS, HELD_OUT_CROPS, SEED + 1, first_class=0)
+    held.classes[:] = 0
+    embeds = torch.from_numpy(prompt_embeddings(len(TRAIN_PHOTOS)))
+    textures = crop_set(TEXTURES, CROPS_PER_PHOTO, SEED + 2).images
+    held_textures = crop_set(TEXTURES, HELD_OUT_CROPS // 2, SEED + 3).images
+    spec = specs[task]
+    old = out / fixtures["tasks"][task]["lora"]
+    if old.is_dir():
+        shutil.rmtree(old)
+    else:
+        old.unlink(missing_ok=True)
+    entry_report, entry = train_task(spec, unet, vae, latent_scale, embeds,
+                                     (train, held, textures, held_textures), out, scale)
+    fixtures["tasks"][task] = entry
+    fixtures_path.write_text(json.dumps(fixtures, indent=2) + "\n", encoding="utf-8")
+    z_held = latent_scale * encode(vae, to_tensor(held.images))[0]
+    report = {"scale": scale, "only": task, "tasks": {task: entry_report},
+              "effects": _effects(unet, [spec], effect_feeds(z_held, embeds)),
+              "cpu_s": time.process_time() - cpu0, "wall_s": time.time() - wall0}
+    text = json.dumps(report, indent=2)
+    print(text)
+    if report_path is not None:
+        report_path.write_text(text + "\n", encoding="utf-8")
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and train."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "quadc" / "data", help="output folder (quadc/data)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every phase's steps (smoke runs)")
     parser.add_argument("--report", type=Path, default=None, help="write the quality report (JSON) here")
+    parser.add_argument("--only", metavar="TASK", default=None,
+                        help="retrain this task's LoRA alone on the U-Net and VAE already in --out")
     args = parser.parse_args(argv)
-    run(args.out, args.scale, args.report)
+    if args.only:
+        run_only(args.out, args.only, args.scale, args.report)
+    else:
+        run(args.out, args.scale, args.report)
     return 0
 
 

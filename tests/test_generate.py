@@ -86,11 +86,21 @@ def test_task_lora_visibly_changes_the_picture(pictures: dict[tuple, np.ndarray]
         assert value < 25.0, f"{task} {sampler} ({kind}): task vs base model PSNR {value:.1f} dB"
 
 
-@pytest.mark.xfail(strict=True, reason="the bundled inpaint LoRA barely moves the U-Net (effect 0.059, held-out "
-                   "start loss 0.252 -> 0.249 in quadc/data/README.md): inpaint vs base is 32-44 dB")
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_inpaint_lora_visibly_changes_the_picture(pictures: dict[tuple, np.ndarray], sampler: str) -> None:
-    assert psnr(pictures[("float", "inpaint", sampler)], pictures[("float", "none@inpaint", sampler)]) < 25.0
+def test_inpaint_lora_visibly_changes_the_hole(pictures: dict[tuple, np.ndarray], sampler: str) -> None:
+    """Inside the mask's latent cells (outside them the runtime puts the source back, for both runs) the
+    inpaint LoRA's picture differs from the base model's: the base model keeps the grey patch, the LoRA fills
+    it (measured 18-24 dB)."""
+    from quadc.pipeline.images import latent_mask, load_mask
+
+    d = defaults.task_defaults("inpaint")
+    hole = np.kron(latent_mask(load_mask(d.mask, (32, 32)), (8, 8))[0, 0], np.ones((4, 4))) > 0
+    assert 0.1 < hole.mean() < 0.5
+    for kind in ("float", "quant"):
+        a = pictures[(kind, "inpaint", sampler)][hole]
+        b = pictures[(kind, "none@inpaint", sampler)][hole]
+        value = psnr(a[None], b[None])
+        assert value < 25.0, f"inpaint {sampler} ({kind}): task vs base model PSNR in the hole {value:.1f} dB"
 
 
 def test_inpainting_keeps_the_unmasked_region(artifacts: dict[str, Path]) -> None:
