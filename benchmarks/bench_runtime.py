@@ -7,8 +7,7 @@ quadc.runtime.Engine does) or onnxruntime LoraAdapter objects through RunOptions
 Run: ``.venv/bin/python benchmarks/bench_runtime.py`` (full SD1.5 U-Net with random weights, the cached
 export; ``--config tiny`` for a quick run). Ten random rank-64 LoRAs on every attention and feed-forward
 layer, compiled for the float ``onnx`` target, so both sides of each comparison are float32 on ORT's CPU
-provider. Each measurement runs in a fresh process (its peak RSS is its own). The VAE is not part of it:
-the image pipeline's components are not on this branch.
+provider. Each measurement runs in a fresh process (its peak RSS is its own).
 
 (a) per-step overhead of LoRA-as-input against the merged graph, side by side in ONE process: the merged
     graph's session (task 0 merged into the weights) and the artifact's session, same feeds, same session
@@ -27,7 +26,11 @@ the image pipeline's components are not on this branch.
 (d) peak RSS: the engine with 1 task loaded, with 10, and k sessions of merged graphs (k = 1, 2; 10 is
     extrapolated from the increment, since ten full-size sessions do not fit this machine's memory);
 (e) storage: graph + N adapter files against N merged graphs (all merged graphs have the same size:
-    the same tensors; one is written and measured).
+    the same tensors; one is written and measured);
+(f) the image pipeline per stage (as the paper's Tables 2/3): the U-Net with task 0 and the VAE encoder and
+    decoder of the same config (random weights, ``quadc export --component vae-encoder|vae-decoder``)
+    compiled into one artifact, then ``quadc.pipeline.generate`` img2img (a random image, random prompt
+    embeddings, LCM, 4 steps) twice on one loaded pipeline; the second run's stages are reported.
 """
 
 from __future__ import annotations
@@ -198,6 +201,42 @@ result['adapter_switch_us'] = 1e3 * median_ms(switch, 200)
 """
 
 
+def pipeline_code(art: Path, task: str, steps: int) -> str:
+    return PRELUDE + f"""
+from quadc.pipeline.generate import LoadedPipeline, generate
+pipe = LoadedPipeline({str(art)!r})
+enc_shape = [int(d) for d in pipe.vae_encoder.session.get_inputs()[0].shape]
+rng = np.random.default_rng(0)
+image = rng.uniform(-1, 1, enc_shape).astype(np.float32)
+cond = next(i for i in pipe.unet.session.get_inputs() if i.name == 'encoder_hidden_states')
+embeds = rng.standard_normal([int(d) for d in cond.shape]).astype(np.float32)
+runs = [generate({str(art)!r}, {task!r}, sampler='lcm', steps={steps}, image=image, prompt_embeds=embeds,
+                 strength=1.0, engine=pipe) for _ in range(2)]
+result['first_end_to_end_s'] = runs[0].timings['end_to_end']
+result['timings'] = runs[1].timings
+result['timesteps'] = runs[1].timesteps
+result['image_shape'] = list(runs[1].image.shape)
+"""
+
+
+def pipeline_artifact(config: str, work: Path, task: str, lora: Path) -> Path:
+    """U-Net (task ``task`` only) + VAE encoder and decoder of ``config``, float ``onnx`` target (cached)."""
+    from quadc.export.components import export_component
+
+    art = work / "pipeline-artifact"
+    if (art / "manifest.json").exists():
+        return art
+    vae = {}
+    for component in ("vae-encoder", "vae-decoder"):
+        path = CACHE / f"{config}-{component}" / f"{component}.onnx"
+        if not path.exists():
+            export_component(component, config=config, out=path, progress=stderr_progress)
+        vae[component] = path
+    compile_model(cached_export(config), art, CompileOptions(loras={task: str(lora)}, components=vae, force=True),
+                  progress=stderr_progress)
+    return art
+
+
 def lora_macs(art: Path) -> dict:
     """Multiply-adds of the artifact graph's MatMul/Gemm/Conv nodes: ``base`` (no LoRA input), ``lora``
     (a LoRA input: the down and up MatMuls) and ``lora_by_tokens`` (the LoRA ones by the token count of
@@ -298,6 +337,8 @@ def main() -> None:
         "one": lambda: loaded_code(art, args.config, tasks[:1]),
         "ten": lambda: loaded_code(art, args.config, tasks),
         "merged2": lambda: merged_code(merged, args.config, 2, 0),
+        "pipeline": lambda: pipeline_code(pipeline_artifact(args.config, work, tasks[0], loras[tasks[0]]),
+                                          tasks[0], 4),
     }
     for name, code in phases.items():
         if name in results and "failed" not in results[name]:
@@ -309,7 +350,7 @@ def main() -> None:
     failed = {k: v["failed"] for k, v in results.items() if "failed" in v}
     if failed:
         print(f"phases that failed (run again with --resume): {failed}")
-    ov, eng, m1, ad, one, ten, m2 = (results[k] for k in phases)
+    ov, eng, m1, ad, one, ten, m2, pipe = (results[k] for k in phases)
     if "macs" not in results:
         results["macs"] = lora_macs(art)
         saved.write_text(json.dumps(results, indent=1))
@@ -366,6 +407,16 @@ def main() -> None:
     print(f"  graph {graph_bytes / 2**20:.1f} MiB + {len(tasks)} adapters {sum(adapter_bytes) / 2**20:.1f} MiB = "
           f"{(graph_bytes + sum(adapter_bytes)) / 2**20:.1f} MiB; {len(tasks)} merged graphs "
           f"{len(tasks) * merged_bytes / 2**20:.1f} MiB (ratio {len(tasks) * merged_bytes / (graph_bytes + sum(adapter_bytes)):.2f})")
+    t = pipe["timings"]
+    print(f"\n(f) image pipeline per stage: img2img {pipe['image_shape'][1]}x{pipe['image_shape'][0]}, LCM "
+          f"{len(pipe['timesteps'])} steps, task {tasks[0]}, float32 U-Net and VAE (second run on one loaded pipeline)")
+    rows = [("VAE encoder", t["vae_encoder"]), *[(f"U-Net step {i + 1} (t={v:g})", t[f"unet_step_{i + 1}"])
+                                                 for i, v in enumerate(pipe["timesteps"])],
+            ("U-Net per step (mean)", t["unet_per_step"]), ("VAE decoder", t["vae_decoder"]),
+            ("end to end", t["end_to_end"]), ("(first run, end to end)", pipe["first_end_to_end_s"])]
+    for label, sec in rows:
+        print(f"  {label:32} {1000 * sec:10.1f} ms")
+    print(f"  peak RSS {pipe['peak_rss_gib']:.2f} GiB (U-Net, VAE encoder and decoder sessions loaded)")
     if not args.keep:
         shutil.rmtree(merged.parent, ignore_errors=True)
 
