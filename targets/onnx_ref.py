@@ -101,8 +101,8 @@ def _source_model(manifest: Mapping[str, Any], model: str | os.PathLike[str] | N
     bundled = bundled_model()
     if manifest.get("source", {}).get("sha256") == model_sha256(bundled):
         return bundled
-    raise QuadcError("verify needs the source model of this artifact: pass model=PATH (the ONNX file "
-                     f"'{manifest.get('source', {}).get('model', '?')}' it was compiled from)")
+    raise QuadcError("verify needs the source model of this artifact: pass --model PATH (in Python model=PATH; the ONNX "
+                     f"file '{manifest.get('source', {}).get('model', '?')}' it was compiled from)")
 
 
 def _source_lora(manifest: Mapping[str, Any], task: str,
@@ -118,5 +118,5 @@ def _source_lora(manifest: Mapping[str, Any], task: str,
     bundled = bundled_loras().get(task)
     if bundled is not None and manifest["tasks"][task].get("source") == bundled.name:
         return bundled
-    raise QuadcError(f"verify needs the LoRA compiled as task '{task}': pass loras={{'{task}': PATH}} "
-                     f"(the file '{manifest['tasks'][task].get('source', '?')}')")
+    raise QuadcError(f"verify needs the LoRA compiled as task '{task}': pass --lora {task}=PATH "
+                     f"(in Python loras={{'{task}': PATH}}; the file '{manifest['tasks'][task].get('source', '?')}')")

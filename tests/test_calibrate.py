@@ -10,6 +10,7 @@ import tracemalloc
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 
@@ -411,6 +412,30 @@ def test_captured_rows_reproduce_the_lora_branch(prepared):
         ref = out.transpose(0, 2, 3, 1).reshape(-1, out.shape[1]) if slot.kind == "conv" else out.reshape(-1, out.shape[-1])
         f = branch_output(rows[module], tasks["large"][slot.down_input], tasks["large"][slot.up_input], slot.kind)
         np.testing.assert_allclose(f, ref, rtol=1e-3, atol=1e-4, err_msg=module)
+
+
+def test_captures_of_a_graph_with_symbolic_shapes_equal_the_static_graphs(prepared):
+    """A U-Net exported with dynamic axes has no static activation shapes. Its captured LoRA inputs must be
+    the rows the static graph gives (the draws depend only on shapes): before the fix, the conv layer's
+    unknown shape deferred every later label's draw past its run, and those labels got zero rows, which
+    failed the onnx-qdq compile of such a model in QSS."""
+    graph, ctx, tasks = prepared
+    captures = lora_layer_captures(graph, ctx.lora_slots)
+    feeds = random_feeds(graph, 2)
+    want = calibrate(graph, feeds, tasks, capture=captures, rows_per_feed=8, max_rows=12)
+    dynamic = graph.copy()
+    for tensor in dynamic.tensors().values():
+        if not isinstance(tensor, gs.Constant) and tensor not in dynamic.inputs:
+            tensor.shape = None
+    sample = next(t for t in dynamic.inputs if t.name == "sample")
+    sample.shape = ["batch", sample.shape[1], "height", "width"]
+    got = calibrate(dynamic, feeds, tasks, capture=captures, rows_per_feed=8, max_rows=12)
+    assert set(got.samples) == set(want.samples) == set(tasks)
+    for task, rows in want.samples.items():
+        assert set(got.samples[task]) == set(rows)
+        for label, expected in rows.items():
+            assert len(expected) == 12, label
+            np.testing.assert_array_equal(got.samples[task][label], expected, err_msg=f"{task} {label}")
 
 
 def test_capture_reservoir_is_bounded(prepared):

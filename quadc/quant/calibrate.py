@@ -493,17 +493,20 @@ def _add_samplers(aug: gs.Graph, typed: gs.Graph, capture: Mapping[str, tuple[st
         if name in graph_inputs:
             samplers[label] = _Sampler(name, how, shape)
             continue
+        if shape is None and in_graph and name not in probes:
+            # Learned in the base run, so that rows are drawn before every later run: a whole-tensor
+            # capture without a known shape (a conv layer's input in a graph with symbolic dims) would
+            # otherwise put every later label's draw after its run, when its rows are already gathered.
+            probe = gs.Variable(unique_name(aug, f"{name}__quadc_shape", taken), np.int64)
+            aug.nodes.append(gs.Node("Shape", f"{probe.name}/node", inputs=[tensors[name]], outputs=[probe]))
+            probes[name] = probe.name
         if how.kind != "linear" or not in_graph:
-            samplers[label] = _Sampler(name, how, shape, output=name)
+            samplers[label] = _Sampler(name, how, shape, output=name, shape_output=probes.get(name))
             continue
         if name not in flat:
             flat[name] = gs.Variable(unique_name(aug, f"{name}__quadc_rows_all", taken), dtype=None)
             aug.nodes.append(gs.Node("Flatten", f"{flat[name].name}/node", attrs={"axis": -1},
                                      inputs=[tensors[name]], outputs=[flat[name]]))
-            if shape is None:
-                probe = gs.Variable(unique_name(aug, f"{name}__quadc_shape", taken), np.int64)
-                aug.nodes.append(gs.Node("Shape", f"{probe.name}/node", inputs=[tensors[name]], outputs=[probe]))
-                probes[name] = probe.name
         index = gs.Variable(unique_name(aug, f"{label}__quadc_row_index", taken), np.int64,
                             [unique_name(aug, f"{label}__quadc_rows", taken)])
         rows = gs.Variable(unique_name(aug, f"{label}__quadc_rows", taken), dtype=None)
