@@ -118,6 +118,7 @@ def compile_model(model: str | os.PathLike[str] | None, out_dir: str | os.PathLi
     passes = pipeline.build()
     check_prerequisites(passes)
     graph, ctx, model_path = prepare(model, options.loras, progress)
+    target.check_model(graph)
     _target_context(ctx, target)
     graph, records = run_pipeline(graph, passes, ctx, verify=options.verify, print_after=options.print_after)
     if options.max_saturation is not None:
@@ -176,6 +177,13 @@ def compile_all(model: str | os.PathLike[str] | None, out_dir: str | os.PathLike
         check_prerequisites(built)
     shared = _shared_prefix(pipelines)
     graph, ctx, model_path = prepare(model, options.loras, progress)
+    for name, target in list(targets.items()):
+        try:
+            target.check_model(graph)
+        except QuadcError as exc:  # e.g. an NPU target and a model with symbolic shapes: the others still compile
+            progress(f"skipping target {name}: {exc}")
+            skipped[name] = str(exc)
+            del targets[name]
     progress(f"shared passes: {','.join(pipelines[next(iter(pipelines))].names[:shared]) or 'none'}")
     first = next(iter(passes.values()))
     graph, shared_records = run_pipeline(graph, first[:shared], ctx, verify=options.verify,

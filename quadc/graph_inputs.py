@@ -14,10 +14,20 @@ import numpy as np
 
 from quadc.errors import QuadcError
 
-__all__ = ["InputSpec", "concrete_shape", "input_specs", "random_inputs"]
+__all__ = ["InputSpec", "concrete_shape", "dynamic_inputs", "input_specs", "random_inputs"]
 
 #: ``(shape, dtype)``; a shape entry may be an int, a symbolic name or None.
 InputSpec = tuple[Sequence[int | str | None], Any]
+
+
+def dynamic_inputs(graph: Any) -> list[str]:
+    """One phrase per input of the gs.Graph ``graph`` whose shape is not all positive integers."""
+    bad = []
+    for t in graph.inputs:
+        shape = t.shape
+        if shape is None or not all(isinstance(d, int | np.integer) and d > 0 for d in shape):
+            bad.append(f"input '{t.name}' has shape {shape}")
+    return bad
 
 
 def input_specs(graph_or_specs: Any) -> dict[str, tuple[list[int | str | None], np.dtype]]:

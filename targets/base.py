@@ -45,6 +45,9 @@ class Target:
     scheme: ClassVar[str | None] = None
     #: The target's own options (``--set TARGET.OPTION=VALUE``), parsed into ``self.opts``.
     options: ClassVar[tuple[PassOption, ...]] = ()
+    #: Whether the artifact is compiled for one input shape (NPU graphs): a model with symbolic input
+    #: dimensions is then refused by :meth:`check_model` before any pass runs.
+    static_shapes: ClassVar[bool] = False
 
     def __init__(self, **values: Any) -> None:
         self.opts: dict[str, Any] = parse_options(self.options, values, self.name)
@@ -73,6 +76,20 @@ class Target:
         if wrong:
             raise QuadcError(f"target '{self.name}' cannot hold the result of pass '{wrong[0]}'; remove it "
                              "from --passes or choose a target that takes it (see `quadc targets`)")
+
+    def check_model(self, graph: gs.Graph) -> None:
+        """Refuse, in one line, a loaded model this target cannot compile, before any pass runs (the base
+        target: a model with symbolic input dimensions when :attr:`static_shapes`)."""
+        if not self.static_shapes:
+            return
+        from quadc.graph_inputs import dynamic_inputs
+
+        problems = dynamic_inputs(graph)
+        if problems:
+            more = f" ({len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise QuadcError(f"target '{self.name}' compiles for one input shape, but {problems[0]}{more}; export "
+                             "the model with static shapes (quadc export, or fix the dimensions with onnxruntime's "
+                             "make_dynamic_shape_fixed tool)")
 
     def check_plan_options(self, plan_options: Mapping[str, Any]) -> None:
         """Refuse, in one line, ``quant-plan`` options the target cannot honour (``plan_options``: the

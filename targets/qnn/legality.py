@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from quadc.graph_inputs import dynamic_inputs
 from quadc.quant.affine import QType
 from quadc.quant.schemes import EncodingScheme
 from quadc.unet_inputs import is_lora_input
@@ -25,13 +26,8 @@ __all__ = ["dynamic_dims", "lora_defaults", "matmul_pairs"]
 
 
 def dynamic_dims(graph: gs.Graph) -> list[str]:
-    """Graph inputs whose shape is not all positive integers."""
-    bad = []
-    for t in graph.inputs:
-        shape = t.shape
-        if shape is None or not all(isinstance(d, int | np.integer) and d > 0 for d in shape):
-            bad.append(f"input '{t.name}' has shape {shape}")
-    return bad
+    """Graph inputs whose shape is not all positive integers (:func:`quadc.graph_inputs.dynamic_inputs`)."""
+    return dynamic_inputs(graph)
 
 
 def lora_defaults(model: onnx.ModelProto) -> list[str]:

@@ -80,6 +80,7 @@ class QnnTarget(Target):
     description = ("Qualcomm HTP: HTP-legal QDQ ONNX (opset 21), AIMET encodings and a QNN context binary "
                    "compiled by onnxruntime-qnn; uint8 LoRA inputs under one shared encoding per slot")
     passes = ("float", "qnn-groupnorm", "quant-plan", "qnn-gelu", "qnn-div-const", "qnn-const-first", "qdq-insert", "qnn::requantize")
+    static_shapes = True
     requires_passes = ("lora-inputs", "quant-plan", "qdq-insert")
     scheme = "qnn-htp"
     options = (

@@ -113,6 +113,7 @@ class TfliteTarget(Target):
     passes = ("float", "tflite::legalize", "quant-plan")
     requires_passes = ("lora-inputs", "tflite::legalize", "quant-plan")
     forbids_passes = ("qdq-insert",)
+    static_shapes = True
     #: The TFLite ops the vendor's LiteRT compiler plugin takes (None: any LiteRT builtin).
     supported_ops: ClassVar[tuple[str, ...] | None] = None
 
