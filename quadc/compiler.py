@@ -373,5 +373,10 @@ def _read_loras(paths: Mapping[str, str | os.PathLike[str]], info: Any, progress
     loras = LoRASet()
     for name, path in paths.items():
         progress(f"reading LoRA '{name}' from {path}")
-        loras.add(fit_lora(read_lora(path, name=name, info=info), info))
+        lora = read_lora(path, name=name, info=info)
+        ignored = int(lora.meta.get("ignored_text_encoder_keys", 0))
+        if ignored:
+            progress(f"LoRA '{name}': {ignored} text-encoder tensor(s) left out: quadc compiles the U-Net part; the "
+                     "text-encoder part belongs where the prompt embeddings are made")
+        loras.add(fit_lora(lora, info))
     return loras

@@ -82,6 +82,24 @@ def test_kohya_handmade_file(tmp_path: Path, info: ModelInfo) -> None:
         check_fits(lora, info)
 
 
+def test_compile_says_when_it_leaves_out_text_encoder_tensors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A kohya file from a trainer carries text-encoder tensors too; compile keeps the U-Net part and says so
+    (a user must not think the whole LoRA is in the artifact)."""
+    from quadc.cli import main
+
+    rng = np.random.default_rng(0)
+    module = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    sd = {f"{module}.lora_down.weight": rng.standard_normal((4, 32)).astype(np.float16),
+          f"{module}.lora_up.weight": rng.standard_normal((32, 4)).astype(np.float16),
+          f"{te}.lora_down.weight": np.ones((4, 8), np.float16), f"{te}.lora_up.weight": np.ones((8, 4), np.float16),
+          f"{te}.alpha": np.array(4, np.float16)}
+    safetensors.numpy.save_file(sd, str(tmp_path / "k.safetensors"))
+    assert main(["compile", "--lora", f"k={tmp_path / 'k.safetensors'}", "-o", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "LoRA 'k': 3 text-encoder tensor(s) left out" in err, err
+
+
 def test_writers_are_deterministic(tmp_path: Path, info: ModelInfo) -> None:
     def files(tag: str) -> list[bytes]:
         lora = random_lora(info, ["to_q", "conv1"], rank=2, alpha=3, seed=11)
