@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -304,13 +305,20 @@ def _target_context(ctx: CompileContext, target: Target) -> None:
 
 def _write_artifact(target: Target, graph: Any, ctx: CompileContext, out: Path, model_path: Path,
                     records: Sequence[Any]) -> dict[str, Any]:
-    """``target.emit`` into ``out`` and the manifest beside it; returns the manifest."""
-    entries = target.emit(graph, ctx, out)
+    """``target.emit`` into ``out`` and the manifest beside it; returns the manifest.
+
+    The source's sha256 is computed on a second thread while ``emit`` writes (hashing and file reads
+    release the GIL; the write mostly waits on the disk), so a full-size compile does not read the
+    source's weights once more after writing."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        source_sha256 = pool.submit(model_sha256, model_path)
+        entries = target.emit(graph, ctx, out)
+        digest = source_sha256.result()
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "quadc_version": quadc.__version__,
         "target": target.name,
-        "source": {"model": model_path.name, "sha256": model_sha256(model_path)},
+        "source": {"model": model_path.name, "sha256": digest},
         "passes": [{"pass": r.name, "changed": r.changed, "counts": r.counts, "options": r.options}
                    for r in records],
         "inputs": {t.name: {"dtype": str(t.dtype), "shape": list(t.shape or [])} for t in graph.inputs},

@@ -106,3 +106,15 @@ def test_explicit_model_and_lora_paths(tmp_path, feeds):
     onnx.save_model(proto, str(changed))
     with pytest.raises(QuadcError, match="sha256"):
         target.verify(out, feeds, task="mine", model=changed, loras={"mine": lora_path})
+
+
+def test_manifest_source_sha256_is_the_source_files_digest(artifact: Path) -> None:
+    """The source digest (computed on a thread while the artifact is written) is sha256 over the sha256 of
+    the model file and then of each external data file, worked out here with hashlib alone."""
+    import hashlib
+
+    model = bundled_model()
+    parts = [model] + sorted(model.parent.glob(model.name + ".data"))
+    expected = hashlib.sha256(b"".join(hashlib.sha256(p.read_bytes()).digest() for p in parts)).hexdigest()
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["source"] == {"model": model.name, "sha256": expected}
