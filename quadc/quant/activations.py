@@ -107,7 +107,7 @@ def activation_encodings(graph: gs.Graph, ranges: Mapping[str, tuple[float, floa
                          precision: str, a8_fraction: float, progress: Callable[[str], None],
                          unquantized: Collection[str] = (), headroom: float = 1.0,
                          scheme: EncodingScheme = QNN_HTP, a8_runs: int = 0,
-                         a8_groups: int = 24, a8_headroom: float = 1.0, a8_range: str = "mse",
+                         a8_groups: int = 0, a8_headroom: float = 1.0, a8_range: str = "mse",
                          calib_feeds: Sequence[Mapping[str, np.ndarray]] = ()
                          ) -> tuple[dict[str, Encoding], list[str], dict[str, Any]]:
     """``(encodings, a8 tensors, report)`` of the activations among the calibrated ``ranges``, in the

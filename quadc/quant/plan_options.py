@@ -12,8 +12,9 @@ option                  default      meaning
                                      path, indices and shapes stay 16-bit (:mod:`quadc.quant.structural`)
 ``a8_runs``             ``0``        calibration runs each A8 measurement covers; 0: one per task plus the
                                      base model (:mod:`quadc.quant.sensitivity`)
-``a8_groups``           ``24``       at most this many activation groups are measured for ``a8_fraction``
-                                     (forwards = runs x (3 + groups))
+``a8_groups``           ``0``        at most this many activation groups are measured for ``a8_fraction``
+                                     (forwards = runs x (3 + groups)); 0: each movement unit alone when the
+                                     graph has at most 1,000 candidates (tiny U-Net), else 24 (full U-Net)
 ``a8_range``            ``mse``      the 8-bit ranges ``a8_fraction`` picks: least quantization error over the
                                      calibration runs (:mod:`quadc.quant.a8_ranges`), or ``minmax``: calibrated
 ``a8_headroom``         ``1.25``     the 8-bit ranges ``a8_fraction`` picks are widened by this factor around
@@ -69,7 +70,8 @@ PLAN_OPTIONS: tuple[PassOption, ...] = (
                low=0.0, high=1.0),
     PassOption("a8_runs", int, 0, "calibration runs each A8 sensitivity measurement covers (0: one per task "
                "plus the base model)", low=0),
-    PassOption("a8_groups", int, 24, "at most this many activation groups are measured for a8_fraction", low=1),
+    PassOption("a8_groups", int, 0, "at most this many activation groups are measured for a8_fraction (0: every "
+               "unit alone up to 1,000 candidate activations, else 24)", low=0),
     PassOption("a8_range", str, "mse", "8-bit ranges of a8_fraction: least quantization error over the "
                "calibration runs (mse) or the calibrated min/max (minmax)", choices=A8_RANGES),
     PassOption("a8_headroom", float, 1.25, "widen the ranges of a8_fraction's 8-bit activations by this factor "
@@ -104,7 +106,7 @@ class PlanOptions:
     precision: str = "w8a16"
     a8_fraction: float = 0.0
     a8_runs: int = 0
-    a8_groups: int = 24
+    a8_groups: int = 0
     a8_range: str = "mse"
     a8_headroom: float = 1.25
     headroom: float = 2.0

@@ -54,6 +54,10 @@ __all__ = ["A8Choice", "MOVEMENT_OPS", "SwitchedGraph", "choose_a8", "movement_u
            "tensor_paths"]
 
 SWITCH_PREFIX = "__quadc_a8_switch/"
+#: With ``max_groups=0``, graphs of at most this many candidate activations (the tiny U-Net: 668) get every
+#: unit measured alone (546 units x 5 runs: 2,730 forwards, about 40 s on 2 cores); larger ones (the full
+#: SD1.5 U-Net: 2,000+) 24 groups, so the plan stays within a few dozen forwards per run.
+PER_UNIT_LIMIT = 1000
 _PART = re.compile(r"[^/]+")
 
 
@@ -282,12 +286,14 @@ def _key(path: tuple[str, ...]) -> str:
 
 def choose_a8(graph: gs.Graph, candidates: Sequence[str], k: int, enc16: Mapping[str, Encoding],
               enc8: Mapping[str, Encoding], feeds: Sequence[Mapping[str, np.ndarray]],
-              tasks: Mapping[str, Mapping[str, np.ndarray]], *, runs: int = 0, max_groups: int = 24,
+              tasks: Mapping[str, Mapping[str, np.ndarray]], *, runs: int = 0, max_groups: int = 0,
               progress: Callable[[str], None] = silent_progress) -> A8Choice:
     """Up to ``k`` of ``candidates`` to make 8-bit, least output error first (see the module docstring).
 
     ``runs``: how many (feed, task) calibration runs each measurement covers (0: one per task and one of
-    the base model, :func:`sample_runs`); ``max_groups``: at most this many groups are measured.
+    the base model, :func:`sample_runs`); ``max_groups``: at most this many groups are measured (0: every
+    unit alone up to :data:`PER_UNIT_LIMIT` candidates, else 24); when every unit fits, each unit is
+    measured alone.
     """
     if k <= 0 or not candidates:
         return A8Choice([])
@@ -320,6 +326,8 @@ def choose_a8(graph: gs.Graph, candidates: Sequence[str], k: int, enc16: Mapping
             out.setdefault(paths[name][:depth], []).append(name)
         return out
 
+    if max_groups <= 0:
+        max_groups = len(units) if len(candidates) <= PER_UNIT_LIMIT else 24
     members[()] = list(candidates)
     frontier = children(())
     while len(frontier) == 1:  # descend to the first level with a choice
@@ -335,16 +343,19 @@ def choose_a8(graph: gs.Graph, candidates: Sequence[str], k: int, enc16: Mapping
         for prefix, names in groups.items():
             members[prefix] = names
             n_measured += 1
-            progress(f"A8 sensitivity: group {n_measured} (at most {max(max_groups, n_measured)}) {_key(prefix)}, "
-                     f"{len(names)} tensors")
+            if len(groups) <= 64 or n_measured % 50 == 0 or n_measured == len(groups):
+                progress(f"A8 sensitivity: group {n_measured} (at most {max(max_groups, n_measured)}) "
+                         f"{_key(prefix)}, {len(names)} tensors")
             err = [_relative_error(switched.run(b, names), ref) for b, ref in zip(bound_runs, refs, strict=True)]
             forwards += len(bound_runs)
             costs[prefix] = float(np.mean(err))
 
+    if len(units) <= max_groups:  # the budget covers every unit: measure each alone, no estimate needed
+        frontier = {paths[u[0]]: list(u) for u in units}
     measure(frontier)
     # Drill down where the error is: split the group with the most error x tensors while the budget lasts.
     while True:
-        splittable = [p for p in frontier if len(frontier[p]) > 1]
+        splittable = [p for p in frontier if len({root[n] for n in frontier[p]}) > 1]  # a unit is not split
         if not splittable:
             break
         worst = max(splittable, key=lambda p: (costs[p] * len(frontier[p]), _key(p)))
