@@ -25,6 +25,8 @@ every task (:func:`quadc.quant.sensitivity.choose_a8`: module groups ranked by r
 tensor, greedy, refined where the choice is made). Tensors the structural rules protect (the timestep
 embedding's path, indices and shapes: :func:`quadc.quant.structural.protected_activations`) stay 16-bit
 whatever F says, so F = 1 leaves them 16-bit too; ``precision=w8a8`` makes every activation 8-bit.
+The candidates' 8-bit ranges (``a8_range``) are those of least quantization error over the calibration runs
+(``mse``: :mod:`quadc.quant.a8_ranges`) or the calibrated min/max (``minmax``), widened by ``a8_headroom``.
 """
 
 from __future__ import annotations
@@ -119,9 +121,10 @@ def activation_encodings(graph: gs.Graph, ranges: Mapping[str, tuple[float, floa
     of every input, and clipping an unseen input costs far more than the resolution given up (on the
     bundled model, held-out SQNR went from 24-30 dB to 33-37 dB at 2x; a 2x wider uint16 grid still has
     about 90 dB of resolution). ``w8a8`` ranges are kept as calibrated: there every bit counts. The 8-bit
-    ranges of ``a8_fraction`` are widened by ``a8_headroom`` (1.5 by default): on the trained fixtures the
-    chosen 40 % lost 5 dB more output SQNR on held-out inputs than on the calibration feeds at 1x, 1.5 dB at
-    1.5x (8-bit ranges fit to 4 feeds clip on new ones).
+    ranges of ``a8_fraction`` are those of least quantization error over ``calib_feeds`` (``a8_range="mse"``,
+    :func:`~quadc.quant.a8_ranges.mse_ranges`; ``feeds`` when none are given) or the calibrated ones
+    (``"minmax"``), widened by ``a8_headroom`` (1.25 in the plan options): ranges fit to 4 feeds clip new
+    inputs more often.
     """
     acts = activation_names(graph, ranges, unquantized)
     bits = 8 if precision == "w8a8" else 16
