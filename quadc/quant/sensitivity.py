@@ -38,12 +38,16 @@ energy ``sum (x - fq8(x))^2`` (:func:`noise_energy`, one more pass over the runs
 measured groups by cost per tensor (cheapest first, while they fit). Both are measured as a whole and the
 one with the smaller output error wins (``A8Choice.method``). A plan so runs ``runs x (3 + measured
 groups)`` forwards plus one noise pass, whatever the model's size: with 4 tasks (5 runs) and
-``max_groups=24``, 135 forwards; ``runs=1``, 27; every unit of the tiny U-Net: 2,745.
+``max_groups=24``, 135 forwards; ``runs=1``, 27; every unit of the tiny U-Net: 2,745. A group measured by
+an earlier plan in the same process with the same graph, encodings and runs (another fraction) is not
+measured again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -281,6 +285,40 @@ def movement_units(graph: gs.Graph, candidates: Sequence[str]) -> list[list[str]
     return list(units.values())
 
 
+#: Measured costs of recent plans (fingerprint of graph, encodings and runs -> group -> cost): compiling
+#: one model at several fractions measures each group once. Only the last few fingerprints are kept.
+_MEMO: OrderedDict[str, dict[tuple[str, ...], float]] = OrderedDict()
+_MEMO_KEEP = 2
+
+
+def _measured(graph: gs.Graph, candidates: Sequence[str], enc16: Mapping[str, Encoding],
+              enc8: Mapping[str, Encoding], bound_runs: Sequence[Mapping[str, np.ndarray]]
+              ) -> dict[tuple[str, ...], float]:
+    """The cost table of this exact measurement setting (empty the first time): keyed by a digest of the
+    graph (nodes and constant values), the candidates' encodings and the runs' inputs."""
+    h = hashlib.blake2b(digest_size=20)
+    for node in graph.nodes:
+        h.update(f"{node.op}|{node.name}|{[t.name for t in node.inputs]}|{[t.name for t in node.outputs]}|"
+                 f"{sorted(node.attrs.items(), key=lambda kv: kv[0])!r}".encode())
+        for t in node.inputs:
+            if isinstance(t, gs.Constant):
+                h.update(np.ascontiguousarray(t.values).tobytes())
+    for n in candidates:
+        for enc in (enc16[n], enc8[n]):
+            h.update(f"{n}|{float(enc.scale)}|{float(enc.zero_point)}|{enc.qtype}".encode())
+    for bound in bound_runs:
+        for name in sorted(bound):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(bound[name]).tobytes())
+    key = h.hexdigest()
+    if key not in _MEMO:
+        _MEMO[key] = {}
+        while len(_MEMO) > _MEMO_KEEP:
+            _MEMO.popitem(last=False)
+    _MEMO.move_to_end(key)
+    return _MEMO[key]
+
+
 def _relative_error(out: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> float:
     noise = sum(float(np.sum(np.square(o.astype(np.float64) - r))) for o, r in zip(out, ref, strict=True))
     signal = sum(float(np.sum(np.square(r.astype(np.float64)))) for r in ref)
@@ -323,6 +361,10 @@ def choose_a8(graph: gs.Graph, candidates: Sequence[str], k: int, enc16: Mapping
     progress(f"A8 sensitivity: {len(candidates)} candidate activations, {len(bound_runs)} run(s) per measurement")
     refs = [switched.run(b) for b in bound_runs]
     forwards = len(bound_runs)
+    memo = _measured(graph, candidates, enc16, enc8, bound_runs)
+    if memo:
+        progress(f"A8 sensitivity: reusing {len(memo)} measurement(s) of an earlier plan of the same graph, "
+                 "encodings and runs")
 
     members: dict[tuple[str, ...], list[str]] = {}
 
@@ -353,9 +395,12 @@ def choose_a8(graph: gs.Graph, candidates: Sequence[str], k: int, enc16: Mapping
             if len(groups) <= 64 or n_measured % 50 == 0 or n_measured == len(groups):
                 progress(f"A8 sensitivity: group {n_measured} (at most {max(max_groups, n_measured)}) "
                          f"{_key(prefix)}, {len(names)} tensors")
-            err = [_relative_error(switched.run(b, names), ref) for b, ref in zip(bound_runs, refs, strict=True)]
-            forwards += len(bound_runs)
-            costs[prefix] = float(np.mean(err))
+            key = tuple(sorted(names))
+            if key not in memo:
+                err = [_relative_error(switched.run(b, names), ref) for b, ref in zip(bound_runs, refs, strict=True)]
+                forwards += len(bound_runs)
+                memo[key] = float(np.mean(err))
+            costs[prefix] = memo[key]
 
     if len(units) <= max_groups:  # the budget covers every unit: measure each alone, no estimate needed
         frontier = {paths[u[0]]: list(u) for u in units}
