@@ -2,7 +2,9 @@
 follows the paper's Table 4 (almost nothing lost until most activations are 8-bit), and 8-bit activations
 buy working memory (Table 5).
 
-Run: ``.venv/bin/python benchmarks/bench_mixed_precision.py`` (about 2 minutes on 2 cores).
+Run: ``cd benchmarks && ../.venv/bin/python bench_mixed_precision.py --eval 8`` (about 6 minutes on 2 idle
+cores: each fraction's plan measures every one of the tiny U-Net's 546 activation units, 2,745 forwards;
+``--set a8_groups=24`` measures 24 module groups instead, as on the full U-Net).
 
 For each fraction F of 8-bit activations (``--a8-fraction F``), the trained tiny U-Net with the four
 trained task LoRAs is compiled to ONE shared-encoding graph (``--target``, default ``onnx-qdq``) with the

@@ -118,21 +118,12 @@ def held_out(compiled) -> dict[float, float]:
     return _held_out_means(compiled)
 
 
-def test_held_out_curve_stays_close_to_w8a16(held_out):
-    """What the end-to-end choice gives on the trained fixtures (bench: 39.8 / 39.2 / 38.2 / 36.2 dB at
-    F = 0 / 0.2 / 0.4 / 0.6 on 8 held-out inputs; per-tensor SQNR gave 39.9 / 22.4 / 22.3 / 22.2)."""
+def test_held_out_curve_follows_the_paper(held_out):
+    """Issue 12's bar on inputs calibration and the sensitivity never saw: F = 0.2 within 0.5 dB of F = 0,
+    F = 0.4 within 1 dB, F = 0.6 within 2 dB (bench, 8 held-out inputs: -0.1 / -0.5 / -1.2 dB; before the
+    8-bit ranges by least error and the per-unit measurement: -0.6 / -1.6 / -3.6)."""
     mean = held_out
     assert mean[0.0] > 35, mean
-    assert mean[0.2] >= mean[0.0] - 1.0, mean
-    assert mean[0.4] >= mean[0.0] - 2.0, mean
-    assert mean[0.6] >= mean[0.0] - 4.0, mean
-
-
-@pytest.mark.xfail(reason="issue 12's bar is not met yet: measured -0.6 / -1.6 / -3.6 dB at F = 0.2 / 0.4 / 0.6 "
-                          "(bench_mixed_precision, 8 held-out inputs)", strict=False)
-def test_held_out_curve_follows_the_paper(held_out):
-    """Issue 12's bar: F = 0.2 within 0.5 dB of F = 0, F = 0.4 within 1 dB, F = 0.6 within 2 dB."""
-    mean = held_out
     assert mean[0.2] >= mean[0.0] - 0.5, mean
     assert mean[0.4] >= mean[0.0] - 1.0, mean
     assert mean[0.6] >= mean[0.0] - 2.0, mean

@@ -25,6 +25,8 @@ every task (:func:`quadc.quant.sensitivity.choose_a8`: module groups ranked by r
 tensor, greedy, refined where the choice is made). Tensors the structural rules protect (the timestep
 embedding's path, indices and shapes: :func:`quadc.quant.structural.protected_activations`) stay 16-bit
 whatever F says, so F = 1 leaves them 16-bit too; ``precision=w8a8`` makes every activation 8-bit.
+The candidates' 8-bit ranges (``a8_range``) are those of least quantization error over the calibration runs
+(``mse``: :mod:`quadc.quant.a8_ranges`) or the calibrated min/max (``minmax``), widened by ``a8_headroom``.
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from quadc.context import silent_progress
 from quadc.errors import QuadcError
+from quadc.quant.a8_ranges import mse_ranges
 from quadc.quant.affine import Encoding
-from quadc.quant.calibrate import BASE, Ranges, static_tensors
-from quadc.quant.plan_options import ACTIVATION_PROFILES
+from quadc.quant.calibrate import BASE, Ranges, _runs, static_tensors
+from quadc.quant.plan_options import A8_RANGES, ACTIVATION_PROFILES
 from quadc.quant.schemes import QNN_HTP, EncodingScheme
 from quadc.quant.sensitivity import choose_a8
 from quadc.quant.structural import protected_activations
@@ -105,7 +109,9 @@ def activation_encodings(graph: gs.Graph, ranges: Mapping[str, tuple[float, floa
                          precision: str, a8_fraction: float, progress: Callable[[str], None],
                          unquantized: Collection[str] = (), headroom: float = 1.0,
                          scheme: EncodingScheme = QNN_HTP, a8_runs: int = 0,
-                         a8_groups: int = 24, a8_headroom: float = 1.0) -> tuple[dict[str, Encoding], list[str], dict[str, Any]]:
+                         a8_groups: int = 0, a8_headroom: float = 1.0, a8_range: str = "mse",
+                         calib_feeds: Sequence[Mapping[str, np.ndarray]] = ()
+                         ) -> tuple[dict[str, Encoding], list[str], dict[str, Any]]:
     """``(encodings, a8 tensors, report)`` of the activations among the calibrated ``ranges``, in the
     ``scheme``'s types; the output sensitivity is measured (on ``feeds`` x ``tasks``, ``a8_runs`` runs and
     at most ``a8_groups`` groups: :func:`~quadc.quant.sensitivity.choose_a8`) only when
@@ -115,9 +121,10 @@ def activation_encodings(graph: gs.Graph, ranges: Mapping[str, tuple[float, floa
     of every input, and clipping an unseen input costs far more than the resolution given up (on the
     bundled model, held-out SQNR went from 24-30 dB to 33-37 dB at 2x; a 2x wider uint16 grid still has
     about 90 dB of resolution). ``w8a8`` ranges are kept as calibrated: there every bit counts. The 8-bit
-    ranges of ``a8_fraction`` are widened by ``a8_headroom`` (1.5 by default): on the trained fixtures the
-    chosen 40 % lost 5 dB more output SQNR on held-out inputs than on the calibration feeds at 1x, 1.5 dB at
-    1.5x (8-bit ranges fit to 4 feeds clip on new ones).
+    ranges of ``a8_fraction`` are those of least quantization error over ``calib_feeds`` (``a8_range="mse"``,
+    :func:`~quadc.quant.a8_ranges.mse_ranges`; ``feeds`` when none are given) or the calibrated ones
+    (``"minmax"``), widened by ``a8_headroom`` (1.25 in the plan options): ranges fit to 4 feeds clip new
+    inputs more often.
     """
     acts = activation_names(graph, ranges, unquantized)
     bits = 8 if precision == "w8a8" else 16
@@ -132,8 +139,11 @@ def activation_encodings(graph: gs.Graph, ranges: Mapping[str, tuple[float, floa
     else:
         protected = protected_activations(graph, acts)
         candidates = [n for n in acts if n not in protected]
-        enc8 = {n: scheme.activation_encoding(ranges[n][0] * a8_headroom, ranges[n][1] * a8_headroom, 8)
+        ranges8 = _a8_ranges(graph, {n: ranges[n] for n in candidates}, a8_range, calib_feeds or feeds, tasks,
+                             progress)
+        enc8 = {n: scheme.activation_encoding(ranges8[n][0] * a8_headroom, ranges8[n][1] * a8_headroom, 8)
                 for n in candidates}
+        report["range"] = {"method": a8_range, "headroom": a8_headroom}
         k = min(a8_count(a8_fraction, len(acts)), len(candidates))
         if k < len(candidates):
             progress(f"choosing {k} of {len(candidates)} activations for {scheme.activation8} "
@@ -156,6 +166,20 @@ def activation_encodings(graph: gs.Graph, ranges: Mapping[str, tuple[float, floa
             activations[n] = enc8[n]
     report["count"] = len(a8)
     return activations, a8, report
+
+
+def _a8_ranges(graph: gs.Graph, ranges: Mapping[str, tuple[float, float]], method: str,
+               feeds: Sequence[Mapping[str, np.ndarray]], tasks: Mapping[str, Mapping[str, np.ndarray]],
+               progress: Callable[[str], None]) -> Mapping[str, tuple[float, float]]:
+    """The candidates' 8-bit ranges before headroom: the calibrated ones (``minmax``) or those of least
+    quantization error over the calibration runs of the base model and every task (``mse``,
+    :func:`quadc.quant.a8_ranges.mse_ranges`)."""
+    if method not in A8_RANGES:
+        raise QuadcError(f"a8_range must be one of {', '.join(A8_RANGES)}, got '{method}'")
+    if method == "minmax" or not feeds:
+        return ranges
+    runs = [b for _, _, b in _runs(graph, feeds, tasks, True, silent_progress, "A8 ranges")]
+    return mse_ranges(graph, ranges, runs, progress=progress)
 
 
 def _db(noise_ratio: float) -> float | None:

@@ -12,9 +12,12 @@ option                  default      meaning
                                      path, indices and shapes stay 16-bit (:mod:`quadc.quant.structural`)
 ``a8_runs``             ``0``        calibration runs each A8 measurement covers; 0: one per task plus the
                                      base model (:mod:`quadc.quant.sensitivity`)
-``a8_groups``           ``24``       at most this many activation groups are measured for ``a8_fraction``
-                                     (forwards = runs x (3 + groups))
-``a8_headroom``         ``1.5``      the 8-bit ranges ``a8_fraction`` picks are widened by this factor around
+``a8_groups``           ``0``        at most this many activation groups are measured for ``a8_fraction``
+                                     (forwards = runs x (3 + groups)); 0: each movement unit alone when the
+                                     graph has at most 1,000 candidates (tiny U-Net), else 24 (full U-Net)
+``a8_range``            ``mse``      the 8-bit ranges ``a8_fraction`` picks: least quantization error over the
+                                     calibration runs (:mod:`quadc.quant.a8_ranges`), or ``minmax``: calibrated
+``a8_headroom``         ``1.25``     the 8-bit ranges ``a8_fraction`` picks are widened by this factor around
                                      zero (inputs unlike the calibration feeds clip less)
 ``headroom``            ``2``        16-bit activation ranges are widened by this factor around zero, so
                                      inputs unlike the calibration feeds do not clip
@@ -53,10 +56,11 @@ from typing import Any
 from quadc.options import PassOption, parse_options
 from quadc.quant.plan import PRECISIONS
 
-__all__ = ["ACTIVATION_PROFILES", "LORA_POLICY_OPTIONS", "PLAN_OPTIONS", "PlanOptions"]
+__all__ = ["A8_RANGES", "ACTIVATION_PROFILES", "LORA_POLICY_OPTIONS", "PLAN_OPTIONS", "PlanOptions"]
 
 LORA_POLICY_OPTIONS = ("auto", "anchor", "unified")
 ACTIVATION_PROFILES = ("union", "anchor", "anchor-fit")
+A8_RANGES = ("mse", "minmax")
 
 #: The planner's options: they are the options of the ``quant-plan`` pass (see the table above).
 PLAN_OPTIONS: tuple[PassOption, ...] = (
@@ -66,8 +70,11 @@ PLAN_OPTIONS: tuple[PassOption, ...] = (
                low=0.0, high=1.0),
     PassOption("a8_runs", int, 0, "calibration runs each A8 sensitivity measurement covers (0: one per task "
                "plus the base model)", low=0),
-    PassOption("a8_groups", int, 24, "at most this many activation groups are measured for a8_fraction", low=1),
-    PassOption("a8_headroom", float, 1.5, "widen the ranges of a8_fraction's 8-bit activations by this factor "
+    PassOption("a8_groups", int, 0, "at most this many activation groups are measured for a8_fraction (0: every "
+               "unit alone up to 1,000 candidate activations, else 24)", low=0),
+    PassOption("a8_range", str, "mse", "8-bit ranges of a8_fraction: least quantization error over the "
+               "calibration runs (mse) or the calibrated min/max (minmax)", choices=A8_RANGES),
+    PassOption("a8_headroom", float, 1.25, "widen the ranges of a8_fraction's 8-bit activations by this factor "
                "around zero", low=1.0),
     PassOption("headroom", float, 2.0, "widen 16-bit activation ranges by this factor around zero so inputs "
                "unlike the calibration feeds do not clip", low=1.0),
@@ -99,8 +106,9 @@ class PlanOptions:
     precision: str = "w8a16"
     a8_fraction: float = 0.0
     a8_runs: int = 0
-    a8_groups: int = 24
-    a8_headroom: float = 1.5
+    a8_groups: int = 0
+    a8_range: str = "mse"
+    a8_headroom: float = 1.25
     headroom: float = 2.0
     calib_dir: str | None = None
     calib_random: int = 4

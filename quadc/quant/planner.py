@@ -95,7 +95,8 @@ def derive_plan(graph: gs.Graph, slots: Mapping[str, Any], cal: Calibration, sch
                                                       opts.a8_fraction, progress, unquantized,
                                                       headroom=opts.headroom, scheme=scheme,
                                                       a8_runs=opts.a8_runs, a8_groups=opts.a8_groups,
-                                                      a8_headroom=opts.a8_headroom)
+                                                      a8_headroom=opts.a8_headroom, a8_range=opts.a8_range,
+                                                      calib_feeds=cal.feeds)
     per_channel = scheme.weights_per_channel(opts.per_channel)
     progress("computing weight encodings" + (" (per-channel)" if per_channel else ""))
     weights = weight_encodings(graph, opts.per_channel, scheme)
