@@ -35,6 +35,13 @@ SQNR, dB (``*``: the validation check kept the original LoRA)::
 
 Model level: every aligned task beats its own-encodings compile (+0.5 / +2.4 / +0.7 dB effect) and every
 output SQNR rises; the anchor stays 0.04 dB under its own compile (its activation encodings cover all tasks).
+That gap is not precision lost (``benchmarks/anchor_diff.py``, issue 11): under ``anchor-fit`` 30 of the
+anchor's 548 activations (all uint16: LoRA up/down outputs, up_blocks.0/1 resnet and attention tensors)
+take the union, 1.5-3.7x wider, because another task would clip there; the shared graph then rounds the
+anchor on other 16-bit grids and its output moves 73 dB below the signal (55 dB below its effect). The
+sign of such a change is chance: leaving those 30 tensors float in the own compile loses 0.038 dB too,
+and all 548 activations float gain only 0.12 dB. With the anchor's own grids (profile ``anchor``) the
+graph is bit-exact with the own compile, extra LoRA-sum requantizations included.
 The model-level column was measured before the validation check existed (it can only put an original back,
 and every task there improved on the evaluation feeds); the layer column with it (``--levels layer``):
 without it ``edges_to_image`` ended 0.22 dB below unaligned and ``inpaint`` 0.32 dB above.
