@@ -37,7 +37,13 @@ Model level: background_removal and edges_to_image beat their own-encodings comp
 and their output SQNR rises. ``inpaint`` (retrained to fill the masked hole; its LoRA values fall far outside
 the anchor's shared LoRA encodings) gets back 5.0 of the 6.6 dB sharing costs it and stays 1.5 dB under its
 own compile (``--steps 1000 --levels layer``: 30.36, 0.5 dB under). The anchor stays 0.03 dB under its own
-compile (its activation encodings also cover the other tasks).
+compile (its activation encodings also cover the other tasks). That gap is not precision lost (``benchmarks/anchor_diff.py``, issue 11): under ``anchor-fit`` 30 of the
+anchor's 548 activations (all uint16: LoRA up/down outputs, up_blocks.0/1 resnet and attention tensors)
+take the union, 1.5-3.7x wider, because another task would clip there; the shared graph then rounds the
+anchor on other 16-bit grids and its output moves 73 dB below the signal (55 dB below its effect). The
+sign of such a change is chance: leaving those 30 tensors float in the own compile loses 0.038 dB too,
+and all 548 activations float gain only 0.12 dB. With the anchor's own grids (profile ``anchor``) the
+graph is bit-exact with the own compile, extra LoRA-sum requantizations included.
 
 Weights, shared unaligned graph, base output SQNR; effect / output per task:
 uint8 per-tensor 41.95; background_removal 35.38 / 39.90, edges_to_image 37.02 / 40.62, inpaint 24.33 / 36.45,
