@@ -152,7 +152,7 @@ def _add_align_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
     if dest:  # compile --align keeps the rest at their defaults; quadc align exposes them all
         return
     add("batch", type=int, metavar="N", help="samples per step (default: layer 256 rows, model 4 feeds)")
-    add("lr", type=float, metavar="LR", help="Adam step in steps of the shared quantization grid (default 0.1)")
+    add("lr", type=float, metavar="LR", help="Adam step in steps of the shared quantization grid (default 0.1; the model level takes a tenth of it)")
     add("patience", type=int, metavar="N", help="validation checks without improvement before stopping (default 5)")
     add("eval-every", type=int, metavar="N", help="steps between validation checks (default steps/20)")
     add("feeds", type=int, metavar="N", help="synthetic training feeds without --calib (default 32)")

@@ -110,11 +110,19 @@ class LoRAFactors(torch.nn.Module):
         return out
 
     def load(self, lora: LoRA) -> None:
-        """Set the factors to ``lora``'s (the same layers and shapes)."""
+        """Set the factors to ``lora``'s (the same layers; a layer of smaller rank, such as the original of
+        a LoRA split over its spare rank, fills the first components and zeros the rest)."""
         with torch.no_grad():
             for i, module in enumerate(self.modules_):
-                self.down[i].copy_(torch.from_numpy(lora.layers[module].down))
-                self.up[i].copy_(torch.from_numpy(lora.layers[module].up))
+                layer = lora.layers[module]
+                if layer.rank > self.down[i].shape[0]:
+                    raise QuadcError(f"cannot load rank {layer.rank} into the {self.down[i].shape[0]} components "
+                                     f"of '{module}'")
+                ratio = layer.scale / self.lora.layers[module].scale
+                self.down[i].zero_()
+                self.up[i].zero_()
+                self.down[i][: layer.rank].copy_(torch.from_numpy(layer.down))
+                self.up[i][:, : layer.rank].copy_(torch.from_numpy(layer.up) * ratio)
 
     def to_lora(self, name: str | None = None) -> LoRA:
         """The current factors as a :class:`~quadc.lora.model.LoRA` (alpha, rank and rsLoRA kept)."""
