@@ -190,8 +190,9 @@ def compile_all(model: str | os.PathLike[str] | None, out_dir: str | os.PathLike
     graph, shared_records = run_pipeline(graph, first[:shared], ctx, verify=options.verify,
                                          print_after=[p for p in options.print_after
                                                       if p in {q.name for q in first[:shared]}])
+    source_sha256 = model_sha256(model_path)  # once: every target's manifest records the same source
     index: dict[str, Any] = {"format_version": FORMAT_VERSION, "quadc_version": quadc.__version__,
-                             "source": {"model": model_path.name, "sha256": model_sha256(model_path)},
+                             "source": {"model": model_path.name, "sha256": source_sha256},
                              "shared_passes": [r.name for r in shared_records], "targets": {}, "skipped": skipped}
     with staged_directory(out_dir, force=options.force) as tmp:
         for name, target in targets.items():
@@ -204,7 +205,8 @@ def compile_all(model: str | os.PathLike[str] | None, out_dir: str | os.PathLike
             if options.max_saturation is not None:
                 check_max_saturation(task_saturations(tctx), options.max_saturation)
             (tmp / name).mkdir()
-            manifest = _write_artifact(target, tgraph, tctx, tmp / name, model_path, [*shared_records, *records])
+            manifest = _write_artifact(target, tgraph, tctx, tmp / name, model_path, [*shared_records, *records],
+                                       source_sha256=source_sha256)
             _add_components(model, options, target, tmp / name, manifest, progress)
             index["targets"][name] = {"dir": name, "manifest": f"{name}/{MANIFEST_NAME}",
                                       "shared_rom_bytes": manifest.get("shared_rom_bytes"),
@@ -304,16 +306,20 @@ def _target_context(ctx: CompileContext, target: Target) -> None:
 
 
 def _write_artifact(target: Target, graph: Any, ctx: CompileContext, out: Path, model_path: Path,
-                    records: Sequence[Any]) -> dict[str, Any]:
+                    records: Sequence[Any], source_sha256: str | None = None) -> dict[str, Any]:
     """``target.emit`` into ``out`` and the manifest beside it; returns the manifest.
 
     The source's sha256 is computed on a second thread while ``emit`` writes (hashing and file reads
     release the GIL; the write mostly waits on the disk), so a full-size compile does not read the
-    source's weights once more after writing."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        source_sha256 = pool.submit(model_sha256, model_path)
-        entries = target.emit(graph, ctx, out)
-        digest = source_sha256.result()
+    source's weights once more after writing; ``source_sha256``, when the caller has it (``--target all``:
+    one digest for every target), is used as it is."""
+    if source_sha256 is not None:
+        entries, digest = target.emit(graph, ctx, out), source_sha256
+    else:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(model_sha256, model_path)
+            entries = target.emit(graph, ctx, out)
+            digest = pending.result()
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "quadc_version": quadc.__version__,
