@@ -1,8 +1,8 @@
 """What the ``qnn`` target checks of its QDQ graph before handing it to onnxruntime-qnn.
 
-Each check returns the problems it found as sentences (empty: the graph passes):
+Each check returns the problems it found as sentences (empty: the graph passes). Static input shapes are
+checked before any pass (``Target.static_shapes``, :func:`quadc.graph_inputs.dynamic_inputs`).
 
-- :func:`dynamic_dims`: every graph input has a static shape (a QNN context is compiled for one shape);
 - :func:`lora_defaults`: no LoRA slot input has an initializer default (a QNN context model whose LoRA
   inputs have defaults fails to load, and a default would hide an unbound task);
 - :func:`matmul_pairs`: every MatMul of two dequantized dynamic tensors (activations, LoRA inputs) takes a
@@ -17,17 +17,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from quadc.graph_inputs import dynamic_inputs
 from quadc.quant.affine import QType
 from quadc.quant.schemes import EncodingScheme
 from quadc.unet_inputs import is_lora_input
 
-__all__ = ["dynamic_dims", "lora_defaults", "matmul_pairs"]
-
-
-def dynamic_dims(graph: gs.Graph) -> list[str]:
-    """Graph inputs whose shape is not all positive integers (:func:`quadc.graph_inputs.dynamic_inputs`)."""
-    return dynamic_inputs(graph)
+__all__ = ["lora_defaults", "matmul_pairs"]
 
 
 def lora_defaults(model: onnx.ModelProto) -> list[str]:

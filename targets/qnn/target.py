@@ -119,7 +119,6 @@ class QnnTarget(Target):
             raise QuadcError(f"target qnn needs an opset-21 QDQ graph (16-bit Q/DQ), the graph has opset {graph.opset}; "
                              "keep qdq-insert's opset option at 21")
         checks = [
-            (legality.dynamic_dims(graph), "export the model with static shapes (quadc export --batch N)"),
             (legality.matmul_pairs(graph, get_scheme(plan.scheme)),
              "keep qdq-insert's act_matmul_8bit option on, as the qnn pipeline sets it"),
             (mixed_units(graph),
