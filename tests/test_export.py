@@ -177,6 +177,12 @@ def test_pretrained_folder_errors(tmp_path):
     build_unet("tiny").save_pretrained(tmp_path / "tiny_unet")
     with pytest.raises(QuadcError, match="cross_attention_dim 32 but config 'sd15'"):
         export_unet("sd15", weights=str(tmp_path / "tiny_unet"), out=tmp_path / "x.onnx")
+    # An SD2-style U-Net (1024-wide text embeddings) matches no config: the error says what to do instead.
+    from diffusers import UNet2DConditionModel
+
+    UNet2DConditionModel(**{**get_config("tiny"), "cross_attention_dim": 1024}).save_pretrained(tmp_path / "sd2")
+    with pytest.raises(QuadcError, match="1024 but config 'sd15' expects 768; no config here has it.*torch.onnx.export"):
+        export_unet("sd15", weights=str(tmp_path / "sd2"), out=tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()
 
 

@@ -52,7 +52,7 @@ from typing import Any
 import onnx
 
 from quadc.errors import QuadcError, require_extra
-from quadc.export.configs import SD15, TEXT_TOKENS, get_config
+from quadc.export.configs import CONFIGS, TEXT_TOKENS, get_config
 from quadc.graph import EMBED_MAX_BYTES, load_model, save_model
 
 Progress = Callable[[str], None]
@@ -158,9 +158,12 @@ def build_unet(config: str = "tiny", weights: str = "random", seed: int = 0) -> 
         want = cfg["cross_attention_dim"]
         got = model.config.cross_attention_dim
         if got != want:
-            hint = "sd15" if got == SD15["cross_attention_dim"] else "a matching config"
+            matching = [name for name, c in CONFIGS.items() if c["cross_attention_dim"] == got]
+            hint = (f"pass config '{matching[0]}'" if matching else
+                    "no config here has it (quadc export builds SD1.5-shaped U-Nets); export this U-Net with "
+                    "torch.onnx.export and give quadc compile that ONNX file")
             raise QuadcError(f"{folder}: U-Net has cross_attention_dim {got} but config '{config}' expects {want}; "
-                             f"pass config '{hint}'")
+                             f"{hint}")
         model = model.to(torch.float32)
     return model.eval()
 
