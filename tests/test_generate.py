@@ -168,6 +168,14 @@ def test_artifact_without_vae(tmp_path: Path) -> None:
     assert "components" not in json.loads((tmp_path / "unet_only" / "manifest.json").read_text())
     with pytest.raises(QuadcError, match="no vae-encoder"):
         generate(tmp_path / "unet_only", "sepia")
+    # Without an image the decoder is still needed: refused before the first U-Net step, not after the loop.
+    pipe = LoadedPipeline(tmp_path / "unet_only")
+    steps: list[str | None] = []
+    run = pipe.unet.run
+    pipe.unet.run = lambda feeds, task=None: steps.append(task) or run(feeds, task=task)  # type: ignore[method-assign]
+    with pytest.raises(QuadcError, match="no vae-decoder"):
+        generate(tmp_path / "unet_only", "none", engine=pipe)
+    assert steps == []
 
 
 def test_tflite_pipeline_matches_float(artifacts: dict[str, Path], tmp_path: Path) -> None:

@@ -140,6 +140,10 @@ def generate(artifact_dir: str | os.PathLike[str], task: str | None, *, sampler:
         strength = bundled.strength if bundled is not None else (0.75 if image is not None else 1.0)
     if image is None and mask is not None:
         raise QuadcError("a mask needs the image it masks; pass --image too")
+    # Both VAE ends are checked before the first U-Net step, not after the loop: at full size a missing
+    # decoder was found only after minutes of sampling.
+    enc = pipe.require("vae-encoder") if image is not None else None
+    dec = pipe.require("vae-decoder")
     io = _unet_io(pipe.unet)
     sample_name, sample_shape = io["sample"]
     cond = _embeddings(prompt_embeds, io["encoder_hidden_states"][1], prompt_index)
@@ -151,8 +155,7 @@ def generate(artifact_dir: str | os.PathLike[str], task: str | None, *, sampler:
     latent_shape = [int(d) for d in sample_shape]
     noise = rng.standard_normal(latent_shape).astype(np.float32)
     source = keep = None
-    if image is not None:
-        enc = pipe.require("vae-encoder")
+    if image is not None and enc is not None:
         enc_in, enc_shape, _ = _single(enc, "VAE encoder")
         size = (enc_shape[2], enc_shape[3])
         pixels = images.load_image(image, size) if not isinstance(image, np.ndarray) else image.astype(np.float32)
@@ -184,7 +187,6 @@ def generate(artifact_dir: str | os.PathLike[str], task: str | None, *, sampler:
         unet_total += timings[f"unet_step_{i + 1}"]
     timings["unet"] = unet_total
     timings["unet_per_step"] = unet_total / max(1, len(steps_run.timesteps))
-    dec = pipe.require("vae-decoder")
     dec_in, _, _ = _single(dec, "VAE decoder")
     t = time.perf_counter()
     decoded = next(iter(dec.run({dec_in: x}).values()))
