@@ -273,7 +273,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise QuadcError(f"--seeds takes comma-separated integers like 0,1, got '{args.seeds}'") from None
     data = build_report(args.artifact, args.float_artifact, tasks=args.task or None, seeds=seeds,
                         sampler=args.sampler, steps=args.steps, model=args.model,
-                        ablation=_float_list(args.ablation), progress=stderr_progress)
+                        ablation=_float_list(args.ablation), prompt_embeds=args.prompt_embeds,
+                        progress=stderr_progress)
     path = write_report(data, args.output)
     print(f"wrote {path} ({len(data.tasks)} task(s), seeds {args.seeds})")
     return 0
@@ -527,6 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "artifact came from it)")
     p.add_argument("--ablation", default="0,0.25,0.5,0.75,1",
                    help="fractions of activations at 8 bits for the W8A8:W8A16 curve ('' leaves it out)")
+    p.add_argument("--prompt-embeds", help=".npy prompt embeddings [tokens, width] for every picture (default: the "
+                                           "bundled ones; a U-Net of another text shape needs this)")
     p.add_argument("-o", "--output", required=True, help="the HTML file to write")
     p.set_defaults(func=cmd_report)
 

@@ -148,6 +148,20 @@ def test_cli_report(artifacts, tmp_path, capsys):
         assert code == 2 and "image pipeline" in err and len(err.strip().splitlines()) == 1 and not out.exists()
 
 
+@pytest.mark.skipif(not HAVE_PIPELINE, reason="needs the image pipeline")
+def test_cli_report_takes_prompt_embeddings(artifacts, tmp_path, capsys):
+    """A U-Net whose text shape the bundled prompts do not fit needs the user's embeddings; the report
+    passes them to every picture (a wrong shape reaches generate's check)."""
+    good, bad = tmp_path / "good.npy", tmp_path / "bad.npy"
+    np.save(good, np.random.default_rng(3).standard_normal((8, 32)).astype(np.float32))
+    np.save(bad, np.zeros((5, 32), np.float32))
+    common = [str(artifacts["qdq"]), "--task", "sepia", "--seeds", "0", "--ablation", ""]
+    assert main(["report", *common, "--prompt-embeds", str(bad), "-o", str(tmp_path / "bad.html")]) == 2
+    assert "prompt embeddings have shape [1, 5, 32]" in capsys.readouterr().err
+    assert main(["report", *common, "--prompt-embeds", str(good), "-o", str(tmp_path / "good.html")]) == 0
+    assert (tmp_path / "good.html").is_file()
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -90,13 +90,14 @@ _STEP_KEY = re.compile(r"unet_step_\d+$")
 
 
 def _run_pipeline(run: Callable[..., Any], tasks: Sequence[str], seeds: Sequence[int], sampler: str,
-                  steps: int) -> tuple[dict[str, list[Any]], int]:
+                  steps: int, prompt_embeds: Any = None) -> tuple[dict[str, list[Any]], int]:
     """Every (task, seed) through one pipeline; results per task and the largest peak RSS seen."""
     out: dict[str, list[Any]] = {}
     peak = 0
+    extra = {"prompt_embeds": prompt_embeds} if prompt_embeds is not None else {}
     for task in tasks:
         for seed in seeds:
-            res = run(task, sampler=sampler, steps=steps, seed=seed)
+            res = run(task, sampler=sampler, steps=steps, seed=seed, **extra)
             out.setdefault(task, []).append(res)
             peak = max(peak, int(getattr(res, "peak_rss", 0) or 0))
     return out, peak
@@ -209,10 +210,12 @@ def build_report(artifact: str | os.PathLike[str], float_artifact: str | os.Path
                  tasks: Sequence[str] | None = None, seeds: Sequence[int] = (0, 1), sampler: str = "lcm",
                  steps: int = 4, model: str | os.PathLike[str] | None = None,
                  ablation: Sequence[float] = DEFAULT_ABLATION, generate: Callable[..., Any] | None = None,
-                 progress: Callable[[str], None] | None = None) -> ReportData:
+                 prompt_embeds: Any = None, progress: Callable[[str], None] | None = None) -> ReportData:
     """Measure everything the report shows (see the module docstring). ``tasks``: default every task of
     the artifact; ``model``: the float source for the ablation (default: the bundled U-Net if the
-    artifact came from it; without one the curve is left out and a note says why)."""
+    artifact came from it; without one the curve is left out and a note says why); ``prompt_embeds``: a
+    ``.npy`` path or array every picture is conditioned on (default: the bundled prompts, which fit only
+    U-Nets of the bundled text shape)."""
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
     fart = Path(float_artifact) if float_artifact is not None else None
@@ -232,12 +235,12 @@ def build_report(artifact: str | os.PathLike[str], float_artifact: str | os.Path
     # The quantized pipeline runs alone first, so the peak RSS it reports is its own.
     if progress:
         progress(f"report: quantized pipeline, {len(names)} task(s) x {len(seeds)} seed(s)")
-    quant, peak = _run_pipeline(_pipeline_runner(generate, artifact), names, seeds, sampler, steps)
+    quant, peak = _run_pipeline(_pipeline_runner(generate, artifact), names, seeds, sampler, steps, prompt_embeds)
     flt: dict[str, list[Any]] = {}
     if fart is not None:
         if progress:
             progress("report: float pipeline on the same seeds")
-        flt, _ = _run_pipeline(_pipeline_runner(generate, fart), names, seeds, sampler, steps)
+        flt, _ = _run_pipeline(_pipeline_runner(generate, fart), names, seeds, sampler, steps, prompt_embeds)
     results = [_task_result(t, seeds, quant[t], flt.get(t)) for t in names]
     notes: list[str] = []
     layers = lora_layer_sqnr(artifact, fart, [t for t in names if t != "none"]) if fart is not None else {}
