@@ -34,11 +34,11 @@ class FloatReference:
         from quadc.targets.onnx_ref import _source_lora, _source_model
 
         model_path = _source_model(manifest, model)
+        tasks = list(manifest.get("tasks", {}))
+        paths = {t: str(_source_lora(manifest, t, loras)) for t in tasks}  # before hashing a large model
         if model_sha256(model_path) != manifest.get("source", {}).get("sha256"):
             raise QuadcError(f"{model_path} is not the model the artifact was compiled from (its sha256 differs "
                              "from the manifest's); pass the source model")
-        tasks = list(manifest.get("tasks", {}))
-        paths = {t: str(_source_lora(manifest, t, loras)) for t in tasks}
         graph, ctx, _ = prepare(model_path, paths)
         pipeline = PassPipeline("float")
         lora_opts = next((p.get("options", {}) for p in manifest.get("passes", []) if p.get("pass") == "lora-inputs"), {})

@@ -74,6 +74,7 @@ class OnnxQdqTarget(Target):
         from quadc.targets.float_reference import float_reference, output_errors
 
         engine = Engine(Path(artifact_dir))
-        out = engine.run(feeds, task=task)
+        # The reference first: a missing source model or LoRA is refused before the artifact runs.
         ref = float_reference(engine.manifest, feeds, task, model=model, loras=loras)
+        out = engine.run(feeds, task=task)
         return {"task": task or "none", "outputs": output_errors(out, ref), "reference": "float LoRA-as-input graph"}

@@ -18,6 +18,7 @@ from test_qdq_insert import make_plan
 
 from quadc import frontend
 from quadc.compiler import CompileOptions, compile_model
+from quadc.errors import QuadcError
 from quadc.lora.pack import quantize_task, read_packed
 from quadc.quant.affine import sqnr_db
 from quadc.quant.encodings import read_encodings
@@ -202,6 +203,24 @@ def test_verify_measures_against_the_float_lora_as_input_graph(compiled):
     got = Engine(root / "q").run(EVAL[1], "beta")["out_sample"].astype(np.float64)
     assert abs(out["sqnr_db"] - 10 * np.log10(np.sum(want**2) / np.sum((want - got) ** 2))) < 0.01
     assert out["sqnr_db"] > 30.0 and out["max_abs_err"] == pytest.approx(np.max(np.abs(want - got)), rel=1e-4)
+
+
+def test_verify_refuses_a_missing_lora_before_any_work(compiled, bundled_unet, monkeypatch):
+    """The float reference needs every task's LoRA: without one, verify says so before the artifact runs
+    and before the source model is hashed (minutes and seconds at full size)."""
+    from quadc.runtime import engine as engine_module
+    from quadc.targets.float_reference import _CACHE
+
+    root, paths = compiled
+    work: list[str] = []
+    run = engine_module.Engine.run
+    monkeypatch.setattr(engine_module.Engine, "run", lambda self, *a, **k: work.append("run") or run(self, *a, **k))
+    monkeypatch.setattr("quadc.graph.model_sha256", lambda *a, **k: work.append("sha256") or "")
+    _CACHE.clear()
+    with pytest.raises(QuadcError, match=f"verify needs the LoRA compiled as task '{TASKS[1]}'"):
+        get_target("onnx-qdq").verify(root / "q", EVAL[1], TASKS[0], model=bundled_unet,
+                                      loras={TASKS[0]: paths[TASKS[0]]})
+    assert work == []
 
 
 def test_float_lora_inputs_variant(compiled, outputs):

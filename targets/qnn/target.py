@@ -184,9 +184,10 @@ class QnnTarget(Target):
         from quadc.targets.float_reference import FloatReference, output_errors
 
         engine = Engine(artifact_dir, executor=executor)
-        out = engine.run(feeds, task=task)
+        # The reference first: a missing source model or LoRA is refused before the artifact runs.
         ref = reference if reference is not None else FloatReference.cached(engine.manifest, model, loras)
         want_all = ref.run(feeds, None if task in BASE_TASKS else task)
+        out = engine.run(feeds, task=task)
         report: dict[str, Any] = {"task": task or "none", "executor": engine.executor,
                                   "reference": "float LoRA-as-input graph", "outputs": output_errors(out, want_all)}
         return report
