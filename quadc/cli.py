@@ -220,7 +220,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.component != "unet":
         from quadc.export.components import export_component
 
-        unet_only = [flag for flag, value, default in (("--exporter", args.exporter, "torchscript"),
+        unet_only = [flag for flag, value, default in (("--exporter", args.exporter or "torchscript", "torchscript"),
                                                        ("--dtype", args.dtype, "fp32"), ("--batch", args.batch, 1),
                                                        ("--opset", args.opset, None)) if value != default]
         if unet_only:
@@ -230,7 +230,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                                 seed=args.seed, progress=progress)
         print(f"wrote {path}")
         return 0
-    path = export_unet(config=args.config, weights=args.weights, exporter=args.exporter, out=Path(args.output),
+    exporter = args.exporter or ("dynamo" if args.dtype == "fp16" else "torchscript")
+    path = export_unet(config=args.config, weights=args.weights, exporter=exporter, out=Path(args.output),
                        opset=args.opset, batch=args.batch, seed=args.seed, progress=progress, dtype=args.dtype)
     print(f"wrote {path}")
     return 0
@@ -579,8 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="random",
                    help="'random' or a local diffusers pipeline folder (its unet/, vae/ or text_encoder/) or the "
                         "component's own folder")
-    p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
-                   help="torch.onnx exporter (default: torchscript)")
+    p.add_argument("--exporter", choices=["torchscript", "dynamo"],
+                   help="torch.onnx exporter (default: torchscript; dynamo with --dtype fp16, since TorchScript "
+                        "traces by running the model, and float16 on the CPU takes hours at full size)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
                    help="float type of the exported weights, inputs and output (default: fp32)")

@@ -12,6 +12,7 @@ import pytest
 
 from quadc.errors import QuadcError
 from quadc.export import (
+    DEFAULT_OPSET,
     TEXT_TOKENS,
     build_unet,
     example_inputs,
@@ -237,3 +238,24 @@ def test_sd15_export(exporter, tmp_path):
     expected = module_paths("sd15")
     assert set(info.points) == set(expected)
     assert len(info.attention) == 32 and {b.heads for b in info.attention} == {8}
+
+
+def test_cli_fp16_defaults_to_the_dynamo_exporter(tmp_path, capsys):
+    """TorchScript traces by running the model, and torch's float16 CPU kernels make that take hours at full
+    size: `quadc export --dtype fp16` without --exporter uses dynamo (opset 18), and the Python API warns
+    when a large model is traced in float16."""
+    from quadc.cli import main
+
+    out = tmp_path / "fp16.onnx"
+    assert main(["export", "--dtype", "fp16", "-q", "-o", str(out)]) == 0
+    model = onnx.load(str(out), load_external_data=False)
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    assert opset == DEFAULT_OPSET["dynamo"] != DEFAULT_OPSET["torchscript"]
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    notes: list[str] = []
+    unet_export.SLOW_FP16_TRACE_BYTES, saved = 0, unet_export.SLOW_FP16_TRACE_BYTES
+    try:
+        export_unet("tiny", out=tmp_path / "ts.onnx", dtype="fp16", progress=notes.append)
+    finally:
+        unet_export.SLOW_FP16_TRACE_BYTES = saved
+    assert any("take hours" in n and "dynamo" in n for n in notes)
