@@ -299,3 +299,21 @@ def test_analyze_does_not_decode_external_weights(tiny_dynamo_onnx, tmp_path, to
     graph, info = load(path)
     _check_against_torch(info, torch_paths)
     assert graph._quadc_registry == {}  # no ExternalValues.load() happened
+
+
+def test_graph_fused_by_onnxruntime_optimizer_is_refused(bundled_unet, tmp_path, capsys):
+    """A U-Net that onnxruntime's transformer optimizer fused (what Olive ships): its contrib ops hide the
+    layers and NhwcConv has no CPU kernel; the one-line refusal comes at load, for every target."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from quadc.cli import main
+
+    fused = tmp_path / "fused.onnx"
+    optimize_model(str(bundled_unet), model_type="unet", num_heads=0, hidden_size=0, opt_level=0,
+                   use_gpu=False).save_model_to_file(str(fused))
+    with pytest.raises(QuadcError, match=r"contrib ops \(NhwcConv x\d+.*before those fusions"):
+        load(fused)
+    capsys.readouterr()  # the optimizer's progress bar
+    assert main(["compile", str(fused), "--target", "onnx-qdq", "-q", "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "contrib ops" in err and not (tmp_path / "out").exists()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import onnx_graphsurgeon as gs
@@ -24,11 +24,24 @@ def load(path: str | os.PathLike[str]) -> tuple[gs.Graph, ModelInfo]:
     if path.exists() and path.is_file() and path.stat().st_size == 0:
         raise QuadcError(f"{path}: the file is empty; export the model again")
     graph = load_model(path)
+    _refuse_fused_graph(graph, path)
     info = recognize_unet(graph, source=path)
     if not info.points:
         raise QuadcError(f"{path}: found no Linear or Conv layer with constant weights; quadc needs a float "
                          "U-Net with its weights as initializers (not an already quantized one)")
     return graph, info
+
+
+def _refuse_fused_graph(graph: gs.Graph, path: Path) -> None:
+    """One line for a graph that onnxruntime's transformer optimizer (or Olive) has already fused: its
+    ``com.microsoft`` ops (NhwcConv, GroupNorm, MultiHeadAttention, ...) hide the Linear/Conv layers LoRAs
+    attach to, and several have no CPU kernel (calibration ended in an onnxruntime traceback)."""
+    fused = Counter(node.op for node in graph.nodes if node.domain == "com.microsoft")
+    if fused:
+        ops = ", ".join(f"{op} x{n}" for op, n in fused.most_common(3))
+        raise QuadcError(f"{path}: the graph holds onnxruntime contrib ops ({ops}), as onnxruntime's transformer "
+                         "optimizer or Olive writes them; give quadc the U-Net as torch.onnx exported it, before "
+                         "those fusions")
 
 
 def _group_of(module: str) -> str:
