@@ -97,8 +97,23 @@ def _write_report(path: str, report: object) -> None:
     from quadc.paths import replaced_atomically
 
     with replaced_atomically(path) as tmp:
-        write_json(tmp, report)
+        write_json(tmp, _strict_json(report))
     print(f"wrote {path}")
+
+
+def _strict_json(value: object) -> object:
+    """``value`` with every non-finite float as the string ``"inf"``, ``"-inf"`` or ``"nan"``: an exact
+    match's SQNR is infinite, and JSON has no infinity (Python wrote ``Infinity``, which jq and
+    JSON.parse refuse)."""
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict_json(v) for v in value]
+    return value
 
 
 def _align_options(args: argparse.Namespace, level: str) -> object:

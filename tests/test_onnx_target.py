@@ -118,3 +118,21 @@ def test_manifest_source_sha256_is_the_source_files_digest(artifact: Path) -> No
     expected = hashlib.sha256(b"".join(hashlib.sha256(p.read_bytes()).digest() for p in parts)).hexdigest()
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert manifest["source"] == {"model": model.name, "sha256": expected}
+
+
+def test_cli_verify_writes_strict_json_for_an_exact_base_model(tmp_path, capsys):
+    """Compiled with `dce` only and no LoRA, the float artifact computes exactly its source (SQNR inf): the
+    table says inf for the mean too, and --json stays JSON that strict parsers read (no bare Infinity)."""
+    from quadc.cli import main
+
+    model, art, report = str(bundled_model()), tmp_path / "exact", tmp_path / "verify.json"
+    assert main(["compile", model, "--passes", "dce", "-q", "-o", str(art)]) == 0
+    assert main(["verify", str(art), "--model", model, "--random", "2", "--json", str(report)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if " none " in f" {line} ")
+    assert "inf / inf" in row, row
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"non-JSON constant {constant}")
+
+    entry = json.loads(report.read_text(), parse_constant=refuse)["targets"]["onnx"]["tasks"]["none"]
+    assert entry["sqnr_db_min"] == entry["sqnr_db_mean"] == "inf"
