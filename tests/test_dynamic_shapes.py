@@ -101,3 +101,49 @@ def test_target_all_skips_the_single_shape_targets(dynamic_unet: Path, tmp_path:
         assert name not in written["targets"] and not (out / name).exists()
         if get_target(name).available()[0]:  # else skipped as not installed
             assert "one input shape" in written["skipped"][name], written["skipped"]
+
+
+def test_run_casts_feeds_to_the_graph_types_and_refuses_what_it_cannot(tmp_path: Path, capsys) -> None:
+    """optimum exports the timestep as int64; numpy writes float64. `quadc run` casts float64 to float32 and
+    a whole-valued float timestep to int64 (the same output as int64 feeds), and refuses in one line a
+    fractional timestep for an int64 input and a sample of the wrong size (onnxruntime tracebacks before)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from quadc.export.unet_export import build_unet, example_inputs
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, unet: torch.nn.Module) -> None:
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, sample, timestep, encoder_hidden_states):  # noqa: ANN001, ANN201
+            return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+    ex = example_inputs("tiny")
+    args = (torch.from_numpy(ex["sample"]), torch.tensor([500], dtype=torch.int64),
+            torch.from_numpy(ex["encoder_hidden_states"]))
+    model = tmp_path / "unet.onnx"
+    torch.onnx.export(Wrapper(build_unet("tiny").eval()), args, str(model), dynamo=False, opset_version=17,
+                      input_names=["sample", "timestep", "encoder_hidden_states"], output_names=["out_sample"])
+    art = tmp_path / "art"
+    compile_model(model, art, CompileOptions(target="onnx-qdq", loras=LORAS))
+    rng = np.random.default_rng(5)
+    sample, cond = rng.standard_normal(ex["sample"].shape), rng.standard_normal(ex["encoder_hidden_states"].shape)
+    want = Engine(art).run({"sample": sample.astype(np.float32), "timestep": np.array([300], np.int64),
+                            "encoder_hidden_states": cond.astype(np.float32)}, task="sepia")["out_sample"]
+
+    def run(name: str, **feeds: np.ndarray) -> int:
+        np.savez(tmp_path / f"{name}.npz", **{"sample": sample, "timestep": np.array([300.0]),
+                                             "encoder_hidden_states": cond, **feeds})
+        return main(["run", str(art), "--task", "sepia", "--inputs", str(tmp_path / f"{name}.npz"),
+                     "-o", str(tmp_path / f"{name}-out.npz")])
+
+    assert run("float64") == 0
+    assert np.array_equal(np.load(tmp_path / "float64-out.npz")["out_sample"], want)
+    capsys.readouterr()
+    for name, feeds, message in (("fraction", {"timestep": np.array([300.5])}, "input 'timestep' has non-integer"),
+                                 ("size", {"sample": np.zeros((1, 4, 16, 16))}, "input 'sample' has shape [1, 4, 16, 16]; "
+                                                                               "the graph takes [1, 4, 8, 8]")):
+        assert run(name, **feeds) == 2, name
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err

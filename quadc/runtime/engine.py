@@ -86,8 +86,7 @@ class Engine:
         self.store = LoRAStore({t: self.task_file(t) for t in tasks}, capacity=cache_size,
                                max_bytes=cache_bytes, loader=self._load_task)
         self.model_inputs = [i.name for i in self.session.get_inputs() if i.name not in self._zeros]
-        self._float_inputs = {i.name: _FLOAT_TYPES[i.type] for i in self.session.get_inputs()
-                              if i.name in self.model_inputs and i.type in _FLOAT_TYPES}
+        self._input_specs = {i.name: (i.type, i.shape) for i in self.session.get_inputs() if i.name in self.model_inputs}
         slot_names = {s["module"]: (s["down"]["name"], s["up"]["name"]) for s in slots}
         self._task_inputs = {t: {n for m in e.get("modules", slot_names) for n in slot_names[m]}
                              for t, e in tasks.items()}
@@ -121,12 +120,12 @@ class Engine:
         return dict(zip(self.output_names, outputs, strict=True))
 
     def model_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The graph's model inputs from ``feeds`` (cast to the graph's float types); a QuadcError names
-        any that are missing."""
+        """The graph's model inputs from ``feeds``, cast to the graph's types (:func:`as_input_type`); a
+        QuadcError names any that are missing or whose shape or values the graph cannot take."""
         missing = [n for n in self.model_inputs if n not in feeds]
         if missing:
             raise QuadcError(f"missing model input(s) {', '.join(missing)}; the graph needs {', '.join(self.model_inputs)}")
-        return {k: _as_float_type(feeds[k], self._float_inputs.get(k)) for k in self.model_inputs}
+        return {k: as_input_type(k, feeds[k], *self._input_specs[k]) for k in self.model_inputs}
 
     def lora_values(self, task: str | None) -> Mapping[str, Any]:
         """Every LoRA input's OrtValue for ``task`` (loaded through the cache; zeros for the base model)."""
@@ -258,12 +257,33 @@ class BoundRunner:
 _FLOAT_TYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16)}
 
 
-def _as_float_type(value: Any, dtype: np.dtype | None) -> Any:
-    """``value`` cast to the graph input's float type when both are floats of different widths."""
+_INPUT_TYPES = {**_FLOAT_TYPES, "tensor(double)": np.dtype(np.float64), "tensor(int64)": np.dtype(np.int64),
+                "tensor(int32)": np.dtype(np.int32)}
+
+
+def as_input_type(name: str, value: Any, ort_type: str, shape: Sequence[Any] | None) -> Any:
+    """``value`` as graph input ``name`` of onnxruntime type ``ort_type`` and ``shape`` takes it.
+
+    Numbers are cast between widths and kinds: float64 arrays (numpy's default) to a float32 or float16
+    input, an integer timestep to a float one, and a float timestep with whole values to an int64 one
+    (optimum's export). A float with a fraction for an integer input, a wrong rank or a fixed dimension
+    that differs is a one-line QuadcError, where onnxruntime raised a multi-line traceback.
+    """
     arr = np.asarray(value)
-    if dtype is None or arr.dtype == dtype or arr.dtype.kind != "f":
-        return value
-    return arr.astype(dtype)
+    want = _INPUT_TYPES.get(ort_type)
+    if want is not None and arr.dtype != want:
+        if arr.dtype.kind not in "fiub":
+            raise QuadcError(f"input '{name}' is {arr.dtype}; the graph takes {want}")
+        if want.kind in "iu" and arr.dtype.kind == "f":
+            if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
+                raise QuadcError(f"input '{name}' has non-integer {arr.dtype} values; the graph takes {want}")
+        arr = arr.astype(want)
+    if shape is not None:
+        fixed = [d if isinstance(d, int) and d >= 0 else None for d in shape]
+        if arr.ndim != len(fixed) or any(f is not None and f != d for f, d in zip(fixed, arr.shape, strict=False)):
+            shown = [d if f is not None else str(d) for f, d in zip(fixed, shape, strict=True)]
+            raise QuadcError(f"input '{name}' has shape {list(arr.shape)}; the graph takes {shown}")
+    return arr
 
 
 def _zero_lora(shape: Sequence[Any], dtype: Any, spec: Mapping[str, Any]) -> np.ndarray:
