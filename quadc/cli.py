@@ -7,6 +7,7 @@ traceback. Internal bugs keep their traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ def _kv_pairs(values: Sequence[str] | None, flag: str) -> dict[str, str]:
             raise QuadcError(f"{flag} expects NAME=PATH, got '{item}'")
         if name in pairs:
             raise QuadcError(f"{flag} names task '{name}' twice; give each LoRA its own task name")
-        pairs[name] = path
+        pairs[name] = os.path.expanduser(path)  # the shell expands no ~ after NAME=
     return pairs
 
 

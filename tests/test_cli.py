@@ -25,6 +25,16 @@ def test_default_compile_uses_bundled_model_and_loras(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_lora_path_after_name_expands_home(tmp_path, monkeypatch):
+    """The shell expands no ~ in `--lora NAME=~/x.safetensors`; quadc does, as for any path."""
+    import shutil
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copy(bundled_loras()["sepia"], tmp_path / "mine.safetensors")
+    assert main(["compile", "-q", "--lora", "mine=~/mine.safetensors", "-o", str(tmp_path / "out")]) == 0
+    assert list(json.loads((tmp_path / "out" / "manifest.json").read_text())["tasks"]) == ["mine"]
+
+
 def test_compile_is_deterministic(tmp_path):
     for name in ("a", "b"):
         assert main(["compile", "-q", "-o", str(tmp_path / name)]) == 0
