@@ -25,9 +25,9 @@ from quadc.targets import get_target
 LORAS = {k: str(v) for k, v in bundled_loras().items() if k in ("sepia", "inpaint")}
 
 
-@pytest.fixture(scope="module")
-def dynamic_unet(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny U-Net (random weights, seed 0) exported by torch.onnx (TorchScript) with dynamic axes."""
+def _export_tiny(out: Path, *, dynamic: bool, int64_timestep: bool = False) -> Path:
+    """The tiny U-Net (random weights, seed 0) exported by torch.onnx (TorchScript), with dynamic axes
+    (symbolic batch, height, width, tokens) or static, its timestep float32 or int64 (as optimum writes it)."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("diffusers")
     from quadc.export.unet_export import build_unet, example_inputs
@@ -40,14 +40,21 @@ def dynamic_unet(tmp_path_factory: pytest.TempPathFactory) -> Path:
         def forward(self, sample, timestep, encoder_hidden_states):  # noqa: ANN001, ANN201
             return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
-    args = tuple(torch.from_numpy(v) for v in example_inputs("tiny").values())
-    out = tmp_path_factory.mktemp("dynamic") / "unet.onnx"
+    ex = example_inputs("tiny")
+    timestep = torch.tensor([500], dtype=torch.int64) if int64_timestep else torch.from_numpy(ex["timestep"])
+    args = (torch.from_numpy(ex["sample"]), timestep, torch.from_numpy(ex["encoder_hidden_states"]))
+    axes = {"sample": {0: "batch", 2: "height", 3: "width"}, "encoder_hidden_states": {0: "batch", 1: "tokens"},
+            "out_sample": {0: "batch", 2: "height", 3: "width"}}
     torch.onnx.export(Wrapper(build_unet("tiny").eval()), args, str(out), dynamo=False, opset_version=17,
                       input_names=["sample", "timestep", "encoder_hidden_states"], output_names=["out_sample"],
-                      dynamic_axes={"sample": {0: "batch", 2: "height", 3: "width"},
-                                    "encoder_hidden_states": {0: "batch", 1: "tokens"},
-                                    "out_sample": {0: "batch", 2: "height", 3: "width"}})
+                      dynamic_axes=axes if dynamic else None)
     return out
+
+
+@pytest.fixture(scope="module")
+def dynamic_unet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny U-Net exported with dynamic axes."""
+    return _export_tiny(tmp_path_factory.mktemp("dynamic") / "unet.onnx", dynamic=True)
 
 
 def _feeds(size: int, tokens: int, n: int, seed: int) -> list[dict[str, np.ndarray]]:
@@ -107,24 +114,10 @@ def test_run_casts_feeds_to_the_graph_types_and_refuses_what_it_cannot(tmp_path:
     """optimum exports the timestep as int64; numpy writes float64. `quadc run` casts float64 to float32 and
     a whole-valued float timestep to int64 (the same output as int64 feeds), and refuses in one line a
     fractional timestep for an int64 input and a sample of the wrong size (onnxruntime tracebacks before)."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("diffusers")
-    from quadc.export.unet_export import build_unet, example_inputs
+    from quadc.export.unet_export import example_inputs
 
-    class Wrapper(torch.nn.Module):
-        def __init__(self, unet: torch.nn.Module) -> None:
-            super().__init__()
-            self.unet = unet
-
-        def forward(self, sample, timestep, encoder_hidden_states):  # noqa: ANN001, ANN201
-            return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
-
+    model = _export_tiny(tmp_path / "unet.onnx", dynamic=False, int64_timestep=True)
     ex = example_inputs("tiny")
-    args = (torch.from_numpy(ex["sample"]), torch.tensor([500], dtype=torch.int64),
-            torch.from_numpy(ex["encoder_hidden_states"]))
-    model = tmp_path / "unet.onnx"
-    torch.onnx.export(Wrapper(build_unet("tiny").eval()), args, str(model), dynamo=False, opset_version=17,
-                      input_names=["sample", "timestep", "encoder_hidden_states"], output_names=["out_sample"])
     art = tmp_path / "art"
     compile_model(model, art, CompileOptions(target="onnx-qdq", loras=LORAS))
     rng = np.random.default_rng(5)
