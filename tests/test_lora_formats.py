@@ -43,6 +43,70 @@ def test_kohya_names_round_trip(info: ModelInfo) -> None:
         assert kohya_to_module(name, known) == module
 
 
+def _sd15_layout() -> list[str]:
+    """Module paths of SD1.5's block layout (2 layers per block; attention in down levels 0-2, up 1-3)."""
+    attn = ["proj_in", "proj_out", "transformer_blocks.0.attn2.to_k", "transformer_blocks.0.ff.net.2"]
+    res = ["conv1", "conv2", "time_emb_proj", "conv_shortcut"]
+    mods = ["conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"]
+    for level in range(4):
+        for j in range(2):
+            mods += [f"down_blocks.{level}.resnets.{j}.{r}" for r in res]
+            mods += [f"down_blocks.{level}.attentions.{j}.{a}" for a in attn if level < 3]
+        mods += [f"down_blocks.{level}.downsamplers.0.conv"] if level < 3 else []
+        for j in range(3):
+            mods += [f"up_blocks.{level}.resnets.{j}.{r}" for r in res]
+            mods += [f"up_blocks.{level}.attentions.{j}.{a}" for a in attn if level > 0]
+        mods += [f"up_blocks.{level}.upsamplers.0.conv"] if level < 3 else []
+    mods += [f"mid_block.resnets.{j}.{r}" for j in range(2) for r in res]
+    return mods + [f"mid_block.attentions.0.{a}" for a in attn]
+
+
+def test_ldm_names_of_sd15_layers() -> None:
+    """The original SD1.5 checkpoint's names (model.diffusion_model.<name>.weight), written out by hand."""
+    from quadc.lora.kohya_format import ldm_names
+
+    names = ldm_names(_sd15_layout())
+    assert {k: names[k] for k in (
+        "conv_in", "time_embedding.linear_2", "down_blocks.1.attentions.1.proj_in", "down_blocks.2.downsamplers.0.conv",
+        "down_blocks.3.resnets.1.conv2", "up_blocks.0.upsamplers.0.conv", "up_blocks.1.upsamplers.0.conv",
+        "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_k", "up_blocks.2.resnets.0.conv_shortcut",
+        "mid_block.attentions.0.proj_out", "mid_block.resnets.1.time_emb_proj", "conv_out")} == {
+        "conv_in": "input_blocks.0.0", "time_embedding.linear_2": "time_embed.2",
+        "down_blocks.1.attentions.1.proj_in": "input_blocks.5.1.proj_in",
+        "down_blocks.2.downsamplers.0.conv": "input_blocks.9.0.op",
+        "down_blocks.3.resnets.1.conv2": "input_blocks.11.0.out_layers.3",
+        "up_blocks.0.upsamplers.0.conv": "output_blocks.2.1.conv",
+        "up_blocks.1.upsamplers.0.conv": "output_blocks.5.2.conv",
+        "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_k": "output_blocks.11.1.transformer_blocks.0.attn2.to_k",
+        "up_blocks.2.resnets.0.conv_shortcut": "output_blocks.6.0.skip_connection",
+        "mid_block.attentions.0.proj_out": "middle_block.1.proj_out",
+        "mid_block.resnets.1.time_emb_proj": "middle_block.2.emb_layers.1",
+        "conv_out": "out.2"}
+    assert len(set(names.values())) == len(names) == len(_sd15_layout())
+
+
+def test_kohya_file_with_ldm_names_reads_as_its_diffusers_twin(tmp_path: Path, info: ModelInfo) -> None:
+    """A kohya file named after the original SD U-Net (lora_unet_input_blocks_1_1_proj_in, as diffusers'
+    loader accepts) reads to the same layers and tensors as the file with diffusers names."""
+    from quadc.lora.kohya_format import ldm_names
+
+    lora = random_lora(info, rank=2, seed=4, name="ldm")
+    twin = write_kohya(lora, tmp_path / "diffusers_names.safetensors")
+    ldm = {module_to_kohya(m): "lora_unet_" + n.replace(".", "_") for m, n in ldm_names(info.points).items()}
+    renamed = {}
+    for key, value in safetensors.numpy.load_file(str(twin)).items():
+        name, _, suffix = key.partition(".")
+        renamed[f"{ldm[name]}.{suffix}"] = value
+    assert any("input_blocks" in k for k in renamed) and not any("down_blocks" in k for k in renamed)
+    safetensors.numpy.save_file(renamed, str(tmp_path / "ldm_names.safetensors"))
+    want = read_lora(twin, info=info)
+    got = read_lora(tmp_path / "ldm_names.safetensors", info=info)
+    assert set(got.layers) == set(want.layers) == set(info.points)
+    for module, layer in want.layers.items():
+        assert np.array_equal(got.layers[module].down, layer.down) and np.array_equal(got.layers[module].up, layer.up)
+        assert got.layers[module].scale == layer.scale
+
+
 def test_kohya_handmade_file(tmp_path: Path, info: ModelInfo) -> None:
     """A kohya file built by hand: fp16 factors, 4-D 1x1 linear factors, missing alphas, text-encoder keys."""
     rng = np.random.default_rng(0)

@@ -310,6 +310,27 @@ def test_kohya_names_match_diffusers(info: ModelInfo) -> None:
         assert peft_key == f"{module}.lora_A.weight"
 
 
+def test_ldm_names_match_diffusers_sgm_mapping(info: ModelInfo) -> None:
+    """diffusers' loader maps kohya keys in the original SD U-Net's names (input_blocks, middle_block,
+    output_blocks) to its modules; quadc's LDM name of every layer maps back to that layer. The one
+    exception is diffusers' own: it sends the upsampler of an up level without attention
+    (output_blocks.N.1.conv) to 'attentions', where the original U-Net has its Upsample."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    from quadc.lora.kohya_format import ldm_names
+
+    names = ldm_names(info.points)
+    assert len(names) == len(info.points)
+    sd = {f"lora_unet_{ldm.replace('.', '_')}.{suffix}": torch.zeros(2, 2)
+          for ldm in names.values() for suffix in ("lora_down.weight", "lora_up.weight")}
+    converted, _ = StableDiffusionPipeline.lora_state_dict(sd, unet_config=make_unet().config)
+    back = {k.removeprefix("unet.").removesuffix(".lora_A.weight")
+            for k in convert_unet_state_dict_to_peft({k: v for k, v in converted.items() if "down" in k or "lora_A" in k})}
+    plain = {m for m in names if not (m.startswith("up_blocks.") and ".upsamplers." in m
+                                      and f"up_blocks.{m.split('.')[1]}.attentions.0.proj_in" not in names)}
+    assert plain < set(names) and plain <= back, sorted(plain - back)[:5]
+
+
 def test_kohya_writer_loads_in_diffusers(tmp_path: Path, info: ModelInfo) -> None:
     """write_kohya (fp16 and fp32) -> diffusers' kohya loader -> same factors and scaling as read_lora."""
     lora = random_lora(

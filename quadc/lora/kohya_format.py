@@ -6,6 +6,9 @@ U-Net), e.g. ``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_t
 is ``lora_down.weight`` (down, ``[r, d_in]`` or ``[r, d_in, kh, kw]``), ``lora_up.weight`` (up,
 ``[d_out, r]`` or ``[d_out, r, 1, 1]``) or ``alpha`` (scalar; scale = alpha / rank; missing means
 alpha = rank). Text-encoder names start with ``lora_te_``/``lora_te1_``/``lora_te2_`` and are ignored.
+Some files name the layers after the original Stable Diffusion U-Net instead
+(``lora_unet_input_blocks_1_1_proj_in``, ``..._output_blocks_5_2_conv``); with the model known, those
+names are looked up too (:func:`ldm_names`).
 
 Mapping a name back to a dotted path is ambiguous because diffusers names contain ``_`` too. With the
 model's module paths known, the name is looked up exactly; otherwise :func:`kohya_to_module` rebuilds it
@@ -106,8 +109,73 @@ def kohya_to_module(name: str, known: Mapping[str, str] | None = None) -> str:
 
 
 def known_names(modules: Iterable[str]) -> dict[str, str]:
-    """Underscore name -> module path for the model's module paths (for exact kohya lookups)."""
-    return {m.replace(".", "_"): m for m in modules}
+    """Underscore name -> module path for the model's module paths (for exact kohya lookups), with the
+    original Stable Diffusion (LDM) names of the same layers as aliases (:func:`ldm_names`)."""
+    modules = list(modules)
+    known = {ldm.replace(".", "_"): m for m, ldm in ldm_names(modules).items()}
+    known.update({m.replace(".", "_"): m for m in modules})
+    return known
+
+
+#: Sub-layers of a diffusers ResnetBlock2D under their LDM ResBlock names.
+_LDM_RESNET = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+               "conv_shortcut": "skip_connection"}
+
+
+def ldm_names(modules: Iterable[str]) -> dict[str, str]:
+    """diffusers module path -> the same layer's path in the original Stable Diffusion U-Net (LDM/SGM:
+    ``input_blocks``, ``middle_block``, ``output_blocks``), which some kohya files use
+    (``lora_unet_input_blocks_1_1_proj_in``) and diffusers' own loader maps too.
+
+    The block numbers follow from the model: ``input_blocks.0`` is ``conv_in``, each down level ``l`` has
+    ``layers_per_block`` (resnet ``.0``, attention ``.1``) blocks from ``1 + l * (layers_per_block + 1)``
+    and then its downsampler (``.0.op``); ``middle_block.0/1/2`` are resnet, attention, resnet; each up
+    level has ``layers_per_block + 1`` blocks, its upsampler the last one's ``.1.conv`` (``.2.conv`` after
+    an attention). Attention layers keep their names inside their block. A path outside this layout has
+    no LDM name.
+    """
+    modules = list(modules)
+    firsts = [int(m.split(".")[3]) for m in modules if m.startswith("down_blocks.0.resnets.")]
+    if not firsts:
+        return {}
+    per = max(firsts) + 1  # layers_per_block
+    attended = {m.split(".")[1] for m in modules if m.startswith("up_blocks.") and ".attentions." in m}
+    fixed = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1": "time_embed.0",
+             "time_embedding.linear_2": "time_embed.2"}
+    names: dict[str, str] = {}
+    for module in modules:
+        if module in fixed:
+            names[module] = fixed[module]
+            continue
+        parts = module.split(".")
+        if len(parts) < 5 or not parts[1].isdigit() or not parts[3].isdigit():
+            continue
+        top, level, kind, index, rest = parts[0], int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        if kind == "resnets":
+            if len(rest) != 1 or rest[0] not in _LDM_RESNET:
+                continue
+            inner = ["0", *_LDM_RESNET[rest[0]].split(".")]
+        elif kind == "attentions":
+            inner = ["1", *rest]
+        elif kind in ("downsamplers", "upsamplers") and rest == ["conv"] and index == 0:
+            inner = ["0", "op"] if kind == "downsamplers" else ["2" if parts[1] in attended else "1", "conv"]
+        else:
+            continue
+        if top == "down_blocks" and kind != "upsamplers":
+            block = (level + 1) * (per + 1) if kind == "downsamplers" else 1 + level * (per + 1) + index
+            names[module] = ".".join(["input_blocks", str(block), *inner])
+        elif top == "up_blocks" and kind != "downsamplers":
+            block = level * (per + 1) + (per if kind == "upsamplers" else index)
+            names[module] = ".".join(["output_blocks", str(block), *inner])
+    for module in modules:  # the middle block: resnet, attention, resnet
+        parts = module.split(".")
+        if parts[0] == "mid_block" and len(parts) >= 4 and parts[2].isdigit():
+            kind, index, rest = parts[1], int(parts[2]), parts[3:]
+            if kind == "resnets" and index in (0, 1) and len(rest) == 1 and rest[0] in _LDM_RESNET:
+                names[module] = ".".join(["middle_block", str(2 * index), *_LDM_RESNET[rest[0]].split(".")])
+            elif kind == "attentions" and index == 0:
+                names[module] = ".".join(["middle_block", "1", *rest])
+    return names
 
 
 def parse_keys(keys: Iterable[str], known: Mapping[str, str] | None = None) -> KeyMap:
