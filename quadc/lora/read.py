@@ -183,6 +183,11 @@ def _build_layer(
     if down.ndim == 2 and up.ndim == 4:
         up = up[:, :, 0, 0]
     rank = int(down.shape[0])
+    if rank == 0:
+        raise QuadcError(
+            f"{where} has rank 0 (down {tuple(down.shape)}, up {tuple(up.shape)}); the factors are empty — "
+            "re-export the LoRA"
+        )
     if up.shape[1] != rank:
         raise QuadcError(
             f"{where} has rank {rank} in its down factor {tuple(down.shape)} ('{roles['down']}') but "

@@ -1,0 +1,26 @@
+"""LoRA files a new user may bring that earlier tests did not cover (found by trying quadc as a user)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from quadc.errors import QuadcError
+from quadc.lora import read_lora
+
+Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+
+
+def test_rank_zero_factors_are_a_one_line_error(tmp_path: Path) -> None:
+    """A file whose factors have rank 0 (an empty, broken export) is refused, not a ZeroDivisionError."""
+    path = tmp_path / "rank0.safetensors"
+    safetensors.numpy.save_file(
+        {f"{Q}.lora_down.weight": np.zeros((0, 32), np.float32), f"{Q}.lora_up.weight": np.zeros((32, 0), np.float32)},
+        str(path),
+    )
+    with pytest.raises(QuadcError, match=r"rank 0") as err:
+        read_lora(path)
+    assert "\n" not in str(err.value)
