@@ -24,3 +24,23 @@ def test_rank_zero_factors_are_a_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(QuadcError, match=r"rank 0") as err:
         read_lora(path)
     assert "\n" not in str(err.value)
+
+
+def test_file_mixing_kohya_and_diffusers_keys_names_both_styles(tmp_path: Path) -> None:
+    """A file with kohya keys and diffusers ``lora_A``/``lora_B`` keys (two LoRAs pasted together) is refused
+    as a mix of key styles, not by calling the valid diffusers factors 'not a LoRA factor'."""
+    path = tmp_path / "mixed.safetensors"
+    conv = "unet.down_blocks.1.resnets.0.conv1"
+    safetensors.numpy.save_file(
+        {
+            f"{Q}.lora_down.weight": np.ones((4, 32), np.float32),
+            f"{Q}.lora_up.weight": np.ones((32, 4), np.float32),
+            f"{conv}.lora_A.weight": np.ones((4, 32, 3, 3), np.float32),
+            f"{conv}.lora_B.weight": np.ones((64, 4, 1, 1), np.float32),
+        },
+        str(path),
+    )
+    with pytest.raises(QuadcError, match=r"mixes kohya .* and diffusers/peft") as err:
+        read_lora(path)
+    assert "not a LoRA factor" not in str(err.value)
+    assert "\n" not in str(err.value)

@@ -272,6 +272,12 @@ def read_lora(
                 f"{label} has no LoRA tensors (keys: {sample}); expected diffusers/peft "
                 "'<module>.lora_A.weight' or kohya 'lora_unet_<module>.lora_down.weight' keys"
             )
+        pasted = [k for k in found.unknown if peft_format.is_lora_key(k)] if fmt == "kohya" else []
+        if pasted:
+            raise QuadcError(
+                f"{label} mixes kohya 'lora_unet_...' keys and diffusers/peft keys (e.g. '{pasted[0]}'); "
+                "one file must use one key style — save each LoRA in its own file"
+            )
         if found.unknown:
             raise QuadcError(
                 f"{label} has tensor '{found.unknown[0]}' that is not a LoRA factor or alpha"
