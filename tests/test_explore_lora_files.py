@@ -44,3 +44,18 @@ def test_file_mixing_kohya_and_diffusers_keys_names_both_styles(tmp_path: Path) 
         read_lora(path)
     assert "not a LoRA factor" not in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_file_with_two_peft_adapters_says_so(tmp_path: Path) -> None:
+    """A peft state dict saved with two adapter names on the same layers is refused as several adapters
+    (the message used to blame mixed key styles)."""
+    path = tmp_path / "two.safetensors"
+    q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    tensors = {}
+    for adapter in ("style", "face"):
+        tensors[f"{q}.lora_A.{adapter}.weight"] = np.ones((4, 32), np.float32)
+        tensors[f"{q}.lora_B.{adapter}.weight"] = np.ones((32, 4), np.float32)
+    safetensors.numpy.save_file(tensors, str(path))
+    with pytest.raises(QuadcError, match=r"several peft adapters \(face, style\)") as err:
+        read_lora(path)
+    assert "\n" not in str(err.value)

@@ -70,6 +70,15 @@ def is_lora_key(key: str) -> bool:
     return bool(_AB.match(key) or _UPDOWN.match(key) or _PROCESSOR.match(key))
 
 
+def _check_one_adapter(adapters: set[str]) -> None:
+    """A QuadcError once the keys name more than one peft adapter."""
+    if len(adapters) > 1:
+        raise QuadcError(
+            f"the file holds several peft adapters ({', '.join(sorted(adapters))}); "
+            "save each adapter to its own file"
+        )
+
+
 def parse_keys(keys: Iterable[str]) -> KeyMap:
     """Group diffusers/peft tensor keys by module path (see the module docstring for the styles)."""
     found = KeyMap()
@@ -85,10 +94,11 @@ def parse_keys(keys: Iterable[str]) -> KeyMap:
             found.unsupported[key] = feature
             continue
         if m := _AB.match(name):
-            found.put(m["m"], _AB_ROLE[m["ab"]], key)
-            styles.add("lora_A/lora_B")
             if m["adapter"]:
                 adapters.add(m["adapter"])
+                _check_one_adapter(adapters)
+            found.put(m["m"], _AB_ROLE[m["ab"]], key)
+            styles.add("lora_A/lora_B")
         elif m := _PROCESSOR.match(name):
             proj = "to_out.0" if m["p"] == "to_out" else m["p"]
             found.put(f"{m['m']}.{proj}", m["ud"], key)
@@ -100,11 +110,6 @@ def parse_keys(keys: Iterable[str]) -> KeyMap:
             found.put(m["m"], "alpha", key)
         else:
             found.unknown.append(key)
-    if len(adapters) > 1:
-        raise QuadcError(
-            f"the file holds several peft adapters ({', '.join(sorted(adapters))}); "
-            "save each adapter to its own file"
-        )
     found.style = "+".join(sorted(styles))
     return found
 
