@@ -59,3 +59,12 @@ def test_file_with_two_peft_adapters_says_so(tmp_path: Path) -> None:
     with pytest.raises(QuadcError, match=r"several peft adapters \(face, style\)") as err:
         read_lora(path)
     assert "\n" not in str(err.value)
+
+
+def test_rank_zero_layer_built_in_python_is_refused() -> None:
+    """LoRALayer with rank 0 (an empty LoRA made in code) is refused at construction, before its scale
+    divides by the rank."""
+    from quadc.lora import LoRALayer
+
+    with pytest.raises(QuadcError, match=r"rank 0"):
+        LoRALayer(module="m", up=np.zeros((32, 0)), down=np.zeros((0, 32)), alpha=1.0, rank=0)

@@ -51,6 +51,8 @@ class LoRALayer:
                 f"LoRA layer '{self.module}' has down {tuple(self.down.shape)} and up {tuple(self.up.shape)}; "
                 "expected 2-D factors (linear) or 4-D factors (conv)"
             )
+        if self.rank < 1:
+            raise QuadcError(f"LoRA layer '{self.module}' has rank {self.rank}; a LoRA layer needs rank 1 or more")
         if self.down.shape[0] != self.rank or self.up.shape[1] != self.rank:
             raise QuadcError(
                 f"LoRA layer '{self.module}' has rank {self.rank} but down {tuple(self.down.shape)} and "
