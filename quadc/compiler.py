@@ -82,6 +82,11 @@ def build_pipeline(target: Target, passes: str | Sequence[str] | None,
     """The target's pipeline (or the user's ``passes``) with ``pass_options`` set and checked."""
     pipeline = PassPipeline.parse(passes) if passes is not None else target.pipeline()
     for name, values in pass_options.items():
+        if values and name not in pipeline.names and passes is None:
+            # The usual cause: a quantization flag (--calib-random, --precision, ...) on the float target.
+            raise QuadcError(f"option(s) {', '.join(sorted(values))} of pass '{name}' were given, but target "
+                             f"'{target.name}' does not run that pass ({pipeline}); use a target that does "
+                             "(`quadc targets`), e.g. onnx-qdq for the quantization options")
         if values:
             pipeline.set_options(name, **values)
     return pipeline

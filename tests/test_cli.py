@@ -245,3 +245,12 @@ def test_per_channel_and_per_tensor_exclude_each_other(capsys):
     with pytest.raises(SystemExit):
         main(["compile", "--per-channel", "--per-tensor", "-o", "x"])
     assert "not allowed with" in capsys.readouterr().err
+
+
+def test_quantization_flag_on_the_float_target_names_the_target(tmp_path, capsys):
+    """`--calib-random` on the float target: the error says the target does not run quant-plan and which
+    target to use, not only that an option was set for a pass outside the pipeline."""
+    assert main(["compile", "--target", "onnx", "--calib-random", "4", "-q", "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "target 'onnx' does not run that pass" in err and "onnx-qdq" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
