@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from quadc.context import silent_progress, stderr_progress
 from quadc.errors import QuadcError
@@ -614,6 +617,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``quadc`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = _raise_on_sigterm()
     try:
         return int(args.func(args) or 0)
     except QuadcError as exc:
@@ -621,9 +625,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"quadc: error: {exc}", file=sys.stderr)
         return 2
+    except _Terminated:
+        print("quadc: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("quadc: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that a half-written artifact is removed on the way out."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
+def _raise_on_sigterm() -> Any:
+    """Turn SIGTERM into :class:`_Terminated` (main thread only); returns the handler it replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 if __name__ == "__main__":  # pragma: no cover

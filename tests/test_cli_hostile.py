@@ -5,6 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,3 +64,19 @@ def test_force_replaces_an_unrelated_artifact(tmp_path):
     assert main(["compile", "-q", "--force", "-o", str(out)]) == 0
     assert (out / "manifest.json").exists() and not (out / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_sigterm_during_compile_leaves_no_partial_folder(tmp_path):
+    """`timeout` and process managers stop a compile with SIGTERM; the staging folder must go too."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "quadc.cli", "compile", "-q", "--target", "all", "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.partial-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the compile ended before its staging folder appeared"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == []
