@@ -127,6 +127,9 @@ def read_manifest(artifact_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The manifest of a compiled artifact directory, with every file it names checked to lie inside
     ``artifact_dir`` (see :func:`artifact_file`)."""
     path = Path(artifact_dir) / MANIFEST_NAME
+    if not path.is_file() and (Path(artifact_dir) / "targets.json").is_file():
+        raise QuadcError(f"{artifact_dir}: a --target all folder; pass one target's artifact in it, "
+                         f"e.g. {Path(artifact_dir) / 'onnx'}")
     if not path.is_file():
         raise QuadcError(f"{artifact_dir}: not a quadc artifact (no {MANIFEST_NAME}); run quadc compile first")
     try:

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from quadc.cli import main
@@ -80,3 +81,36 @@ def test_sigterm_during_compile_leaves_no_partial_folder(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
     assert sorted(os.listdir(tmp_path)) == []
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("art") / "q"
+    assert main(["compile", "-q", "--target", "onnx", "-o", str(out)]) == 0
+    return out
+
+
+def _feeds(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    np.savez(path, sample=rng.random((1, 4, 8, 8), dtype=np.float32), timestep=np.array([10.0], np.float32),
+             encoder_hidden_states=rng.random((1, 8, 32), dtype=np.float32))
+    return path
+
+
+def test_run_output_that_is_a_directory_is_one_line(tiny_artifact, tmp_path, capsys):
+    (tmp_path / "res").mkdir()
+    feeds = _feeds(tmp_path / "feeds.npz")
+    assert main(["run", str(tiny_artifact), "--task", "sepia", "--inputs", str(feeds),
+                 "-o", str(tmp_path / "res")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "is a directory" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["feeds.npz", "res"]
+
+
+def test_run_on_a_target_all_folder_names_the_artifacts_inside(tmp_path, capsys):
+    folder = tmp_path / "all"
+    folder.mkdir()
+    (folder / "targets.json").write_text("{}")
+    feeds = _feeds(tmp_path / "feeds.npz")
+    assert main(["run", str(folder), "--task", "sepia", "--inputs", str(feeds), "-o", str(tmp_path / "r.npz")]) == 2
+    assert "--target all folder" in capsys.readouterr().err
