@@ -17,6 +17,7 @@ from typing import Any
 
 from quadc.context import silent_progress, stderr_progress
 from quadc.errors import QuadcError
+from quadc.paths import check_output_file
 
 
 def _kv_pairs(values: Sequence[str] | None, flag: str) -> dict[str, str]:
@@ -85,6 +86,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     from quadc.eval.targets_summary import format_summary, verify_artifacts
 
+    check_output_file(args.json)
     feeds = [_load_npz(p) for p in args.inputs] if args.inputs else None
     tasks = [t for item in args.task or [] for t in item.split(",") if t] or None
     report = verify_artifacts(args.artifact, feeds=feeds, n_inputs=args.random, seed=args.seed, tasks=tasks,
@@ -291,6 +293,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         raise QuadcError(f"--seeds takes comma-separated integers like 0,1, got '{args.seeds}'") from None
+    check_output_file(args.output)
     data = build_report(args.artifact, args.float_artifact, tasks=args.task or None, seeds=seeds,
                         sampler=args.sampler, steps=args.steps, model=args.model,
                         ablation=_float_list(args.ablation), prompt_embeds=args.prompt_embeds,
@@ -304,6 +307,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from quadc.pipeline.generate import format_timings, generate
     from quadc.pipeline.images import save_png
 
+    check_output_file(args.output)
     result = generate(args.artifact, args.task, sampler=args.sampler, steps=args.steps, seed=args.seed,
                       image=args.image, mask=args.mask, prompt_embeds=args.prompt_embeds, strength=args.strength)
     out = save_png(result.image, args.output)
@@ -428,6 +432,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     from quadc.analyze import analyze, format_analysis
 
+    check_output_file(args.json)
     progress = silent_progress if args.quiet else stderr_progress
     report = analyze(args.model, _kv_pairs(args.lora, "--lora"), _pass_options(args), progress=progress)
     print(format_analysis(report))

@@ -114,3 +114,28 @@ def test_run_on_a_target_all_folder_names_the_artifacts_inside(tmp_path, capsys)
     feeds = _feeds(tmp_path / "feeds.npz")
     assert main(["run", str(folder), "--task", "sepia", "--inputs", str(feeds), "-o", str(tmp_path / "r.npz")]) == 2
     assert "--target all folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["report", "{art}", "-o", "{dir}"],
+    ["generate", "{art}", "--task", "sepia", "-o", "{dir}"],
+    ["verify", "{art}", "--random", "1", "--json", "{dir}"],
+    ["analyze", "--json", "{dir}"],
+])
+def test_output_that_is_a_directory_is_refused_before_the_work(tiny_artifact, tmp_path, capsys, monkeypatch, argv):
+    """`report` spent its whole run and then ended in an IsADirectoryError traceback."""
+    import quadc.analyze
+    import quadc.eval.targets_summary
+    import quadc.pipeline.generate
+    import quadc.report
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the long work started before the output path was checked")
+
+    for module, name in [(quadc.report, "build_report"), (quadc.pipeline.generate, "generate"),
+                         (quadc.eval.targets_summary, "verify_artifacts"), (quadc.analyze, "analyze")]:
+        monkeypatch.setattr(module, name, no_work)
+    args = [a.format(art=tiny_artifact, dir=tmp_path) for a in argv]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "is a directory" in err
