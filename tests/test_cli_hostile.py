@@ -139,3 +139,23 @@ def test_output_that_is_a_directory_is_refused_before_the_work(tiny_artifact, tm
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "is a directory" in err
+
+
+def test_align_force_into_the_loras_folder_keeps_the_lora(tmp_path, capsys):
+    pytest.importorskip("torch")
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    lora = folder / "s.safetensors"
+    shutil.copy(bundled_loras()["sepia"], lora)
+    assert main(["align", "--lora", f"s={lora}", "--force", "-o", str(folder)]) == 2
+    assert "--force would replace" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == ["s.safetensors"]
+
+
+def test_unreadable_input_image_is_named_once(tiny_artifact, tmp_path, capsys):
+    junk = tmp_path / "in.png"
+    junk.write_text("not a picture")
+    assert main(["generate", str(tiny_artifact), "--task", "sepia", "--image", str(junk),
+                 "-o", str(tmp_path / "o.png")]) == 2
+    err = capsys.readouterr().err
+    assert "not a readable input image" in err and "image image" not in err
