@@ -159,3 +159,15 @@ def test_unreadable_input_image_is_named_once(tiny_artifact, tmp_path, capsys):
                  "-o", str(tmp_path / "o.png")]) == 2
     err = capsys.readouterr().err
     assert "not a readable input image" in err and "image image" not in err
+
+
+def test_litert_artifact_refuses_the_qnn_executor(tmp_path, capsys):
+    """`--executor qnn-htp` on a TFLite artifact silently ran LiteRT; the onnx-qdq artifact refuses it."""
+    pytest.importorskip("ai_edge_litert")
+    art = tmp_path / "np"
+    assert main(["compile", "-q", "--target", "neuropilot", "-o", str(art)]) == 0
+    feeds = _feeds(tmp_path / "feeds.npz")
+    assert main(["run", str(art), "--task", "sepia", "--inputs", str(feeds), "-o", str(tmp_path / "r.npz"),
+                 "--executor", "qnn-htp"]) == 2
+    assert "cannot run this LiteRT artifact" in capsys.readouterr().err
+    assert not (tmp_path / "r.npz").exists()
