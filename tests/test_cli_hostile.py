@@ -158,7 +158,7 @@ def test_unreadable_input_image_is_named_once(tiny_artifact, tmp_path, capsys):
     assert main(["generate", str(tiny_artifact), "--task", "sepia", "--image", str(junk),
                  "-o", str(tmp_path / "o.png")]) == 2
     err = capsys.readouterr().err
-    assert "not a readable input image" in err and "image image" not in err
+    assert "not a readable image file" in err and "image image" not in err
 
 
 def test_litert_artifact_refuses_the_qnn_executor(tmp_path, capsys):

@@ -19,7 +19,7 @@ def _open(path: str | os.PathLike[str], what: str):  # noqa: ANN202 - a PIL imag
     except FileNotFoundError:
         raise QuadcError(f"{path}: no such {what} file") from None
     except (UnidentifiedImageError, OSError) as exc:
-        raise QuadcError(f"{path}: not a readable {what} image ({exc.__class__.__name__})") from None
+        raise QuadcError(f"{path}: not a readable {what} file ({exc.__class__.__name__})") from None
     return img
 
 
@@ -27,7 +27,7 @@ def load_image(path: str | os.PathLike[str], size: tuple[int, int]) -> np.ndarra
     """The image at ``path`` as RGB resized to ``size`` = (H, W): float32 ``[1, 3, H, W]`` in [-1, 1]."""
     from PIL import Image
 
-    img = _open(path, "input").convert("RGB")
+    img = _open(path, "image").convert("RGB")
     if img.size != (size[1], size[0]):
         img = img.resize((size[1], size[0]), Image.Resampling.BICUBIC)
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
