@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,14 +23,31 @@ MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 
 
-def check_output_dir(out_dir: str | os.PathLike[str], *, force: bool = False) -> Path:
-    """Fail early (before any long work) if ``out_dir`` cannot be written."""
+def check_output_dir(out_dir: str | os.PathLike[str], *, force: bool = False,
+                     inputs: Iterable[str | os.PathLike[str] | None] = ()) -> Path:
+    """Fail early (before any long work) if ``out_dir`` cannot be written.
+
+    With ``force`` an existing directory is replaced as a whole, so it must hold none of ``inputs`` (the
+    model, LoRAs, ... being compiled) and must not be the working directory or one above it.
+    """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise QuadcError(f"{out}: exists and is not a directory; choose another output path")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise QuadcError(f"{out}: output directory exists and is not empty; pass --force to replace it")
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise QuadcError(f"{out}: output directory exists and is not empty; pass --force to replace it")
+        _refuse_replacing(out, inputs)
     return out
+
+
+def _refuse_replacing(out: Path, inputs: Iterable[str | os.PathLike[str] | None]) -> None:
+    real = out.resolve()
+    if Path.cwd().resolve().is_relative_to(real):
+        raise QuadcError(f"{out}: --force would replace the working directory; choose a new output folder")
+    for item in inputs:
+        if item is not None and Path(item).resolve().is_relative_to(real):
+            raise QuadcError(f"{out}: --force would replace the folder holding input {item}; "
+                             "choose a new output folder")
 
 
 @contextmanager
@@ -43,15 +60,28 @@ def staged_directory(out_dir: str | os.PathLike[str], *, force: bool = False) ->
         yield tmp
         os.chmod(tmp, 0o755)
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            _swap_in(tmp, out)
         else:
             os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Replace the directory ``out`` by ``tmp``; on failure ``out`` is back in place and nothing is left over."""
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    try:
+        os.replace(out, old / "x")
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old / "x", out)
+            raise
+    except OSError as exc:
+        raise QuadcError(f"{out}: could not replace it ({exc.strerror}); the previous contents are kept") from exc
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -97,6 +127,9 @@ def read_manifest(artifact_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The manifest of a compiled artifact directory, with every file it names checked to lie inside
     ``artifact_dir`` (see :func:`artifact_file`)."""
     path = Path(artifact_dir) / MANIFEST_NAME
+    if not path.is_file() and (Path(artifact_dir) / "targets.json").is_file():
+        raise QuadcError(f"{artifact_dir}: a --target all folder; pass one target's artifact in it, "
+                         f"e.g. {Path(artifact_dir) / 'onnx'}")
     if not path.is_file():
         raise QuadcError(f"{artifact_dir}: not a quadc artifact (no {MANIFEST_NAME}); run quadc compile first")
     try:

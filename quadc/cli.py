@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from quadc.context import silent_progress, stderr_progress
 from quadc.errors import QuadcError
+from quadc.paths import check_output_file
 
 
 def _kv_pairs(values: Sequence[str] | None, flag: str) -> dict[str, str]:
@@ -82,6 +86,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     from quadc.eval.targets_summary import format_summary, verify_artifacts
 
+    check_output_file(args.json)
     feeds = [_load_npz(p) for p in args.inputs] if args.inputs else None
     tasks = [t for item in args.task or [] for t in item.split(",") if t] or None
     report = verify_artifacts(args.artifact, feeds=feeds, n_inputs=args.random, seed=args.seed, tasks=tasks,
@@ -288,6 +293,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         raise QuadcError(f"--seeds takes comma-separated integers like 0,1, got '{args.seeds}'") from None
+    check_output_file(args.output)
     data = build_report(args.artifact, args.float_artifact, tasks=args.task or None, seeds=seeds,
                         sampler=args.sampler, steps=args.steps, model=args.model,
                         ablation=_float_list(args.ablation), prompt_embeds=args.prompt_embeds,
@@ -301,6 +307,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from quadc.pipeline.generate import format_timings, generate
     from quadc.pipeline.images import save_png
 
+    check_output_file(args.output)
     result = generate(args.artifact, args.task, sampler=args.sampler, steps=args.steps, seed=args.seed,
                       image=args.image, mask=args.mask, prompt_embeds=args.prompt_embeds, strength=args.strength)
     out = save_png(result.image, args.output)
@@ -425,6 +432,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     from quadc.analyze import analyze, format_analysis
 
+    check_output_file(args.json)
     progress = silent_progress if args.quiet else stderr_progress
     report = analyze(args.model, _kv_pairs(args.lora, "--lora"), _pass_options(args), progress=progress)
     print(format_analysis(report))
@@ -614,6 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``quadc`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = _raise_on_sigterm()
     try:
         return int(args.func(args) or 0)
     except QuadcError as exc:
@@ -621,9 +630,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"quadc: error: {exc}", file=sys.stderr)
         return 2
+    except _Terminated:
+        print("quadc: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("quadc: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that a half-written artifact is removed on the way out."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
+def _raise_on_sigterm() -> Any:
+    """Turn SIGTERM into :class:`_Terminated` (main thread only); returns the handler it replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -92,6 +92,11 @@ def build_pipeline(target: Target, passes: str | Sequence[str] | None,
     return pipeline
 
 
+def _input_paths(model: str | os.PathLike[str] | None, options: CompileOptions) -> list[str | os.PathLike[str]]:
+    """The files a compile reads, which ``--force`` must never replace."""
+    return [p for p in (model, *options.loras.values(), *(options.components or {}).values()) if p is not None]
+
+
 def compile_model(model: str | os.PathLike[str] | None, out_dir: str | os.PathLike[str],
                   options: CompileOptions | None = None,
                   progress: Callable[[str], None] = silent_progress) -> dict[str, Any]:
@@ -103,7 +108,7 @@ def compile_model(model: str | os.PathLike[str] | None, out_dir: str | os.PathLi
     options = options or CompileOptions()
     if options.target == ALL_TARGETS:
         return compile_all(model, out_dir, options, progress)
-    check_output_dir(out_dir, force=options.force)
+    check_output_dir(out_dir, force=options.force, inputs=_input_paths(model, options))
     _check_saturation_limit(options.max_saturation)
     if options.components:
         from quadc.pipeline.components import check_components
@@ -164,7 +169,7 @@ def compile_all(model: str | os.PathLike[str] | None, out_dir: str | os.PathLike
     if options.passes is not None:
         raise QuadcError("--passes sets one pipeline; with --target all every target uses its own (compile one "
                          "target to change its pipeline)")
-    check_output_dir(out_dir, force=options.force)
+    check_output_dir(out_dir, force=options.force, inputs=_input_paths(model, options))
     _check_saturation_limit(options.max_saturation)
     if options.components:
         from quadc.pipeline.components import check_components

@@ -79,12 +79,21 @@ def resolve_inside(base_dir: str | os.PathLike[str], relative: object, *, what: 
     return target
 
 
+def check_output_file(path: str | os.PathLike[str] | None) -> Path:
+    """``path`` as a Path, refused in one line when it is an existing directory (checked before long work)."""
+    out = Path(path if path is not None else "")
+    if path is not None and out.is_dir():
+        raise QuadcError(f"{out}: is a directory; pass the path of the file to write")
+    return out
+
+
 @contextmanager
 def replaced_atomically(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
     """A temporary path beside ``path`` (``<name>.partial<suffix>``; ``suffix`` for writers that append
     one, like ``numpy.savez``) to write into: it replaces ``path`` when the block ends and is removed if the
-    block fails, so a reader never sees half a file. The parent folder is created."""
-    out = Path(path)
+    block fails, so a reader never sees half a file. The parent folder is created; an existing directory at
+    ``path`` is refused in one line."""
+    out = check_output_file(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial" + suffix)
     try:

@@ -273,7 +273,7 @@ def align(model: str | os.PathLike[str] | None, loras: Mapping[str, str | os.Pat
     device = init_distributed(options.device)
     rank, world = dist_info()
     if rank == 0:
-        check_output_dir(out_dir, force=force)
+        check_output_dir(out_dir, force=force, inputs=[model, *loras.values()])
     else:
         progress = silent_progress
         options = replace(options, show_bar=False)
@@ -389,8 +389,9 @@ def compile_aligned(model: str | os.PathLike[str] | None, out_dir: str | os.Path
     align_dir = out.with_name(out.name + ".align")
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
-        check_output_dir(out, force=compile_options.force)
-        check_output_dir(align_dir, force=compile_options.force)
+        inputs = [model, *compile_options.loras.values()]
+        check_output_dir(out, force=compile_options.force, inputs=inputs)
+        check_output_dir(align_dir, force=compile_options.force, inputs=inputs)
     report = align(model, compile_options.loras, align_dir, align_options, target=compile_options.target,
                    passes=compile_options.passes, pass_options=compile_options.pass_options,
                    force=compile_options.force, progress=progress)

@@ -19,7 +19,7 @@ def _open(path: str | os.PathLike[str], what: str):  # noqa: ANN202 - a PIL imag
     except FileNotFoundError:
         raise QuadcError(f"{path}: no such {what} file") from None
     except (UnidentifiedImageError, OSError) as exc:
-        raise QuadcError(f"{path}: not a readable {what} image ({exc.__class__.__name__})") from None
+        raise QuadcError(f"{path}: not a readable {what} file ({exc.__class__.__name__})") from None
     return img
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from quadc.paths import replaced_atomically
 from quadc.report.build import ReportData
 from quadc.report.plots import ablation_png, layer_sqnr_png
 
@@ -119,9 +120,9 @@ def render(data: ReportData) -> str:
 
 
 def write_report(data: ReportData, out: str | os.PathLike[str]) -> Path:
-    """Write the page to ``out``; returns its path."""
+    """Write the page to ``out`` in one step (nothing half-written on failure); returns its path."""
     path = Path(out)
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True)
-    path.write_text(render(data), encoding="utf-8")
+    page = render(data)
+    with replaced_atomically(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
     return path

@@ -49,6 +49,10 @@ class Engine:
         if cls is Engine and read_manifest(Path(artifact_dir)).get("runtime") == "litert":
             from quadc.runtime.tflite_engine import TfliteEngine
 
+            if kwargs.get("executor", "auto") not in ("auto", "cpu"):
+                raise QuadcError(f"executor '{kwargs['executor']}' cannot run this LiteRT artifact; "
+                                 "use --executor auto or cpu")
+
             return TfliteEngine(artifact_dir, cache_size=kwargs.get("cache_size", 4),
                                 cache_bytes=kwargs.get("cache_bytes"))
         return super().__new__(cls)
