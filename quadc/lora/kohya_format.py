@@ -148,6 +148,8 @@ def ldm_names(modules: Iterable[str]) -> dict[str, str]:
             names[module] = fixed[module]
             continue
         parts = module.split(".")
+        if parts[0] == "mid_block":  # one level without a number: resnet, attention, resnet
+            parts.insert(1, "0")
         if len(parts) < 5 or not parts[1].isdigit() or not parts[3].isdigit():
             continue
         top, level, kind, index, rest = parts[0], int(parts[1]), parts[2], int(parts[3]), parts[4:]
@@ -167,14 +169,9 @@ def ldm_names(modules: Iterable[str]) -> dict[str, str]:
         elif top == "up_blocks" and kind != "downsamplers":
             block = level * (per + 1) + (per if kind == "upsamplers" else index)
             names[module] = ".".join(["output_blocks", str(block), *inner])
-    for module in modules:  # the middle block: resnet, attention, resnet
-        parts = module.split(".")
-        if parts[0] == "mid_block" and len(parts) >= 4 and parts[2].isdigit():
-            kind, index, rest = parts[1], int(parts[2]), parts[3:]
-            if kind == "resnets" and index in (0, 1) and len(rest) == 1 and rest[0] in _LDM_RESNET:
-                names[module] = ".".join(["middle_block", str(2 * index), *_LDM_RESNET[rest[0]].split(".")])
-            elif kind == "attentions" and index == 0:
-                names[module] = ".".join(["middle_block", "1", *rest])
+        elif top == "mid_block" and (kind, index) in (("resnets", 0), ("attentions", 0), ("resnets", 1)):
+            block = 2 * index if kind == "resnets" else 1  # a middle block has no sub-index
+            names[module] = ".".join(["middle_block", str(block), *inner[1:]])
     return names
 
 
